@@ -1,0 +1,195 @@
+"""Composing and validating the Hydra configuration. Only the `main` entry point imports this.
+
+The YAML under ``conf/`` is merged onto a typed schema, so an unknown key, a value of the wrong
+type or an unknown choice fails here, as one line naming the key, before any step run exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llm_packager.hub import UnpinnedRevisionError, require_pinned_revision
+from llm_packager.manifest import ModelFilesError, check_model_files
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+SYNTHETIC_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "seed",
+)
+
+
+class ConfigError(ValueError):
+    """The composed configuration is invalid; the message is one line naming the key."""
+
+
+class ModelSource(Enum):
+    hub = "hub"
+    local = "local"
+    synthetic = "synthetic"
+
+
+class OnnxSource(Enum):
+    prebuilt = "prebuilt"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = MISSING
+    repo_id: str | None = None
+    revision: str | None = None
+    allow_unpinned_revision: bool = False
+    allow_patterns: list[str] = field(default_factory=list)
+    local_dir: str | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class OnnxConfig:
+    source: OnnxSource = MISSING
+    repo_id: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    allow_patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _schema_error(error: OmegaConfBaseException) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ConfigError(f"Invalid config at '{key}': {reason}")
+
+
+def compose_config(model: str, overrides: str) -> DictConfig:
+    """Compose ``conf/`` for a model choice plus overrides given as one shell-quoted string.
+
+    Raises:
+        ConfigError: an unknown group choice, unknown key, bad type or bad value, in one line.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        override_list = [f"model={model}", *shlex.split(overrides)]
+    except ValueError as error:
+        raise ConfigError(f"Cannot split overrides {overrides!r}: {error}") from error
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            composed = compose(config_name="config", overrides=override_list)
+    except MissingConfigException as error:
+        group = "model" if f"model/{model}" in str(error) else "config group"
+        options = ", ".join(sorted(error.options or []))
+        raise ConfigError(
+            f"Unknown {group} choice in {override_list}; available: {options or 'see conf/'}"
+        ) from error
+    except HydraException as error:
+        cause = error.__cause__
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            raise ConfigError(
+                f"Unknown config key '{cause.full_key}' in overrides {overrides!r}"
+            ) from error
+        raise ConfigError(_one_line(error)) from error
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(PipelineConfig), composed)
+    except OmegaConfBaseException as error:
+        raise _schema_error(error) from error
+    validate_config(typed)
+    return typed
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the rules a schema cannot express: which keys each source needs, pinned revisions,
+    a local model folder that exists and holds real files.
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    model = cfg.model
+    synthetic = model.source == ModelSource.synthetic
+    for key in SYNTHETIC_SIZE_KEYS:
+        value = model[key]
+        if synthetic and value is None:
+            raise ConfigError(f"model.{key} must be set when model.source=synthetic")
+        if not synthetic and value is not None:
+            raise ConfigError(f"model.{key} is only used when model.source=synthetic")
+    if model.source == ModelSource.hub:
+        if not model.repo_id:
+            raise ConfigError("model.repo_id must be set when model.source=hub")
+        try:
+            require_pinned_revision(
+                model.repo_id, model.revision or "", allow_unpinned=model.allow_unpinned_revision
+            )
+        except UnpinnedRevisionError as error:
+            raise ConfigError(f"model.revision: {error}") from error
+    if model.source == ModelSource.local:
+        if not model.local_dir:
+            raise ConfigError("model.local_dir must be set when model.source=local")
+        try:
+            check_model_files(Path(model.local_dir).expanduser())
+        except ModelFilesError as error:
+            raise ConfigError(f"model.local_dir: {error}") from error
+    if cfg.onnx.source == OnnxSource.prebuilt:
+        try:
+            require_pinned_revision(
+                cfg.onnx.repo_id or "onnx.repo_id", cfg.onnx.revision or "", allow_unpinned=False
+            )
+        except UnpinnedRevisionError as error:
+            raise ConfigError(f"onnx.revision: {error}") from error
+
+
+def config_as_yaml(cfg: DictConfig) -> str:
+    """The resolved configuration as YAML, as logged on main's run."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A sha256 of the resolved configuration, independent of key order."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return hashlib.sha256(json.dumps(container, sort_keys=True).encode()).hexdigest()
+
+
+def fetch_model_parameters(cfg: DictConfig) -> dict[str, str | int]:
+    """The flat MLproject parameters of the fetch_model step for this configuration."""
+    model = cfg.model
+    parameters: dict[str, str | int] = {
+        "model_name": model.name,
+        "source": model.source.value,
+        "repo_id": model.repo_id or "",
+        "revision": model.revision or "",
+        "allow_unpinned_revision": "true" if model.allow_unpinned_revision else "false",
+        "allow_patterns": ",".join(model.allow_patterns),
+        "local_dir": str(Path(model.local_dir).expanduser().resolve()) if model.local_dir else "",
+    }
+    for key in SYNTHETIC_SIZE_KEYS:
+        parameters[key] = model[key] if model[key] is not None else 0
+    return parameters

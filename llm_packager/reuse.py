@@ -1,0 +1,92 @@
+"""Finding a finished step run that can stand in for a new one (DESIGN.md §4).
+
+A step run is reusable when it FINISHED, has the same entry point, the same normalised parameters
+(defaults included), the same code version and the same upstream runs, and the outputs it
+announced still exist. The first four are folded into one key, tagged on the run by `main` once
+the step has succeeded, and found with a `search_runs` filter; the outputs are checked on the
+candidates, newest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from urllib.parse import urlparse
+
+from mlflow.entities import LoggedModelStatus, Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+REUSE_KEY_TAG = "llm_packager.reuse_key"
+CODE_VERSION_TAG = "llm_packager.code_version"
+OUTPUTS_TAG = "llm_packager.outputs"
+UPSTREAM_TAG_PREFIX = "llm_packager.upstream."
+_CANDIDATES_CHECKED = 20
+
+
+def reuse_key(
+    entry_point: str,
+    parameters: dict[str, str],
+    code_version: str,
+    upstream_run_ids: dict[str, str],
+) -> str:
+    """Hash everything that decides what a step run produces."""
+    payload = {
+        "entry_point": entry_point,
+        "parameters": parameters,
+        "code_version": code_version,
+        "upstream_run_ids": upstream_run_ids,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def announce_outputs(client: MlflowClient, run_id: str, outputs: dict[str, str]) -> None:
+    """Record on a run the URIs of what it produced (``runs:/`` artifacts or ``models:/``)."""
+    client.set_tag(run_id, OUTPUTS_TAG, json.dumps(outputs, sort_keys=True))
+
+
+def announced_outputs(run: Run) -> dict[str, str]:
+    """The outputs a run announced, or an empty dict if it announced none."""
+    raw = run.data.tags.get(OUTPUTS_TAG)
+    return json.loads(raw) if raw else {}
+
+
+def _artifact_exists(client: MlflowClient, run_id: str, path: str) -> bool:
+    parent = posixpath.dirname(path) or None
+    listing = client.list_artifacts(run_id, parent)
+    match = next((info for info in listing if info.path == path), None)
+    if match is None:
+        return False
+    return not match.is_dir or bool(client.list_artifacts(run_id, path))
+
+
+def output_exists(client: MlflowClient, uri: str) -> bool:
+    """True if an announced ``runs:/<id>/<path>`` artifact or ``models:/<id>`` model exists."""
+    parsed = urlparse(uri)
+    try:
+        if parsed.scheme == "runs":
+            run_id, _, path = (parsed.netloc + parsed.path).lstrip("/").partition("/")
+            return _artifact_exists(client, run_id, path)
+        if parsed.scheme == "models":
+            return client.get_logged_model(parsed.netloc).status == LoggedModelStatus.READY
+    except MlflowException:
+        return False
+    return False
+
+
+def outputs_exist(client: MlflowClient, run: Run) -> bool:
+    """True if the run announced outputs and every one of them still exists."""
+    outputs = announced_outputs(run)
+    return bool(outputs) and all(output_exists(client, uri) for uri in outputs.values())
+
+
+def find_reusable_run(client: MlflowClient, experiment_id: str, key: str) -> Run | None:
+    """The newest FINISHED run with this reuse key whose announced outputs all still exist."""
+    candidates = client.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{REUSE_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=_CANDIDATES_CHECKED,
+    )
+    return next((run for run in candidates if outputs_exist(client, run)), None)

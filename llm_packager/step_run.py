@@ -1,0 +1,73 @@
+"""The shared life cycle of one step run: open the run, do the work, keep the log, set the status.
+
+Every step's command-line part calls `run_step`. The step's log is written to a file and logged
+as an artifact of its run whatever happens, so a failure on a remote machine can still be read;
+the error is also tagged on the run in one line, so `main` can say why a step failed. The process
+exit code follows the outcome, because MLflow Projects sets the run status from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+
+LOG_ARTIFACT_DIR = "logs"
+ERROR_TAG = "llm_packager.error"
+
+
+class StepError(Exception):
+    """A failure whose message says all a user needs; reported without a traceback."""
+
+
+# Failures a user can fix from the message alone: reported in one line, without a traceback.
+EXPECTED_ERRORS = (StepError, ValueError, ConnectionError, FileNotFoundError)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+logger = logging.getLogger(__name__)
+
+
+def log_artifact_uri(run_id: str, entry_point: str) -> str:
+    """Where a step run keeps its log."""
+    return f"runs:/{run_id}/{LOG_ARTIFACT_DIR}/{entry_point}.log"
+
+
+def run_step(entry_point: str, work: Callable[[str], None]) -> int:
+    """Run ``work(run_id)`` inside the step's MLflow run.
+
+    Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed; run directly
+    with ``python -m steps.<name>``, a new run is started.
+
+    Returns:
+        The process exit code: 0 when the work finished, 1 when it raised.
+    """
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, force=True)
+    with tempfile.TemporaryDirectory(prefix=f"{entry_point}-log-") as log_dir:
+        log_path = Path(log_dir) / f"{entry_point}.log"
+        file_handler = logging.FileHandler(log_path)
+        file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        logging.getLogger().addHandler(file_handler)
+        run = mlflow.start_run()
+        run_id = run.info.run_id
+        status = "FINISHED"
+        try:
+            logger.info("%s: run %s", entry_point, run_id)
+            work(run_id)
+        except EXPECTED_ERRORS as error:
+            status = "FAILED"
+            logger.error("%s failed: %s", entry_point, error)
+            mlflow.set_tag(ERROR_TAG, " ".join(str(error).split())[:4000])
+        except Exception as error:
+            status = "FAILED"
+            logger.exception("%s failed with an unexpected error", entry_point)
+            mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:4000])
+        finally:
+            file_handler.flush()
+            logging.getLogger().removeHandler(file_handler)
+            file_handler.close()
+            mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
+            mlflow.end_run(status=status)
+    return 0 if status == "FINISHED" else 1

@@ -1,0 +1,130 @@
+"""Entry point ``main``: compose the config and run (or reuse) each pipeline step as a nested run.
+
+Reads (MLproject parameters):
+    model: the ``conf/model`` choice, e.g. ``tiny-random-phi3``.
+    steps: ``all`` or a comma list of steps to run.
+    overrides: Hydra overrides as one string, e.g. ``"model.num_hidden_layers=3"``.
+    force: ``none``, ``all`` or a comma list of steps to rerun even if a reusable run exists.
+    env_manager: ``auto`` (the one main runs under), ``local``, ``virtualenv``, ``uv`` or ``conda``.
+
+Writes (on its own run):
+    artifacts ``config.yaml`` (the resolved config) and ``pipeline_steps.json`` (each step's run
+    id and whether it was reused); tags ``llm_packager.config_hash``, ``llm_packager.steps_ran``,
+    ``llm_packager.steps_reused``, ``llm_packager.env_manager``, ``llm_packager.code_version``.
+
+The config is validated before any step run is created: a bad input ends main with one line and
+exit code 2. A failed step ends it with exit code 1, naming the step, its run id and its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import mlflow
+from omegaconf import DictConfig
+
+from llm_packager.config import ConfigError, compose_config, config_as_yaml, config_hash
+from llm_packager.pipeline import (
+    SelectionError,
+    StepOutcome,
+    resolve_env_manager,
+    run_pipeline,
+    select_forced,
+    select_steps,
+)
+from llm_packager.project import code_version
+from llm_packager.reuse import CODE_VERSION_TAG
+from llm_packager.step_run import ERROR_TAG, run_step
+
+logger = logging.getLogger(__name__)
+
+
+def run_main(
+    cfg: DictConfig,
+    run_id: str,
+    *,
+    steps: list[str],
+    forced: set[str],
+    env_manager: str,
+) -> list[StepOutcome]:
+    """Log the resolved config on main's run, then run or reuse the selected steps."""
+    version = code_version()
+    mlflow.log_text(config_as_yaml(cfg), "config.yaml")
+    mlflow.set_tags(
+        {
+            "llm_packager.config_hash": config_hash(cfg),
+            "llm_packager.env_manager": env_manager,
+            CODE_VERSION_TAG: version,
+        }
+    )
+    outcomes: list[StepOutcome] = []
+    try:
+        outcomes = run_pipeline(
+            cfg,
+            steps=steps,
+            forced=forced,
+            env_manager=env_manager,
+            code_version=version,
+            parent_run_id=run_id,
+        )
+    finally:
+        # Recorded even when a step failed, so the run shows how far the pipeline got.
+        mlflow.set_tags(
+            {
+                "llm_packager.steps_ran": ",".join(o.entry_point for o in outcomes if not o.reused),
+                "llm_packager.steps_reused": ",".join(o.entry_point for o in outcomes if o.reused),
+            }
+        )
+        mlflow.log_dict(
+            {o.entry_point: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
+            "pipeline_steps.json",
+        )
+    for outcome in outcomes:
+        logger.info(
+            "%-16s %s run %s",
+            outcome.entry_point,
+            "reused" if outcome.reused else "ran   ",
+            outcome.run_id,
+        )
+    return outcomes
+
+
+def _parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the LLM packaging pipeline.")
+    parser.add_argument("--model", default="phi3-mini-4k-instruct")
+    parser.add_argument("--steps", default="all")
+    parser.add_argument("--overrides", default="")
+    parser.add_argument("--force", default="none")
+    parser.add_argument("--env-manager", default="auto")
+    return parser.parse_args(argv)
+
+
+def _reject(message: str) -> int:
+    # Under `mlflow run` main's own run exists before this code starts; tag it with the reason so
+    # the failed run explains itself. No step run has been created.
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.MlflowClient().set_tag(run_id, ERROR_TAG, message)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    arguments = _parse_arguments(sys.argv[1:])
+    try:
+        config = compose_config(arguments.model, arguments.overrides)
+        selected = select_steps(arguments.steps)
+        forced_steps = select_forced(arguments.force)
+        manager = resolve_env_manager(arguments.env_manager)
+    except (ConfigError, SelectionError) as bad_input:
+        sys.exit(_reject(str(bad_input)))
+    sys.exit(
+        run_step(
+            "main",
+            lambda run_id: run_main(
+                config, run_id, steps=selected, forced=forced_steps, env_manager=manager
+            ),
+        )
+    )
