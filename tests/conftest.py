@@ -1,0 +1,72 @@
+"""Shared fixtures: a real MLflow tracking server and the synthetic model."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llm_packager.synthetic import build_synthetic_phi3
+
+from .support import TINY_SPEC, TrackingServer
+
+_SERVER_START_SECONDS = 90
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """Start `mlflow server` on a free loopback port for the whole session, then stop it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_loopback_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + _SERVER_START_SECONDS
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield TrackingServer(uri=uri, artifact_root=root / "artifacts")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic tiny Phi-3, built once per session."""
+    return build_synthetic_phi3(TINY_SPEC, tmp_path_factory.mktemp("tiny-phi3") / "model")

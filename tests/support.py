@@ -1,0 +1,59 @@
+"""Helpers shared by the tests: the tiny model's sizes, the server handle, `mlflow run` calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_packager.project import PROJECT_DIR
+from llm_packager.synthetic import SyntheticPhi3Spec
+
+TINY_SPEC = SyntheticPhi3Spec(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    seed=0,
+)
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    """A running `mlflow server` with an SQLite store and artifacts served through it."""
+
+    uri: str
+    artifact_root: Path
+
+
+def project_environment(**extra: str) -> dict[str, str]:
+    """The environment for `mlflow run`: this interpreter's scripts first on PATH, so
+    `--env-manager local` steps run with the same packages as the tests."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    environment.pop("MLFLOW_RUN_ID", None)
+    environment.update(extra)
+    return environment
+
+
+def mlflow_run_main(
+    working_dir: Path, *parameters: str, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `mlflow run <project> -e main --env-manager local -P ...` as a user would."""
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "main"]
+    command += ["--env-manager", "local"]
+    for parameter in parameters:
+        command += ["-P", parameter]
+    return subprocess.run(
+        command,
+        cwd=working_dir,
+        env=project_environment(**environment),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

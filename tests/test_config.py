@@ -1,0 +1,160 @@
+"""Composing the real conf/ tree, and the one-line errors for bad configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from llm_packager.config import (
+    CONFIG_DIR,
+    ConfigError,
+    ModelSource,
+    compose_config,
+    config_hash,
+    fetch_model_parameters,
+    validate_config,
+)
+from llm_packager.project import load_entry_points, normalise_parameters
+
+MODEL_CHOICES = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODEL_CHOICES)
+def test_every_model_choice_composes_into_valid_fetch_parameters(model):
+    cfg = compose_config(model, "")
+    parameters = normalise_parameters(
+        load_entry_points()["fetch_model"], fetch_model_parameters(cfg)
+    )
+    assert parameters["model_name"] == model
+    assert parameters["source"] == cfg.model.source.value
+
+
+def test_model_choices_cover_the_real_and_the_tiny_model():
+    assert {"phi3-mini-4k-instruct", "tiny-random-phi3"} <= set(MODEL_CHOICES)
+
+
+def test_default_config_pins_phi3_and_its_onnx_build_to_commits():
+    cfg = compose_config("phi3-mini-4k-instruct", "")
+    assert cfg.model.repo_id == "microsoft/Phi-3-mini-4k-instruct"
+    assert len(cfg.model.revision) == 40
+    assert cfg.onnx.repo_id == "microsoft/Phi-3-mini-4k-instruct-onnx"
+    assert cfg.onnx.allow_patterns == ["cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/*"]
+    assert len(cfg.onnx.revision) == 40
+
+
+def test_overrides_string_is_split_like_a_shell():
+    cfg = compose_config(
+        "tiny-random-phi3", "model.num_hidden_layers=3 'model.name=tiny with spaces'"
+    )
+    assert cfg.model.num_hidden_layers == 3
+    assert cfg.model.name == "tiny with spaces"
+
+
+def test_config_hash_changes_with_the_config():
+    assert config_hash(compose_config("tiny-random-phi3", "")) != config_hash(
+        compose_config("tiny-random-phi3", "model.seed=1")
+    )
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError, match=r"^Unknown config key 'model\.no_such_key' in overrides"):
+        compose_config("tiny-random-phi3", "model.no_such_key=1")
+
+
+def test_appended_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(ConfigError, match=r"^Invalid config at 'model\.no_such_key'"):
+        compose_config("tiny-random-phi3", "+model.no_such_key=1")
+
+
+def test_bad_type_is_named():
+    with pytest.raises(
+        ConfigError,
+        match=r"^Invalid config at 'model\.hidden_size': Value 'abc' of type 'str' could not be "
+        r"converted to Integer$",
+    ):
+        compose_config("tiny-random-phi3", "model.hidden_size=abc")
+
+
+def test_unknown_source_is_named():
+    with pytest.raises(ConfigError, match=r"^Invalid config at 'model\.source'"):
+        compose_config("tiny-random-phi3", "model.source=ftp")
+
+
+def test_unknown_model_choice_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"available: phi3-mini-4k-instruct, tiny-random-phi3$"):
+        compose_config("tiny", "")
+
+
+def test_unbalanced_quote_in_overrides_is_reported():
+    with pytest.raises(ConfigError, match=r"^Cannot split overrides"):
+        compose_config("tiny-random-phi3", "model.name='unclosed")
+
+
+def test_branch_name_revision_is_rejected_unless_allowed():
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.revision: microsoft/Phi-3-mini-4k-instruct: revision 'main' is not a "
+        r"40-hex commit id; pin a commit, or set model\.allow_unpinned_revision=true",
+    ):
+        compose_config("phi3-mini-4k-instruct", "model.revision=main")
+    allowed = compose_config(
+        "phi3-mini-4k-instruct", "model.revision=main model.allow_unpinned_revision=true"
+    )
+    assert allowed.model.revision == "main"
+
+
+def test_short_commit_is_not_a_pin():
+    with pytest.raises(ConfigError, match="revision '0a67737' is not a 40-hex commit id"):
+        compose_config("phi3-mini-4k-instruct", "model.revision=0a67737")
+
+
+def test_missing_local_folder_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(
+        ConfigError, match=rf"^model\.local_dir: Model folder not found: {missing}$"
+    ):
+        compose_config("phi3-mini-4k-instruct", f"model.source=local model.local_dir={missing}")
+
+
+def test_lfs_pointer_in_local_folder_is_named(tmp_path, tiny_model_dir):
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:4d7a8a2b7f4f0e0e1b9ad1b1c7ad0c3f3e5e0f0e1b9ad1b1c7ad0c3f3e5e0f0e\n"
+        "size 7642181880\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.local_dir: model\.safetensors in .* is a Git-LFS pointer, not the file "
+        r"itself: run `git lfs pull` in that clone",
+    ):
+        compose_config("phi3-mini-4k-instruct", f"model.source=local model.local_dir={folder}")
+
+
+def test_local_folder_with_real_files_is_accepted(tiny_model_dir):
+    cfg = compose_config(
+        "phi3-mini-4k-instruct", f"model.source=local model.local_dir={tiny_model_dir}"
+    )
+    assert fetch_model_parameters(cfg)["local_dir"] == str(Path(tiny_model_dir).resolve())
+
+
+def test_synthetic_sizes_are_required_for_synthetic_and_refused_otherwise():
+    cfg = compose_config("tiny-random-phi3", "")
+    with open_dict(cfg):
+        cfg.model.hidden_size = None
+    with pytest.raises(
+        ConfigError, match=r"^model\.hidden_size must be set when model\.source=synthetic$"
+    ):
+        validate_config(cfg)
+    cfg = compose_config("tiny-random-phi3", "")
+    cfg.model.source = ModelSource.hub
+    cfg.model.repo_id = "microsoft/Phi-3-mini-4k-instruct"
+    cfg.model.revision = "0a67737cc96d2554230f90338b163bc6380a2a85"
+    with pytest.raises(
+        ConfigError, match=r"^model\.vocab_size is only used when model\.source=synthetic$"
+    ):
+        validate_config(cfg)

@@ -1,0 +1,57 @@
+"""The fetch_model step function on a local folder, logged to a throwaway SQLite store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from llm_packager.manifest import ModelFilesError, build_manifest
+from steps.fetch_model import FetchRequest, fetch_model
+
+
+@pytest.fixture
+def local_tracking(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
+
+
+def test_local_folder_is_logged_with_its_manifest(local_tracking, tiny_model_dir, tmp_path):
+    request = FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir))
+    with mlflow.start_run() as run:
+        result = fetch_model(request, run.info.run_id)
+
+    assert result.model_uri == f"runs:/{run.info.run_id}/hf_model"
+    logged = Path(
+        mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "d"))
+    )
+    manifest = json.loads(
+        Path(mlflow.artifacts.download_artifacts(result.manifest_uri)).read_text()
+    )
+    assert manifest["files"] == [
+        {"path": e.path, "size": e.size, "sha256": e.sha256}
+        for e in build_manifest(logged, show_progress=False)
+    ]
+    assert result.total_bytes == sum(row["size"] for row in manifest["files"])
+    finished = local_tracking.get_run(run.info.run_id)
+    assert finished.data.tags["local_dir"] == str(tiny_model_dir)
+    assert finished.data.metrics["model_total_bytes"] == result.total_bytes
+
+
+def test_lfs_pointer_in_a_local_folder_fails_the_step(local_tracking, tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "clone")
+    (folder / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n"
+    )
+    request = FetchRequest(model_name="tiny", source="local", local_dir=str(folder))
+    with (
+        mlflow.start_run() as run,
+        pytest.raises(ModelFilesError, match=r"^model\.safetensors in .* is a Git-LFS pointer"),
+    ):
+        fetch_model(request, run.info.run_id)
+    assert local_tracking.list_artifacts(run.info.run_id) == []
