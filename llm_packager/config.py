@@ -75,9 +75,27 @@ class OnnxConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Generation defaults baked into a logged model; a request's own values override them."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class TransformersConfig:
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # False logs a Hub model by reference (repo + commit, no weights copied); see README.
+    save_pretrained: bool = True
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    transformers: TransformersConfig = field(default_factory=TransformersConfig)
 
 
 def _one_line(error: BaseException) -> str:
@@ -158,6 +176,12 @@ def validate_config(cfg: DictConfig) -> None:
             check_model_files(Path(model.local_dir).expanduser())
         except ModelFilesError as error:
             raise ConfigError(f"model.local_dir: {error}") from error
+    _validate_generation(cfg.transformers.generation, "transformers.generation")
+    if not cfg.transformers.save_pretrained and model.source != ModelSource.hub:
+        raise ConfigError(
+            "transformers.save_pretrained=false logs a Hub model by reference and needs "
+            f"model.source=hub (model.source is {model.source.value})"
+        )
     if cfg.onnx.source == OnnxSource.prebuilt:
         try:
             require_pinned_revision(
@@ -165,6 +189,15 @@ def validate_config(cfg: DictConfig) -> None:
             )
         except UnpinnedRevisionError as error:
             raise ConfigError(f"onnx.revision: {error}") from error
+
+
+def _validate_generation(generation: DictConfig, prefix: str) -> None:
+    if generation.max_new_tokens < 1:
+        raise ConfigError(f"{prefix}.max_new_tokens must be at least 1")
+    if generation.temperature <= 0:
+        raise ConfigError(f"{prefix}.temperature must be greater than 0")
+    if not 0 < generation.top_p <= 1:
+        raise ConfigError(f"{prefix}.top_p must be in (0, 1]")
 
 
 def config_as_yaml(cfg: DictConfig) -> str:
@@ -193,3 +226,15 @@ def fetch_model_parameters(cfg: DictConfig) -> dict[str, str | int]:
     for key in SYNTHETIC_SIZE_KEYS:
         parameters[key] = model[key] if model[key] is not None else 0
     return parameters
+
+
+def log_transformers_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
+    """The flat MLproject parameters of the log_transformers step (upstream run id aside)."""
+    generation = cfg.transformers.generation
+    return {
+        "max_new_tokens": generation.max_new_tokens,
+        "do_sample": "true" if generation.do_sample else "false",
+        "temperature": generation.temperature,
+        "top_p": generation.top_p,
+        "save_pretrained": "true" if cfg.transformers.save_pretrained else "false",
+    }

@@ -19,7 +19,7 @@ from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from llm_packager.config import fetch_model_parameters
+from llm_packager.config import fetch_model_parameters, log_transformers_parameters
 from llm_packager.project import (
     PROJECT_DIR,
     load_entry_points,
@@ -38,10 +38,12 @@ from llm_packager.step_run import ERROR_TAG, StepError, log_artifact_uri
 # its reuse key).
 PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
     "fetch_model": (),
+    "log_transformers": ("fetch_model",),
 }
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 _PARAMETER_BUILDERS: dict[str, Callable[[DictConfig], dict[str, str | int]]] = {
     "fetch_model": fetch_model_parameters,
+    "log_transformers": log_transformers_parameters,
 }
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,11 @@ def resolve_env_manager(requested: str) -> str:
     if Path(sys.prefix).resolve().is_relative_to(mlflow_envs.expanduser().resolve()):
         return "virtualenv"
     return "local"
+
+
+def step_parameters(entry_point: str, cfg: DictConfig) -> dict[str, str | int | float]:
+    """The parameters main derives from the config for a step (upstream run ids aside)."""
+    return _PARAMETER_BUILDERS[entry_point](cfg)
 
 
 def _failed_child_run_id(client: MlflowClient, parent_run_id: str, entry_point: str) -> str | None:

@@ -64,12 +64,14 @@ def _artifact_exists(client: MlflowClient, run_id: str, path: str) -> bool:
 def output_exists(client: MlflowClient, uri: str) -> bool:
     """True if an announced ``runs:/<id>/<path>`` artifact or ``models:/<id>`` model exists."""
     parsed = urlparse(uri)
+    # "runs:/<id>/path" and "models:/<id>" parse with an empty netloc: the id leads the path.
+    location = (parsed.netloc + parsed.path).lstrip("/")
     try:
         if parsed.scheme == "runs":
-            run_id, _, path = (parsed.netloc + parsed.path).lstrip("/").partition("/")
+            run_id, _, path = location.partition("/")
             return _artifact_exists(client, run_id, path)
         if parsed.scheme == "models":
-            return client.get_logged_model(parsed.netloc).status == LoggedModelStatus.READY
+            return client.get_logged_model(location).status == LoggedModelStatus.READY
     except MlflowException:
         return False
     return False

@@ -39,8 +39,8 @@ from llm_packager.manifest import (
 from llm_packager.reuse import announce_outputs
 from llm_packager.step_run import run_step
 from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
+from llm_packager.upstream import MODEL_ARTIFACT_DIR
 
-MODEL_ARTIFACT_DIR = "hf_model"
 logger = logging.getLogger(__name__)
 
 

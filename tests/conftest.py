@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Read by huggingface_hub when it is first imported: no test may wait on the (unreachable) Hub for
+# model cards or licences. Tests of the Hub path point HF_ENDPOINT at a closed local port instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import socket
 import subprocess
 import sys
@@ -64,6 +70,23 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def private_model_cache(tmp_path, monkeypatch):
+    """Each test gets its own cache of downloaded upstream models."""
+    monkeypatch.setenv("LLM_PACKAGER_CACHE", str(tmp_path / "llm-packager-cache"))
+
+
+@pytest.fixture
+def local_tracking(tmp_path, monkeypatch):
+    """A throwaway SQLite tracking store with local artifacts, in the test's own folder."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,15 @@ def mlflow_run_main(
         text=True,
         timeout=600,
     )
+
+
+def runs_of(client, experiment_name: str, entry_point: str) -> list:
+    """Runs of one entry point in an experiment, newest first (none if it does not exist)."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
+        order_by=["attributes.start_time DESC"],
+    )

@@ -13,14 +13,6 @@ from llm_packager.manifest import ModelFilesError, build_manifest
 from steps.fetch_model import FetchRequest, fetch_model
 
 
-@pytest.fixture
-def local_tracking(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield mlflow.MlflowClient()
-    mlflow.set_tracking_uri(None)
-
-
 def test_local_folder_is_logged_with_its_manifest(local_tracking, tiny_model_dir, tmp_path):
     request = FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir))
     with mlflow.start_run() as run:

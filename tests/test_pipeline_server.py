@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from llm_packager.reuse import REUSE_KEY_TAG
 from llm_packager.step_run import ERROR_TAG
 
-from .support import TrackingServer, mlflow_run_main
+from .support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,7 @@ def client(tracking_server: TrackingServer) -> MlflowClient:
 
 
 def _runs(client: MlflowClient, entry_point: str) -> list:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    return client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    return runs_of(client, EXPERIMENT, entry_point)
 
 
 def _run_ok(tmp_path: Path, server_env: dict[str, str], *parameters: str) -> str:
@@ -173,6 +166,7 @@ def test_failed_step_stops_main_and_names_the_step_and_its_run(tmp_path, server_
         "steps=fetch_model",
         "overrides=model.revision=0123456789abcdef0123456789abcdef01234567",
         HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_OFFLINE="0",
         HF_HOME=str(tmp_path / "hf-home"),
         **server_env,
     )
@@ -183,7 +177,9 @@ def test_failed_step_stops_main_and_names_the_step_and_its_run(tmp_path, server_
     assert failed.data.params["source"] == "hub"
     output = completed.stdout + completed.stderr
     assert f"Step 'fetch_model' failed (run {failed.info.run_id})" in output
-    assert "model=tiny-random-phi3" in failed.data.tags[ERROR_TAG]
+    reason = failed.data.tags[ERROR_TAG]
+    assert reason.startswith("Cannot reach the Hugging Face Hub at http://127.0.0.1:9")
+    assert "-P model=tiny-random-phi3" in reason
     assert f"runs:/{failed.info.run_id}/logs/fetch_model.log" in output
     assert _runs(client, "main")[0].info.status == "FAILED"
     shutil.rmtree(tmp_path / "hf-home", ignore_errors=True)

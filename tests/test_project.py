@@ -7,8 +7,15 @@ import subprocess
 
 import pytest
 
-from llm_packager.config import compose_config, fetch_model_parameters
-from llm_packager.pipeline import SelectionError, resolve_env_manager, select_forced, select_steps
+from llm_packager.config import compose_config
+from llm_packager.pipeline import (
+    PIPELINE_STEPS,
+    SelectionError,
+    resolve_env_manager,
+    select_forced,
+    select_steps,
+    step_parameters,
+)
 from llm_packager.project import (
     PROJECT_DIR,
     ParameterError,
@@ -51,13 +58,18 @@ def test_bad_parameters_are_named():
         normalise_parameters({"needed": ParameterSpec("needed", "string", None)}, {})
 
 
-def test_mlproject_has_no_path_parameters_and_fetch_model_takes_the_config():
-    entry_points = load_entry_points()
-    assert {"main", "fetch_model"} <= set(entry_points)
-    for parameters in entry_points.values():
+def test_mlproject_has_no_path_parameters():
+    for parameters in load_entry_points().values():
         assert all(spec.type in {"string", "int", "float"} for spec in parameters.values())
-    given = fetch_model_parameters(compose_config("tiny-random-phi3", ""))
-    assert set(given) == set(entry_points["fetch_model"])
+
+
+def test_main_passes_every_step_exactly_its_mlproject_parameters():
+    entry_points = load_entry_points()
+    cfg = compose_config("tiny-random-phi3", "")
+    assert set(entry_points) == {"main", *PIPELINE_STEPS}
+    for step, upstream in PIPELINE_STEPS.items():
+        given = set(step_parameters(step, cfg)) | {f"{name}_run_id" for name in upstream}
+        assert given == set(entry_points[step]), step
 
 
 def test_reuse_key_depends_on_every_input():
@@ -110,10 +122,10 @@ def test_code_version_is_the_commit_when_clean_and_tells_dirty_edits_apart(tmp_p
 
 
 def test_step_selection_and_force():
-    assert select_steps("all") == ["fetch_model"]
-    assert select_steps(" fetch_model ") == ["fetch_model"]
+    assert select_steps("all") == ["fetch_model", "log_transformers"]
+    assert select_steps("log_transformers, fetch_model") == ["fetch_model", "log_transformers"]
     assert select_forced("none") == set()
-    assert select_forced("all") == {"fetch_model"}
+    assert select_forced("all") == {"fetch_model", "log_transformers"}
     with pytest.raises(
         SelectionError, match=r"^steps: unknown step 'fetch'; known steps: fetch_model"
     ):

@@ -1,0 +1,109 @@
+"""Getting a fetched model's files from its ``fetch_model`` run, through MLflow, with a local cache.
+
+Steps never read files another step left on disk: they download the ``hf_model`` artifact of the
+upstream run. Because the same model is read by several steps (and again on every rerun), the
+download is cached under a folder named by the sha256 of the run's manifest, and every use of the
+cache is verified against that manifest first, so a stale or tampered cache is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from llm_packager.manifest import (
+    MANIFEST_FILE_NAME,
+    ManifestEntry,
+    ModelFilesError,
+    read_manifest,
+    verify_manifest,
+)
+
+MODEL_ARTIFACT_DIR = "hf_model"
+_CACHE_ENV = "LLM_PACKAGER_CACHE"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A verified local copy of an upstream run's model folder."""
+
+    folder: Path
+    manifest: list[ManifestEntry]
+    tags: dict[str, str]
+
+
+def cache_root() -> Path:
+    """Where verified model copies are kept (``$LLM_PACKAGER_CACHE``, else ~/.cache)."""
+    default = Path.home() / ".cache" / "llm_packager"
+    return Path(os.environ.get(_CACHE_ENV, default)).expanduser()
+
+
+def _download(uri: str, destination: Path, what: str, run_id: str) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(destination)))
+    except (MlflowException, OSError) as error:
+        raise ModelFilesError(
+            f"Upstream fetch_model run {run_id} has no usable {what} ({error}); "
+            "rerun it with -P force=fetch_model"
+        ) from error
+
+
+def fetched_model(run_id: str) -> FetchedModel:
+    """Return a local, manifest-verified copy of the model logged by a fetch_model run.
+
+    Raises:
+        ModelFilesError: the run or its artifacts are missing, or a file does not match the
+            manifest (named in the message).
+    """
+    client = mlflow.MlflowClient()
+    try:
+        tags = client.get_run(run_id).data.tags
+    except MlflowException as error:
+        raise ModelFilesError(f"Upstream fetch_model run {run_id} not found: {error}") from error
+    with tempfile.TemporaryDirectory(prefix="manifest-") as scratch:
+        manifest_path = _download(
+            f"runs:/{run_id}/{MANIFEST_FILE_NAME}", Path(scratch), "manifest.json", run_id
+        )
+        manifest_bytes = manifest_path.read_bytes()
+        manifest = read_manifest(manifest_path)
+    cached = cache_root() / "models" / hashlib.sha256(manifest_bytes).hexdigest()
+    if cached.is_dir():
+        try:
+            verify_manifest(cached, manifest)
+            logger.info("Using verified cached copy %s", cached)
+            return FetchedModel(cached, manifest, tags)
+        except ModelFilesError as error:
+            logger.warning("Cached copy %s is not intact (%s); downloading again", cached, error)
+            shutil.rmtree(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cached.parent))
+    try:
+        folder = _download(f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", staging, "hf_model", run_id)
+        try:
+            verify_manifest(folder, manifest)
+        except ModelFilesError as error:
+            raise ModelFilesError(
+                f"Upstream fetch_model run {run_id}: the logged model does not match its "
+                f"manifest: {error}"
+            ) from error
+        # Renamed into place only once verified, so the cache never holds a partial copy.
+        try:
+            folder.rename(cached)
+        except OSError:
+            if not cached.is_dir():
+                raise
+            # Another step filled the cache meanwhile; use its copy once it verifies.
+            verify_manifest(cached, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return FetchedModel(cached, manifest, tags)

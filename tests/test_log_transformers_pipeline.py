@@ -1,0 +1,72 @@
+"""`main` with fetch_model and log_transformers, against a real server and the embedded default."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .support import TrackingServer, mlflow_run_main, runs_of
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "log-transformers-test"
+STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers")
+CHAT_INPUTS = {"messages", "temperature", "max_tokens", "stop", "n", "stream"}
+CHAT_OUTPUTS = {"id", "object", "created", "model", "choices", "usage"}
+
+
+def _check_chat_model(client: MlflowClient, run) -> str:
+    model_uri = run.data.tags["llm_packager.model_uri"]
+    assert model_uri.startswith("models:/m-")
+    info = mlflow.models.get_model_info(model_uri)
+    assert {spec.name for spec in info.signature.inputs} >= CHAT_INPUTS
+    assert {spec.name for spec in info.signature.outputs} >= CHAT_OUTPUTS
+    assert (
+        client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id == run.info.run_id
+    )
+    return model_uri
+
+
+@pytest.fixture
+def server(tracking_server: TrackingServer, monkeypatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
+    return MlflowClient(tracking_uri=tracking_server.uri)
+
+
+def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_server, server):
+    env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    completed = mlflow_run_main(tmp_path, *STEPS, **env)
+    assert completed.returncode == 0, completed.stderr
+    (fetch,) = runs_of(server, EXPERIMENT, "fetch_model")
+    (logged,) = runs_of(server, EXPERIMENT, "log_transformers")
+    assert logged.data.params["fetch_model_run_id"] == fetch.info.run_id
+    assert logged.data.tags["llm_packager.upstream.fetch_model"] == fetch.info.run_id
+    first_model = _check_chat_model(server, logged)
+
+    completed = mlflow_run_main(tmp_path, *STEPS, **env)
+    assert completed.returncode == 0, completed.stderr
+    assert len(runs_of(server, EXPERIMENT, "log_transformers")) == 1
+    assert runs_of(server, EXPERIMENT, "main")[0].data.tags["llm_packager.steps_reused"] == (
+        "fetch_model,log_transformers"
+    )
+
+    completed = mlflow_run_main(tmp_path, *STEPS, "force=fetch_model", **env)
+    assert completed.returncode == 0, completed.stderr
+    new_fetch, _ = runs_of(server, EXPERIMENT, "fetch_model")
+    relogged, _ = runs_of(server, EXPERIMENT, "log_transformers")
+    assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
+    assert _check_chat_model(server, relogged) != first_model
+
+
+def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    completed = mlflow_run_main(tmp_path, *STEPS)
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "mlflow.db").is_file()
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local)
+    client = MlflowClient(tracking_uri=local)
+    (logged,) = runs_of(client, "Default", "log_transformers")
+    assert logged.info.status == "FINISHED"
+    _check_chat_model(client, logged)
