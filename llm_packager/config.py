@@ -44,6 +44,19 @@ class ModelSource(Enum):
 
 class OnnxSource(Enum):
     prebuilt = "prebuilt"
+    build = "build"
+
+
+class OnnxPrecision(Enum):
+    int4 = "int4"
+    int8 = "int8"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ExecutionProvider(Enum):
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 @dataclass
@@ -66,15 +79,6 @@ class ModelConfig:
 
 
 @dataclass
-class OnnxConfig:
-    source: OnnxSource = MISSING
-    repo_id: str | None = None
-    revision: str | None = None
-    subfolder: str | None = None
-    allow_patterns: list[str] = field(default_factory=list)
-
-
-@dataclass
 class GenerationConfig:
     """Generation defaults baked into a logged model; a request's own values override them."""
 
@@ -82,6 +86,21 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+
+
+@dataclass
+class OnnxConfig:
+    source: OnnxSource = MISSING
+    repo_id: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    allow_patterns: list[str] = field(default_factory=list)
+    precision: OnnxPrecision = OnnxPrecision.int4
+    execution_provider: ExecutionProvider = ExecutionProvider.cpu
+    extra_options: dict[str, str] = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_tokens_cap: int = 1024
+    agreement_tokens: int = 16
 
 
 @dataclass
@@ -182,11 +201,25 @@ def validate_config(cfg: DictConfig) -> None:
             "transformers.save_pretrained=false logs a Hub model by reference and needs "
             f"model.source=hub (model.source is {model.source.value})"
         )
-    if cfg.onnx.source == OnnxSource.prebuilt:
-        try:
-            require_pinned_revision(
-                cfg.onnx.repo_id or "onnx.repo_id", cfg.onnx.revision or "", allow_unpinned=False
+    _validate_onnx(cfg.onnx)
+
+
+def _validate_onnx(onnx: DictConfig) -> None:
+    _validate_generation(onnx.generation, "onnx.generation")
+    if onnx.max_tokens_cap < onnx.generation.max_new_tokens:
+        raise ConfigError(
+            f"onnx.max_tokens_cap ({onnx.max_tokens_cap}) must be at least "
+            f"onnx.generation.max_new_tokens ({onnx.generation.max_new_tokens})"
+        )
+    if onnx.agreement_tokens < 0:
+        raise ConfigError("onnx.agreement_tokens must be 0 (skip) or more")
+    if onnx.source == OnnxSource.prebuilt:
+        if not onnx.repo_id or not onnx.subfolder:
+            raise ConfigError(
+                "onnx.repo_id and onnx.subfolder must be set when onnx.source=prebuilt"
             )
+        try:
+            require_pinned_revision(onnx.repo_id, onnx.revision or "", allow_unpinned=False)
         except UnpinnedRevisionError as error:
             raise ConfigError(f"onnx.revision: {error}") from error
 
@@ -237,4 +270,27 @@ def log_transformers_parameters(cfg: DictConfig) -> dict[str, str | int | float]
         "temperature": generation.temperature,
         "top_p": generation.top_p,
         "save_pretrained": "true" if cfg.transformers.save_pretrained else "false",
+    }
+
+
+def log_onnx_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
+    """The flat MLproject parameters of the log_onnx step (upstream run id aside)."""
+    from llm_packager.onnx_build import format_extra_options
+
+    onnx = cfg.onnx
+    return {
+        "source": onnx.source.value,
+        "repo_id": onnx.repo_id or "",
+        "revision": onnx.revision or "",
+        "subfolder": onnx.subfolder or "",
+        "allow_patterns": ",".join(onnx.allow_patterns),
+        "precision": onnx.precision.value,
+        "execution_provider": onnx.execution_provider.value,
+        "extra_options": format_extra_options(dict(onnx.extra_options)),
+        "max_new_tokens": onnx.generation.max_new_tokens,
+        "do_sample": "true" if onnx.generation.do_sample else "false",
+        "temperature": onnx.generation.temperature,
+        "top_p": onnx.generation.top_p,
+        "max_tokens_cap": onnx.max_tokens_cap,
+        "agreement_tokens": onnx.agreement_tokens,
     }

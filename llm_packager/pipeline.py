@@ -19,7 +19,11 @@ from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from llm_packager.config import fetch_model_parameters, log_transformers_parameters
+from llm_packager.config import (
+    fetch_model_parameters,
+    log_onnx_parameters,
+    log_transformers_parameters,
+)
 from llm_packager.project import (
     PROJECT_DIR,
     load_entry_points,
@@ -39,11 +43,13 @@ from llm_packager.step_run import ERROR_TAG, StepError, log_artifact_uri
 PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
     "fetch_model": (),
     "log_transformers": ("fetch_model",),
+    "log_onnx": ("fetch_model",),
 }
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 _PARAMETER_BUILDERS: dict[str, Callable[[DictConfig], dict[str, str | int]]] = {
     "fetch_model": fetch_model_parameters,
     "log_transformers": log_transformers_parameters,
+    "log_onnx": log_onnx_parameters,
 }
 
 logger = logging.getLogger(__name__)

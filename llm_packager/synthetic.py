@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,43 +84,30 @@ def _training_corpus() -> list[str]:
     # Deterministic English-like text in the shape of chat prompts and answers, so the learnt
     # merges cover the words the evaluation set uses; bytes outside it still encode through the
     # 256-byte alphabet, so no input is ever unknown.
-    subjects = [
-        "The capital of Spain",
-        "The capital of France",
-        "The answer",
-        "A kilometre",
-        "Water",
-        "The result",
-        "An atom",
-        "The model",
-        "Python",
-        "A transformer",
-    ]
+    # fmt: off
+    subjects = ["The capital of Spain", "The capital of France", "The answer", "A kilometre",
+                "Water", "The result", "An atom", "The model", "Python", "A transformer"]
     verbs = ["is", "was", "equals", "contains", "means", "becomes"]
-    objects = [
-        "Madrid.",
-        "Paris.",
-        "four.",
-        "1000 metres.",
-        "H2O.",
-        "a small particle.",
-        "twelve.",
-        "a language.",
-        "a neural network.",
-        "the smallest unit of matter.",
-    ]
-    questions = [
-        "What is the capital of {}?",
-        "How many {} are in a mile?",
-        "Define {} in one line.",
-        "Convert 5 {} to metres.",
-        "What is 12 times {}?",
-        "Tell me a joke about {}.",
-    ]
+    objects = ["Madrid.", "Paris.", "four.", "1000 metres.", "H2O.", "a small particle.",
+               "twelve.", "a language.", "a neural network.", "the smallest unit of matter."]
+    questions = ["What is the capital of {}?", "How many {} are in a mile?",
+                 "Define {} in one line.", "Convert 5 {} to metres.", "What is 12 times {}?",
+                 "Tell me a joke about {}."]
     fillers = ["Spain", "Italy", "Japan", "feet", "inches", "gravity", "entropy", "3", "7", "atoms"]
     sentences = [" ".join(parts) for parts in itertools.product(subjects, verbs, objects)]
     sentences += [q.format(f) for q, f in itertools.product(questions, fillers)]
-    sentences += ["0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) , . ; : ! ? ' \""]
+    sentences += [" ".join(str(number) for number in range(start, start + 50))
+                  for start in range(0, 2000, 50)]
+    # Seeded pseudo-words give BPE enough distinct merges to fill any vocabulary size we use, so
+    # every id the model can emit is a real token that both runtimes decode the same way.
+    generator = random.Random(20240501)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [26 - rank for rank in range(len(letters))]
+    for _ in range(4000):
+        words = ["".join(generator.choices(letters, weights, k=generator.randint(2, 9)))
+                 for _ in range(12)]
+        sentences.append(" ".join(words).capitalize() + ".")
+    # fmt: on
     return sentences
 
 
@@ -142,6 +130,11 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise ValueError(
+            f"synthetic tokenizer learnt {tokenizer.get_vocab_size()} tokens, not {vocab_size}; "
+            "the training text is too small for this vocab_size"
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BEGIN_TOKEN,

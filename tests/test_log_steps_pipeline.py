@@ -1,4 +1,4 @@
-"""`main` with fetch_model and log_transformers, against a real server and the embedded default."""
+"""`main` with fetch_model and both log steps, against a real server and the embedded default."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from .support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = "log-transformers-test"
-STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers")
+EXPERIMENT = "log-steps-test"
+STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers,log_onnx")
+LOG_STEPS = ("log_transformers", "log_onnx")
 CHAT_INPUTS = {"messages", "temperature", "max_tokens", "stop", "n", "stream"}
 CHAT_OUTPUTS = {"id", "object", "created", "model", "choices", "usage"}
 
@@ -39,24 +40,29 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
     completed = mlflow_run_main(tmp_path, *STEPS, **env)
     assert completed.returncode == 0, completed.stderr
     (fetch,) = runs_of(server, EXPERIMENT, "fetch_model")
-    (logged,) = runs_of(server, EXPERIMENT, "log_transformers")
-    assert logged.data.params["fetch_model_run_id"] == fetch.info.run_id
-    assert logged.data.tags["llm_packager.upstream.fetch_model"] == fetch.info.run_id
-    first_model = _check_chat_model(server, logged)
+    first_models = {}
+    for step in LOG_STEPS:
+        (logged,) = runs_of(server, EXPERIMENT, step)
+        assert logged.data.params["fetch_model_run_id"] == fetch.info.run_id
+        assert logged.data.tags["llm_packager.upstream.fetch_model"] == fetch.info.run_id
+        first_models[step] = _check_chat_model(server, logged)
+    assert runs_of(server, EXPERIMENT, "log_onnx")[0].data.params["precision"] == "int4"
 
     completed = mlflow_run_main(tmp_path, *STEPS, **env)
     assert completed.returncode == 0, completed.stderr
-    assert len(runs_of(server, EXPERIMENT, "log_transformers")) == 1
+    for step in LOG_STEPS:
+        assert len(runs_of(server, EXPERIMENT, step)) == 1
     assert runs_of(server, EXPERIMENT, "main")[0].data.tags["llm_packager.steps_reused"] == (
-        "fetch_model,log_transformers"
+        "fetch_model,log_transformers,log_onnx"
     )
 
     completed = mlflow_run_main(tmp_path, *STEPS, "force=fetch_model", **env)
     assert completed.returncode == 0, completed.stderr
     new_fetch, _ = runs_of(server, EXPERIMENT, "fetch_model")
-    relogged, _ = runs_of(server, EXPERIMENT, "log_transformers")
-    assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
-    assert _check_chat_model(server, relogged) != first_model
+    for step in LOG_STEPS:
+        relogged, _ = runs_of(server, EXPERIMENT, step)
+        assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
+        assert _check_chat_model(server, relogged) != first_models[step]
 
 
 def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monkeypatch):
@@ -67,6 +73,7 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
     local = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local)
     client = MlflowClient(tracking_uri=local)
-    (logged,) = runs_of(client, "Default", "log_transformers")
-    assert logged.info.status == "FINISHED"
-    _check_chat_model(client, logged)
+    for step in LOG_STEPS:
+        (logged,) = runs_of(client, "Default", step)
+        assert logged.info.status == "FINISHED"
+        _check_chat_model(client, logged)

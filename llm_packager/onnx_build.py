@@ -1,0 +1,109 @@
+"""Building ONNX models with the onnxruntime-genai model builder, and their MLflow signature."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+EXECUTION_PROVIDERS = ("cpu", "cuda")
+PROMPT_FIELD = "prompt"
+_LOG_TAIL_LINES = 30
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxBuildError(RuntimeError):
+    """The model builder failed; the message carries the end of its output."""
+
+
+def parse_extra_options(text: str) -> dict[str, str]:
+    """Parse builder options written as ``key=value`` pairs separated by commas or spaces.
+
+    Raises:
+        ValueError: naming a pair without ``=``.
+    """
+    options = {}
+    for pair in text.replace(",", " ").split():
+        key, separator, value = pair.partition("=")
+        if not separator or not key or not value:
+            raise ValueError(f"builder option '{pair}' is not key=value")
+        options[key] = value
+    return options
+
+
+def format_extra_options(options: dict[str, object]) -> str:
+    """The inverse of `parse_extra_options`, sorted so equal options give equal strings."""
+    return ",".join(f"{key}={options[key]}" for key in sorted(options))
+
+
+def build_onnx_model(
+    hf_folder: Path,
+    destination: Path,
+    *,
+    precision: str,
+    execution_provider: str,
+    extra_options: dict[str, str],
+    log_path: Path,
+) -> Path:
+    """Run ``python -m onnxruntime_genai.models.builder`` on a local Hugging Face folder.
+
+    The builder's output streams to the console (it shows its own progress) and to ``log_path``.
+
+    Raises:
+        ValueError: an unsupported precision or execution provider.
+        OnnxBuildError: the builder exited non-zero.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if execution_provider not in EXECUTION_PROVIDERS:
+        raise ValueError(
+            f"execution provider '{execution_provider}' is not one of "
+            f"{', '.join(EXECUTION_PROVIDERS)}"
+        )
+    with tempfile.TemporaryDirectory(prefix="onnx-builder-cache-") as cache:
+        command = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            "-i", str(hf_folder), "-o", str(destination),
+            "-p", precision, "-e", execution_provider, "-c", cache,
+        ]  # fmt: skip
+        if extra_options:
+            command += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
+        logger.info("Building ONNX: %s", " ".join(command))
+        # The weights are local: the builder must not try the Hub for configs or tokens.
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
+        with log_path.open("w") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+        ) as builder:  # fmt: skip
+            for line in builder.stdout:
+                log.write(line)
+                sys.stderr.write(line)
+                tail.append(line.rstrip())
+        if builder.returncode != 0:
+            raise OnnxBuildError(
+                f"onnxruntime-genai model builder failed (exit {builder.returncode}): "
+                + " | ".join(line for line in tail if line)[-2000:]
+            )
+    return destination
+
+
+def chat_signature() -> ModelSignature:
+    """The OpenAI chat signature MLflow gives ``llm/v1/chat`` models, plus an optional ``prompt``
+    input for the reference sample's request shape (so ``messages`` becomes optional)."""
+    from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+
+    inputs = [
+        ColSpec(spec.type, spec.name, required=False) if spec.name == "messages" else spec
+        for spec in CHAT_MODEL_INPUT_SCHEMA.inputs
+    ]
+    inputs.append(ColSpec("string", PROMPT_FIELD, required=False))
+    return ModelSignature(inputs=Schema(inputs), outputs=CHAT_MODEL_OUTPUT_SCHEMA)

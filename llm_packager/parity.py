@@ -1,0 +1,83 @@
+"""Greedy decoding through transformers and through onnxruntime-genai on the same prompts.
+
+Both runtimes are fed the same token ids (from the Hugging Face tokenizer and chat template), so
+any difference in the generated ids comes from the models, not from tokenisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARITY_CHATS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "What is the capital of Spain?"},),
+    ({"role": "user", "content": "Convert 5 kilometres to metres."},),
+    (
+        {"role": "system", "content": "You are a stand-up comedian."},
+        {"role": "user", "content": "Tell me a joke about atom"},
+    ),
+    ({"role": "user", "content": "What is 12 times 7? Answer with a number only."},),
+)
+
+
+def chat_token_ids(hf_folder: Path, chats=PARITY_CHATS) -> list[list[int]]:
+    """Token ids of each chat, formatted by the model's own chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    return [
+        list(tokenizer.apply_chat_template(list(chat), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"])
+        for chat in chats
+    ]  # fmt: skip
+
+
+def greedy_transformers(
+    hf_folder: Path, prompts: list[list[int]], new_tokens: int
+) -> list[list[int]]:
+    """Greedy continuations from the transformers model, up to ``new_tokens`` each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    outputs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            generated = model.generate(
+                torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )  # fmt: skip
+            outputs.append(generated[0, len(ids) :].tolist())
+    return outputs
+
+
+def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations from onnxruntime-genai, up to ``new_tokens`` each."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_folder))
+    outputs = []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        generated = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            generated.append(int(generator.get_next_tokens()[0]))
+        outputs.append(generated)
+    return outputs
+
+
+def prefix_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
+    """Mean fraction of each reference continuation that the candidate reproduces before their
+    first difference (after a difference the two continue from different contexts)."""
+    fractions = []
+    for expected, actual in zip(reference, candidate, strict=True):
+        matched = 0
+        for left, right in zip(expected, actual, strict=False):
+            if left != right:
+                break
+            matched += 1
+        fractions.append(matched / max(len(expected), len(actual), 1))
+    return sum(fractions) / len(fractions)

@@ -1,0 +1,242 @@
+"""The ONNX pyfunc chat model: parity with transformers, both request shapes, bad requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+
+from llm_packager.chat import check_chat_completion
+from llm_packager.onnx_build import build_onnx_model
+from llm_packager.parity import (
+    PARITY_CHATS,
+    chat_token_ids,
+    greedy_onnx,
+    greedy_transformers,
+)
+from steps.fetch_model import FetchRequest, fetch_model
+from steps.log_onnx import REFERENCE_PROMPT_REQUEST, LogOnnxRequest, log_onnx
+
+from .support import project_environment
+
+PARITY_TOKENS = 20
+CAP = 64
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("onnx-fp32")
+    return build_onnx_model(
+        tiny_model_dir, folder / "model", precision="fp32", execution_provider="cpu",
+        extra_options={}, log_path=folder / "builder.log",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def logged_fp32(tiny_model_dir, tmp_path_factory):
+    """The tiny model logged by the log_onnx step at fp32, and its tracking URI."""
+    root = tmp_path_factory.mktemp("onnx-tracking")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    # An explicit experiment id rather than set_experiment, which would outlive this fixture.
+    experiment_id = mlflow.MlflowClient().create_experiment("onnx-model-test")
+    try:
+        with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
+            fetch_model(
+                FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir)),
+                fetch_run.info.run_id,
+            )
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            result = log_onnx(
+                LogOnnxRequest(fetch_run.info.run_id, precision="fp32", max_tokens_cap=CAP,
+                               max_new_tokens=16),
+                run.info.run_id,
+            )  # fmt: skip
+        yield uri, run.info.run_id, result
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def model(logged_fp32):
+    uri, _, result = logged_fp32
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(result.model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _chat(content: str, **options) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **options}
+
+
+def test_fp32_greedy_tokens_match_transformers_exactly(tiny_model_dir, fp32_onnx):
+    prompts = chat_token_ids(tiny_model_dir)
+    expected = greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS)
+    assert greedy_onnx(fp32_onnx, prompts, PARITY_TOKENS) == expected
+    assert all(len(tokens) > 0 for tokens in expected)
+
+
+def test_fp32_pyfunc_text_matches_transformers_text(tiny_model_dir, model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end_ids = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"]))
+    prompts = chat_token_ids(tiny_model_dir)
+    expected = greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS)
+    compared = 0
+    for chat, tokens in zip(PARITY_CHATS, expected, strict=True):
+        answer = model.predict({"messages": list(chat), "max_tokens": PARITY_TOKENS})[0]
+        content_ids = [token for token in tokens if token not in end_ids]
+        assert answer["usage"]["completion_tokens"] == len(content_ids)
+        # Random weights emit byte tokens that do not form valid UTF-8; transformers shows them
+        # as U+FFFD, onnxruntime-genai drops them. Up to the first such byte the text must agree.
+        valid_prefix = tokenizer.decode(content_ids).split("\ufffd")[0]
+        assert answer["choices"][0]["message"]["content"].startswith(valid_prefix)
+        compared += len(valid_prefix)
+    assert compared >= 10
+
+
+def test_step_logged_params_metrics_and_samples(logged_fp32):
+    uri, run_id, result = logged_fp32
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    import onnxruntime_genai
+
+    assert run.data.params["onnxruntime_genai_version"] == onnxruntime_genai.__version__
+    assert run.data.metrics["onnx_size_bytes"] == result.onnx_size_bytes > 0
+    # fp32 ONNX decodes exactly like transformers, so the check agrees fully.
+    assert run.data.metrics["greedy_token_agreement"] == 1.0
+    assert json.loads(run.data.tags["llm_packager.outputs"]) == {"model": result.model_uri}
+    names = {info.path for info in client.list_artifacts(run_id)}
+    assert {"sample_completion.json", "sample_prompt_answer.json", "logs"} <= names
+
+
+def test_fresh_process_without_pickle_answers_both_shapes_and_a_batch(logged_fp32, tmp_path):
+    uri, _, result = logged_fp32
+    script = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "chat = {'messages': [{'role': 'user', 'content': 'What is the capital of Spain?'}]}\n"
+        "prompt = json.loads(sys.argv[2])\n"
+        "batch = [dict(chat, max_tokens=n) for n in (3, 4, 5)]\n"
+        "print(json.dumps({'chat': model.predict(chat), 'prompt': model.predict(prompt),"
+        " 'batch': model.predict(batch)}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, result.model_uri, json.dumps(REFERENCE_PROMPT_REQUEST)],
+        env=project_environment(
+            MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"
+        ),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    answers = json.loads(completed.stdout.strip().splitlines()[-1])
+    check_chat_completion(answers["chat"][0])
+    assert len(answers["prompt"]) == 1 and isinstance(answers["prompt"][0], str)
+    assert len(answers["batch"]) == 3
+    for completion, cap in zip(answers["batch"], (3, 4, 5), strict=True):
+        check_chat_completion(completion, max_tokens=cap)
+
+
+def test_max_tokens_counts_new_tokens_only(model):
+    answer = model.predict(_chat("What is the capital of Spain?", max_tokens=5))[0]
+    assert answer["usage"]["completion_tokens"] <= 5
+    assert answer["usage"]["prompt_tokens"] > 5
+    if answer["usage"]["completion_tokens"] == 5:
+        assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_cuts_the_answer(model):
+    greedy = model.predict(_chat("Tell me a joke about atom", max_tokens=20))[0]
+    text = greedy["choices"][0]["message"]["content"]
+    assert len(text) >= 6
+    stop = text[3:5]
+    stopped = model.predict(_chat("Tell me a joke about atom", max_tokens=20, stop=[stop]))[0]
+    assert stopped["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def test_greedy_unless_sampling_is_asked_for(model):
+    request = _chat("Define entropy in one line.", max_tokens=12)
+    assert model.predict(request)[0]["choices"] == model.predict(request)[0]["choices"]
+    sampled = model.predict(dict(request, temperature=1.0, n=4))[0]
+    assert len(sampled["choices"]) == 4
+    assert len({choice["message"]["content"] for choice in sampled["choices"]}) > 1
+
+
+def test_concurrent_requests_do_not_share_state(model):
+    requests = [_chat(text, max_tokens=10) for text in ("What is 2 + 2?", "Name a colour.") * 3]
+    sequential = [model.predict(request)[0]["choices"] for request in requests]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda request: model.predict(request)[0]["choices"], requests))
+    assert concurrent == sequential
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"messages": []}, "'messages' must not be empty"),
+        (
+            {"messages": [{"role": "wizard", "content": "hi"}]},
+            "messages[0].role must be one of system, user, assistant; got 'wizard'",
+        ),
+        (_chat("hi", max_tokens=0), "'max_tokens' must be an integer from 1 to 64; got 0"),
+        (_chat("hi", max_tokens=-5), "'max_tokens' must be an integer from 1 to 64; got -5"),
+        (_chat("hi", max_tokens=65), "'max_tokens' must be an integer from 1 to 64; got 65"),
+        ({"prompt": ""}, "'prompt' must be a non-empty string"),
+        ({"nothing": "here"}, "Each row needs 'messages' (a chat) or 'prompt' (text)"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_clear_message(model, request_body, message):
+    with pytest.raises(MlflowException) as raised:
+        model.predict(request_body)
+    assert message in raised.value.message
+
+
+def test_non_string_content_is_refused(model):
+    from llm_packager.onnx_chat_model import BadRequestError, _messages
+
+    with pytest.raises(BadRequestError, match=r"messages\[0\]\.content must be a string; got int"):
+        _messages([{"role": "user", "content": 42}])
+    with pytest.raises(MlflowException):
+        model.predict({"messages": [{"role": "user", "content": 42}]})
+
+
+def test_prompt_longer_than_the_context_is_refused(model):
+    long_text = "word " * 600
+    with pytest.raises(MlflowException) as raised:
+        model.predict(_chat(long_text, max_tokens=10))
+    assert "plus max_tokens (10) exceeds the model's context length of 512 tokens" in (
+        raised.value.message
+    )
+
+
+def test_prebuilt_source_offline_names_the_fix(local_tracking, tiny_model_dir):
+    from llm_packager.config import compose_config
+    from llm_packager.hub import HubUnreachableError
+
+    onnx = compose_config("phi3-mini-4k-instruct", "").onnx
+    with mlflow.start_run() as fetch_run:
+        fetch_model(
+            FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir)),
+            fetch_run.info.run_id,
+        )
+    request = LogOnnxRequest(
+        fetch_run.info.run_id, source="prebuilt", repo_id=onnx.repo_id, revision=onnx.revision,
+        subfolder=onnx.subfolder, allow_patterns=tuple(onnx.allow_patterns),
+    )  # fmt: skip
+    with (
+        mlflow.start_run() as run,
+        pytest.raises(HubUnreachableError, match="model=tiny-random-phi3"),
+    ):
+        log_onnx(request, run.info.run_id)
