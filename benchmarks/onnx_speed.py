@@ -40,14 +40,10 @@ PROXY_SIZES = {
 }
 RUNTIMES = ("transformers-fp32", "onnxruntime-genai-int4", "pyfunc-int4")
 
-
-def _peak_rss_mib() -> float:
-    # VmHWM belongs to the process's memory map, which exec replaces, so it is this worker's own
-    # peak. (getrusage's ru_maxrss is not: Linux carries it over from the forking parent.)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+# Imported after the project root is on sys.path. VmHWM belongs to the process's memory map,
+# which exec replaces, so it is each worker's own peak; getrusage's ru_maxrss is not (Linux
+# carries it over from the forking parent).
+from llm_packager.eval_worker import peak_rss_mib  # noqa: E402
 
 
 def _time_requests(generate, new_tokens: int, repeats: int) -> dict[str, float]:
@@ -203,7 +199,7 @@ def main() -> None:
         figures = workers[arguments.worker](
             arguments.folder, arguments.new_tokens, arguments.repeats
         )
-        print(json.dumps({**figures, "peak_rss_mib": _peak_rss_mib()}))
+        print(json.dumps({**figures, "peak_rss_mib": peak_rss_mib()}))
         return
 
     with tempfile.TemporaryDirectory(prefix="onnx-speed-") as scratch:

@@ -103,6 +103,34 @@ class OnnxConfig:
     agreement_tokens: int = 16
 
 
+class GateDirection(Enum):
+    higher = "higher"
+    lower = "lower"
+
+
+class RecommendationPolicy(Enum):
+    fastest_passed = "fastest_passed"
+    best_quality_passed = "best_quality_passed"
+    smallest_passed = "smallest_passed"
+
+
+@dataclass
+class GateThreshold:
+    threshold: float = MISSING
+    direction: GateDirection = MISSING
+
+
+@dataclass
+class EvaluateConfig:
+    dataset: str = "data/eval_set.jsonl"
+    limit: int = 0
+    max_tokens: int = 32
+    batch_size: int = 1
+    ttft_requests: int = 5
+    recommendation: RecommendationPolicy = RecommendationPolicy.fastest_passed
+    gate: dict[str, GateThreshold] = field(default_factory=dict)
+
+
 @dataclass
 class TransformersConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -115,6 +143,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     transformers: TransformersConfig = field(default_factory=TransformersConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _one_line(error: BaseException) -> str:
@@ -202,6 +231,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.source=hub (model.source is {model.source.value})"
         )
     _validate_onnx(cfg.onnx)
+    _validate_evaluate(cfg.evaluate)
 
 
 def _validate_onnx(onnx: DictConfig) -> None:
@@ -222,6 +252,26 @@ def _validate_onnx(onnx: DictConfig) -> None:
             require_pinned_revision(onnx.repo_id, onnx.revision or "", allow_unpinned=False)
         except UnpinnedRevisionError as error:
             raise ConfigError(f"onnx.revision: {error}") from error
+
+
+def _validate_evaluate(evaluate: DictConfig) -> None:
+    from llm_packager.evaluation import MODEL_METRICS, EvalSetError, resolve_eval_set
+
+    for key in ("max_tokens", "batch_size"):
+        if evaluate[key] < 1:
+            raise ConfigError(f"evaluate.{key} must be at least 1")
+    for key in ("limit", "ttft_requests"):
+        if evaluate[key] < 0:
+            raise ConfigError(f"evaluate.{key} must be 0 or more")
+    for metric in evaluate.gate:
+        if metric not in MODEL_METRICS:
+            raise ConfigError(
+                f"evaluate.gate.{metric}: unknown metric; known: {', '.join(MODEL_METRICS)}"
+            )
+    try:
+        resolve_eval_set(evaluate.dataset)
+    except EvalSetError as error:
+        raise ConfigError(f"evaluate.dataset: {error}") from error
 
 
 def _validate_generation(generation: DictConfig, prefix: str) -> None:
@@ -293,4 +343,26 @@ def log_onnx_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
         "top_p": onnx.generation.top_p,
         "max_tokens_cap": onnx.max_tokens_cap,
         "agreement_tokens": onnx.agreement_tokens,
+    }
+
+
+def evaluate_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
+    """The flat MLproject parameters of the evaluate step (upstream run ids aside). The dataset's
+    content hash is one of them, so editing the evaluation set invalidates earlier evaluations."""
+    from llm_packager.evaluation import GateRule, file_sha256, format_gate, resolve_eval_set
+
+    evaluate = cfg.evaluate
+    rules = [
+        GateRule(metric, rule.threshold, rule.direction.value)
+        for metric, rule in evaluate.gate.items()
+    ]
+    return {
+        "dataset": evaluate.dataset,
+        "dataset_sha256": file_sha256(resolve_eval_set(evaluate.dataset)),
+        "limit": evaluate.limit,
+        "max_tokens": evaluate.max_tokens,
+        "batch_size": evaluate.batch_size,
+        "ttft_requests": evaluate.ttft_requests,
+        "gate": format_gate(rules),
+        "recommendation": evaluate.recommendation.value,
     }

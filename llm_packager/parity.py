@@ -6,6 +6,7 @@ any difference in the generated ids comes from the models, not from tokenisation
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 PARITY_CHATS: tuple[tuple[dict[str, str], ...], ...] = (
@@ -69,7 +70,9 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int) ->
     return outputs
 
 
-def prefix_agreement(reference: list[list[int]], candidate: list[list[int]]) -> float:
+def prefix_agreement(
+    reference: Sequence[Sequence[Hashable]], candidate: Sequence[Sequence[Hashable]]
+) -> float:
     """Mean fraction of each reference continuation that the candidate reproduces before their
     first difference (after a difference the two continue from different contexts)."""
     fractions = []

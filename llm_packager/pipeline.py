@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from llm_packager.config import (
+    evaluate_parameters,
     fetch_model_parameters,
     log_onnx_parameters,
     log_transformers_parameters,
@@ -44,12 +45,17 @@ PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
     "fetch_model": (),
     "log_transformers": ("fetch_model",),
     "log_onnx": ("fetch_model",),
+    "evaluate": ("log_transformers", "log_onnx"),
 }
+# Steps that run with whichever of their upstream steps were selected (at least one); the run id
+# of an unselected one is passed as "".
+PARTIAL_UPSTREAM_STEPS = frozenset({"evaluate"})
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 _PARAMETER_BUILDERS: dict[str, Callable[[DictConfig], dict[str, str | int]]] = {
     "fetch_model": fetch_model_parameters,
     "log_transformers": log_transformers_parameters,
     "log_onnx": log_onnx_parameters,
+    "evaluate": evaluate_parameters,
 }
 
 logger = logging.getLogger(__name__)
@@ -190,15 +196,16 @@ def run_pipeline(
     upstream_run_ids: dict[str, str] = {}
     outcomes: list[StepOutcome] = []
     for entry_point in steps:
-        missing = [name for name in PIPELINE_STEPS[entry_point] if name not in upstream_run_ids]
-        if missing:
+        needed = PIPELINE_STEPS[entry_point]
+        upstream = {name: upstream_run_ids[name] for name in needed if name in upstream_run_ids}
+        missing = [name for name in needed if name not in upstream]
+        if missing and (entry_point not in PARTIAL_UPSTREAM_STEPS or not upstream):
             raise StepFailedError(
                 f"Step '{entry_point}' needs the run of '{missing[0]}'; add it to -P steps"
             )
-        upstream = {name: upstream_run_ids[name] for name in PIPELINE_STEPS[entry_point]}
         given = {
-            **_PARAMETER_BUILDERS[entry_point](cfg),
-            **{f"{n}_run_id": r for n, r in upstream.items()},
+            **step_parameters(entry_point, cfg),
+            **{f"{name}_run_id": upstream.get(name, "") for name in needed},
         }
         parameters = normalise_parameters(entry_points[entry_point], given)
         key = reuse_key(entry_point, parameters, code_version, upstream)

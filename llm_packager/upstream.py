@@ -33,13 +33,23 @@ _CACHE_ENV = "LLM_PACKAGER_CACHE"
 logger = logging.getLogger(__name__)
 
 
+LINEAGE_TAGS = ("hf.repo_id", "hf.revision", "hf.resolved_commit", "synthetic.random_weights")
+FETCH_RUN_TAG = "llm_packager.fetch_model_run_id"
+
+
 @dataclass(frozen=True)
 class FetchedModel:
     """A verified local copy of an upstream run's model folder."""
 
+    run_id: str
     folder: Path
     manifest: list[ManifestEntry]
     tags: dict[str, str]
+
+    def lineage_tags(self) -> dict[str, str]:
+        """Where the weights came from, for the runs that log models from them."""
+        lineage = {key: self.tags[key] for key in LINEAGE_TAGS if key in self.tags}
+        return {**lineage, FETCH_RUN_TAG: self.run_id}
 
 
 def cache_root() -> Path:
@@ -81,7 +91,7 @@ def fetched_model(run_id: str) -> FetchedModel:
         try:
             verify_manifest(cached, manifest)
             logger.info("Using verified cached copy %s", cached)
-            return FetchedModel(cached, manifest, tags)
+            return FetchedModel(run_id, cached, manifest, tags)
         except ModelFilesError as error:
             logger.warning("Cached copy %s is not intact (%s); downloading again", cached, error)
             shutil.rmtree(cached)
@@ -106,4 +116,4 @@ def fetched_model(run_id: str) -> FetchedModel:
             verify_manifest(cached, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return FetchedModel(cached, manifest, tags)
+    return FetchedModel(run_id, cached, manifest, tags)

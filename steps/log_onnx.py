@@ -130,6 +130,7 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
     from llm_packager.requirements import pinned
 
     fetched = fetched_model(request.fetch_model_run_id)
+    mlflow.set_tags(fetched.lineage_tags())
     model_name = fetched.tags.get(
         "hf.repo_id", fetched.tags.get("llm_packager.model_name", "model")
     )

@@ -114,6 +114,7 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
     from llm_packager.requirements import pinned
 
     fetched = fetched_model(request.fetch_model_run_id)
+    mlflow.set_tags(fetched.lineage_tags())
     model_name = fetched.tags.get("llm_packager.model_name", "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(fetched.folder)
     if not tokenizer.chat_template:

@@ -1,6 +1,10 @@
-"""`main` with fetch_model and both log steps, against a real server and the embedded default."""
+"""`main` with fetch_model, both log steps and evaluate, against a real server and the embedded
+default."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -11,7 +15,9 @@ from .support import TrackingServer, mlflow_run_main, runs_of
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "log-steps-test"
-STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers,log_onnx")
+STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers,log_onnx,evaluate")
+# Fewer prompts keep the repeated server runs short; the embedded run evaluates them all.
+SHORT_EVALUATION = "overrides=evaluate.limit=8"
 LOG_STEPS = ("log_transformers", "log_onnx")
 CHAT_INPUTS = {"messages", "temperature", "max_tokens", "stop", "n", "stream"}
 CHAT_OUTPUTS = {"id", "object", "created", "model", "choices", "usage"}
@@ -35,9 +41,19 @@ def server(tracking_server: TrackingServer, monkeypatch) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_server.uri)
 
 
+def _check_evaluation(client: MlflowClient, run, models: set[str]) -> None:
+    assert run.info.status == "FINISHED"
+    for model in models:
+        assert run.data.tags[f"{model}.validation_status"] == "passed"
+    artifacts = {info.path for info in client.list_artifacts(run.info.run_id)}
+    assert {"eval_table.json", "comparison.csv", "comparison.json", "report.html"} <= artifacts
+    charts = {info.path for info in client.list_artifacts(run.info.run_id, "charts")}
+    assert charts == {f"charts/{name}.png" for name in ("quality", "latency", "speed", "memory")}
+
+
 def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_server, server):
     env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
-    completed = mlflow_run_main(tmp_path, *STEPS, **env)
+    completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, **env)
     assert completed.returncode == 0, completed.stderr
     (fetch,) = runs_of(server, EXPERIMENT, "fetch_model")
     first_models = {}
@@ -47,22 +63,26 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
         assert logged.data.tags["llm_packager.upstream.fetch_model"] == fetch.info.run_id
         first_models[step] = _check_chat_model(server, logged)
     assert runs_of(server, EXPERIMENT, "log_onnx")[0].data.params["precision"] == "int4"
+    (evaluation,) = runs_of(server, EXPERIMENT, "evaluate")
+    _check_evaluation(server, evaluation, {"transformers", "onnx"})
+    assert evaluation.data.tags["recommended_model_uri"] == first_models["log_onnx"]
 
-    completed = mlflow_run_main(tmp_path, *STEPS, **env)
+    completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, **env)
     assert completed.returncode == 0, completed.stderr
-    for step in LOG_STEPS:
+    for step in (*LOG_STEPS, "evaluate"):
         assert len(runs_of(server, EXPERIMENT, step)) == 1
     assert runs_of(server, EXPERIMENT, "main")[0].data.tags["llm_packager.steps_reused"] == (
-        "fetch_model,log_transformers,log_onnx"
+        "fetch_model,log_transformers,log_onnx,evaluate"
     )
 
-    completed = mlflow_run_main(tmp_path, *STEPS, "force=fetch_model", **env)
+    completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, "force=fetch_model", **env)
     assert completed.returncode == 0, completed.stderr
     new_fetch, _ = runs_of(server, EXPERIMENT, "fetch_model")
     for step in LOG_STEPS:
         relogged, _ = runs_of(server, EXPERIMENT, step)
         assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
         assert _check_chat_model(server, relogged) != first_models[step]
+    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 2
 
 
 def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monkeypatch):
@@ -77,3 +97,7 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
         (logged,) = runs_of(client, "Default", step)
         assert logged.info.status == "FINISHED"
         _check_chat_model(client, logged)
+    (evaluation,) = runs_of(client, "Default", "evaluate")
+    _check_evaluation(client, evaluation, {"transformers", "onnx"})
+    table = client.download_artifacts(evaluation.info.run_id, "eval_table.json", str(tmp_path))
+    assert len(json.loads(Path(table).read_text())["data"]) == 48

@@ -1,0 +1,105 @@
+"""Answer an evaluation set with one logged model, in a process of its own.
+
+Run by the evaluate step as ``python -m llm_packager.eval_worker``: a separate process per model
+means each model's peak memory is its own, and the model is loaded by its URI through
+``mlflow.pyfunc`` exactly as a server would load it. Writes one JSON file of answers and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from llm_packager.evaluation import load_eval_set
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def _answer_text(completion: dict) -> str:
+    return completion["choices"][0]["message"]["content"]
+
+
+def answer_eval_set(
+    model_uri: str, eval_set: Path, *, limit: int, max_tokens: int, batch_size: int,
+    ttft_requests: int, label: str,
+) -> dict:  # fmt: skip
+    """Load the model, time a few 1-token requests (time to first token), then answer every
+    example greedily in batches; return answers, latencies and memory figures."""
+    import mlflow
+
+    examples = load_eval_set(eval_set, limit)
+    with tempfile.TemporaryDirectory(prefix="eval-model-") as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
+        size = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+        started = time.perf_counter()
+        model = mlflow.pyfunc.load_model(str(local))
+        load_seconds = time.perf_counter() - started
+        rss_after_load = peak_rss_mib()
+        first_token = []
+        for example in examples[:ttft_requests]:
+            started = time.perf_counter()
+            model.predict(example.chat_request(1))
+            first_token.append(time.perf_counter() - started)
+        answers = []
+        progress = tqdm(total=len(examples), desc=f"answering ({label})", unit="prompt")
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            started = time.perf_counter()
+            completions = model.predict([example.chat_request(max_tokens) for example in batch])
+            latency = time.perf_counter() - started
+            for example, completion in zip(batch, completions, strict=True):
+                answers.append(
+                    {
+                        "id": example.id,
+                        "answer": _answer_text(completion),
+                        "completion_tokens": completion["usage"]["completion_tokens"],
+                        "finish_reason": completion["choices"][0]["finish_reason"],
+                        "latency_s": latency,
+                    }
+                )
+            progress.update(len(batch))
+        progress.close()
+    return {
+        "model_uri": model_uri,
+        "model_size_bytes": size,
+        "load_seconds": load_seconds,
+        "peak_rss_load_mib": rss_after_load,
+        "peak_rss_generate_mib": peak_rss_mib(),
+        "ttft_s": statistics.median(first_token) if first_token else None,
+        "answers": answers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-uri", required=True)
+    parser.add_argument("--eval-set", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--ttft-requests", type=int, default=5)
+    parser.add_argument("--label", default="model")
+    parser.add_argument("--output", type=Path, required=True)
+    arguments = parser.parse_args()
+    result = answer_eval_set(
+        arguments.model_uri, arguments.eval_set, limit=arguments.limit,
+        max_tokens=arguments.max_tokens, batch_size=arguments.batch_size,
+        ttft_requests=arguments.ttft_requests, label=arguments.label,
+    )  # fmt: skip
+    arguments.output.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
