@@ -132,6 +132,15 @@ class EvaluateConfig:
 
 
 @dataclass
+class RegisterConfig:
+    registered_model_name: str = MISSING
+    alias: str = "champion"
+    challenger_alias: str = "challenger"
+    allow_unvalidated: bool = False
+    registry_uri: str = ""
+
+
+@dataclass
 class TransformersConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # False logs a Hub model by reference (repo + commit, no weights copied); see README.
@@ -144,6 +153,7 @@ class PipelineConfig:
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     transformers: TransformersConfig = field(default_factory=TransformersConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 def _one_line(error: BaseException) -> str:
@@ -232,6 +242,13 @@ def validate_config(cfg: DictConfig) -> None:
         )
     _validate_onnx(cfg.onnx)
     _validate_evaluate(cfg.evaluate)
+    register = cfg.register
+    if not register.registered_model_name.strip():
+        raise ConfigError("register.registered_model_name must not be empty")
+    if not register.alias.strip():
+        raise ConfigError("register.alias must not be empty")
+    if register.alias == register.challenger_alias:
+        raise ConfigError("register.alias and register.challenger_alias must differ")
 
 
 def _validate_onnx(onnx: DictConfig) -> None:
@@ -365,4 +382,16 @@ def evaluate_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
         "ttft_requests": evaluate.ttft_requests,
         "gate": format_gate(rules),
         "recommendation": evaluate.recommendation.value,
+    }
+
+
+def register_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
+    """The flat MLproject parameters of the register step (upstream run id aside)."""
+    register = cfg.register
+    return {
+        "registered_model_name": register.registered_model_name,
+        "alias": register.alias,
+        "challenger_alias": register.challenger_alias,
+        "allow_unvalidated": "true" if register.allow_unvalidated else "false",
+        "registry_uri": register.registry_uri,
     }

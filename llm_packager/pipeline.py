@@ -24,6 +24,7 @@ from llm_packager.config import (
     fetch_model_parameters,
     log_onnx_parameters,
     log_transformers_parameters,
+    register_parameters,
 )
 from llm_packager.project import (
     PROJECT_DIR,
@@ -37,7 +38,7 @@ from llm_packager.reuse import (
     find_reusable_run,
     reuse_key,
 )
-from llm_packager.step_run import ERROR_TAG, StepError, log_artifact_uri
+from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, StepError, log_artifact_uri
 
 # In run order. Each step lists the steps whose run ids it receives (and whose runs are part of
 # its reuse key).
@@ -46,6 +47,7 @@ PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
     "log_transformers": ("fetch_model",),
     "log_onnx": ("fetch_model",),
     "evaluate": ("log_transformers", "log_onnx"),
+    "register": ("evaluate",),
 }
 # Steps that run with whichever of their upstream steps were selected (at least one); the run id
 # of an unselected one is passed as "".
@@ -56,6 +58,7 @@ _PARAMETER_BUILDERS: dict[str, Callable[[DictConfig], dict[str, str | int]]] = {
     "log_transformers": log_transformers_parameters,
     "log_onnx": log_onnx_parameters,
     "evaluate": evaluate_parameters,
+    "register": register_parameters,
 }
 
 logger = logging.getLogger(__name__)
@@ -234,4 +237,7 @@ def run_pipeline(
             client.set_tag(run_id, REUSE_KEY_TAG, key)
             outcomes.append(StepOutcome(entry_point, run_id, reused=False))
         upstream_run_ids[entry_point] = outcomes[-1].run_id
+        if summary := client.get_run(outcomes[-1].run_id).data.tags.get(SUMMARY_TAG):
+            # Said on the console, not only in a tag: e.g. that no model was registered, and why.
+            logger.info("%s: %s", entry_point, summary)
     return outcomes

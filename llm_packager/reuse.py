@@ -62,7 +62,8 @@ def _artifact_exists(client: MlflowClient, run_id: str, path: str) -> bool:
 
 
 def output_exists(client: MlflowClient, uri: str) -> bool:
-    """True if an announced ``runs:/<id>/<path>`` artifact or ``models:/<id>`` model exists."""
+    """True if an announced ``runs:/<id>/<path>`` artifact, ``models:/<id>`` LoggedModel or
+    ``models:/<name>/<version>`` registered version exists (and the models are READY)."""
     parsed = urlparse(uri)
     # "runs:/<id>/path" and "models:/<id>" parse with an empty netloc: the id leads the path.
     location = (parsed.netloc + parsed.path).lstrip("/")
@@ -70,6 +71,9 @@ def output_exists(client: MlflowClient, uri: str) -> bool:
         if parsed.scheme == "runs":
             run_id, _, path = location.partition("/")
             return _artifact_exists(client, run_id, path)
+        if parsed.scheme == "models" and "/" in location:
+            name, _, version = location.rpartition("/")
+            return client.get_model_version(name, version).status == "READY"
         if parsed.scheme == "models":
             return client.get_logged_model(location).status == LoggedModelStatus.READY
     except MlflowException:

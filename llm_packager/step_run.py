@@ -17,6 +17,8 @@ import mlflow
 
 LOG_ARTIFACT_DIR = "logs"
 ERROR_TAG = "llm_packager.error"
+# One line a step leaves for `main` to print, e.g. why a model was not registered.
+SUMMARY_TAG = "llm_packager.summary"
 
 
 class StepError(Exception):

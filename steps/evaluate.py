@@ -14,7 +14,8 @@ Writes (on its own run):
     ``eval_table.json`` (``mlflow.log_table``); ``comparison.csv`` and ``comparison.json``;
     ``charts/quality.png``, ``charts/latency.png``, ``charts/speed.png``, ``charts/memory.png``;
     ``report.html`` (self-contained); the evaluation set as a dataset input;
-    tags ``<model>.validation_status`` (passed/rejected), ``<model>.validation_reasons``,
+    tags ``<model>.model_uri``, ``<model>.run_id``, ``<model>.validation_status``
+    (passed/rejected), ``<model>.validation_reasons``,
     ``recommended_model`` and ``recommended_model_uri``; the same verdict as tags on each
     LoggedModel. A rejected model is a result, not a failure: the step still exits 0.
 """
@@ -145,11 +146,16 @@ def _model_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str, fl
     answers = result["answers"]
     latencies = [answer["latency_s"] for answer in answers]
     ttft = result["ttft_s"] or 0.0
-    decode_time = sum(max(answer["latency_s"] - ttft, 1e-9) for answer in answers)
+    decode_time = sum(latencies) - ttft * len(answers)
     decode_tokens = sum(max(answer["completion_tokens"] - 1, 0) for answer in answers)
+    if decode_time > 0 and decode_tokens > 0:
+        decode_rate = decode_tokens / decode_time
+    else:
+        # Answers too short to separate decoding from the first token: report throughput.
+        decode_rate = sum(answer["completion_tokens"] for answer in answers) / sum(latencies)
     metrics = {name: statistics.fmean(score[name] for score in scores) for name in QUALITY_METRICS}
     metrics |= {
-        "decode_tokens_per_s": decode_tokens / decode_time,
+        "decode_tokens_per_s": decode_rate,
         "ttft_s": ttft,
         "latency_p50_s": statistics.median(latencies),
         "latency_p95_s": statistics.quantiles(latencies, n=20, method="inclusive")[-1]
@@ -227,6 +233,8 @@ def _log_outputs(run_id, request, models, metrics, agreement_metrics, verdicts, 
     for name, (status, reasons) in verdicts.items():
         mlflow.set_tags(
             {
+                f"{name}.model_uri": models[name][0],
+                f"{name}.run_id": models[name][1],
                 f"{name}.validation_status": status,
                 f"{name}.validation_reasons": "; ".join(reasons) or "all thresholds met",
             }

@@ -93,3 +93,39 @@ def local_tracking(tmp_path, monkeypatch):
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic tiny Phi-3, built once per session."""
     return build_synthetic_phi3(TINY_SPEC, tmp_path_factory.mktemp("tiny-phi3") / "model")
+
+
+@pytest.fixture(scope="session")
+def logged_models(tmp_path_factory):
+    """fetch_model, log_transformers and log_onnx run once on the tiny model, in an SQLite store;
+    yields its tracking URI and the run ids (plus the experiment id)."""
+    import mlflow
+
+    from steps.fetch_model import FetchRequest, fetch_model
+    from steps.log_onnx import LogOnnxRequest, log_onnx
+    from steps.log_transformers import LogTransformersRequest, log_transformers
+
+    root = tmp_path_factory.mktemp("logged-models")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = mlflow.MlflowClient().create_experiment(
+            "logged-models", artifact_location=str(root / "artifacts")
+        )
+        with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
+            fetch_model(
+                FetchRequest(model_name="tiny", source="synthetic", synthetic=TINY_SPEC),
+                fetch_run.info.run_id,
+            )
+        runs = {"experiment_id": experiment_id, "fetch_model": fetch_run.info.run_id}
+        for name, step, request in (
+            ("log_transformers", log_transformers, LogTransformersRequest(fetch_run.info.run_id)),
+            ("log_onnx", log_onnx, LogOnnxRequest(fetch_run.info.run_id, agreement_tokens=0)),
+        ):
+            with mlflow.start_run(experiment_id=experiment_id) as run:
+                step(request, run.info.run_id)
+            runs[name] = run.info.run_id
+        yield uri, runs
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -15,9 +15,6 @@ from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING
 from llm_packager.evaluation import MODEL_METRICS, EvalSetError
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import EvaluateRequest, ModelUnusableError, evaluate
-from steps.fetch_model import FetchRequest, fetch_model
-from steps.log_onnx import LogOnnxRequest, log_onnx
-from steps.log_transformers import LogTransformersRequest, log_transformers
 
 from .support import project_environment
 
@@ -25,42 +22,9 @@ LIMIT = 6
 RANDOM_WEIGHTS_GATE = "contains_reference>=0,exact_match>=0,latency_p95_s<=30"
 
 
-@pytest.fixture(scope="module")
-def store(tiny_model_dir, tmp_path_factory):
-    """fetch_model, log_transformers and log_onnx run once; yields the URI and their run ids."""
-    root = tmp_path_factory.mktemp("evaluate-tracking")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment_id = mlflow.MlflowClient().create_experiment(
-            "evaluate-test", artifact_location=str(root / "artifacts")
-        )
-        with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
-            fetch_model(FetchRequest(model_name="tiny", source="synthetic",
-                                     synthetic=_spec()), fetch_run.info.run_id)  # fmt: skip
-        runs = {"experiment_id": experiment_id}
-        for name, step, request in (
-            ("log_transformers", log_transformers, LogTransformersRequest(fetch_run.info.run_id)),
-            ("log_onnx", log_onnx, LogOnnxRequest(fetch_run.info.run_id, agreement_tokens=0)),
-        ):
-            with mlflow.start_run(experiment_id=experiment_id) as run:
-                step(request, run.info.run_id)
-            runs[name] = run.info.run_id
-        yield uri, runs
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def _spec():
-    from .support import TINY_SPEC
-
-    return TINY_SPEC
-
-
 @pytest.fixture
-def tracking(store):
-    uri, runs = store
+def tracking(logged_models):
+    uri, runs = logged_models
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     yield mlflow.MlflowClient(), runs

@@ -1,5 +1,5 @@
-"""`main` with fetch_model, both log steps and evaluate, against a real server and the embedded
-default."""
+"""The whole pipeline (`steps=all`) against a real server and the embedded default: every step's
+outputs, reuse, a new fetch rippling through, and a gate the model cannot pass."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .support import TrackingServer, mlflow_run_main, runs_of
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "log-steps-test"
-STEPS = ("model=tiny-random-phi3", "steps=fetch_model,log_transformers,log_onnx,evaluate")
+STEPS = ("model=tiny-random-phi3",)  # steps=all is the default
 # Fewer prompts keep the repeated server runs short; the embedded run evaluates them all.
 SHORT_EVALUATION = "overrides=evaluate.limit=8"
 LOG_STEPS = ("log_transformers", "log_onnx")
@@ -67,13 +67,25 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
     _check_evaluation(server, evaluation, {"transformers", "onnx"})
     assert evaluation.data.tags["recommended_model_uri"] == first_models["log_onnx"]
 
+    champion = server.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
+    assert champion.source == evaluation.data.tags["recommended_model_uri"]
+
     completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, **env)
     assert completed.returncode == 0, completed.stderr
-    for step in (*LOG_STEPS, "evaluate"):
+    for step in (*LOG_STEPS, "evaluate", "register"):
         assert len(runs_of(server, EXPERIMENT, step)) == 1
     assert runs_of(server, EXPERIMENT, "main")[0].data.tags["llm_packager.steps_reused"] == (
-        "fetch_model,log_transformers,log_onnx,evaluate"
+        "fetch_model,log_transformers,log_onnx,evaluate,register"
     )
+    assert len(server.search_model_versions("name = 'tiny-random-phi3-chat'")) == 2
+
+    aliases = server.get_registered_model("tiny-random-phi3-chat").aliases
+    unpassable = "overrides=evaluate.limit=8 evaluate.gate.exact_match.threshold=0.9"
+    completed = mlflow_run_main(tmp_path, *STEPS, unpassable, **env)
+    assert completed.returncode == 0, completed.stderr
+    assert "Model not registered: no model passed the evaluation gate" in completed.stderr
+    assert server.get_registered_model("tiny-random-phi3-chat").aliases == aliases
+    assert len(server.search_model_versions("name = 'tiny-random-phi3-chat'")) == 2
 
     completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, "force=fetch_model", **env)
     assert completed.returncode == 0, completed.stderr
@@ -82,7 +94,7 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
         relogged, _ = runs_of(server, EXPERIMENT, step)
         assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
         assert _check_chat_model(server, relogged) != first_models[step]
-    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 2
+    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 3
 
 
 def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monkeypatch):
@@ -101,3 +113,7 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
     _check_evaluation(client, evaluation, {"transformers", "onnx"})
     table = client.download_artifacts(evaluation.info.run_id, "eval_table.json", str(tmp_path))
     assert len(json.loads(Path(table).read_text())["data"]) == 48
+    (registration,) = runs_of(client, "Default", "register")
+    assert registration.data.tags["registration_status"] == "registered"
+    champion = client.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
+    assert champion.source == evaluation.data.tags["recommended_model_uri"]

@@ -1,0 +1,154 @@
+"""`mlflow models serve` on loopback for both registered models, with good and bad requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import mlflow
+import pytest
+
+from steps.evaluate import EvaluateRequest, evaluate
+from steps.log_onnx import REFERENCE_PROMPT_REQUEST
+from steps.register import RegisterRequest, register
+
+from .support import project_environment
+
+pytestmark = pytest.mark.slow
+
+NAME = "serving-test"
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
+_START_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def registered(logged_models) -> str:
+    uri, runs = logged_models
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=runs["experiment_id"]) as evaluation:
+            evaluate(EvaluateRequest(
+                log_transformers_run_id=runs["log_transformers"], log_onnx_run_id=runs["log_onnx"],
+                limit=2, max_tokens=4, ttft_requests=1, gate="exact_match>=0"),
+                evaluation.info.run_id)  # fmt: skip
+        with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
+            register(RegisterRequest(evaluation.info.run_id, NAME), run.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return uri
+
+
+def _serve(tracking_uri: str, alias: str, tmp_path) -> Iterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / f"serve-{alias}.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{alias}",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--timeout", "120"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env=project_environment(MLFLOW_TRACKING_URI=tracking_uri),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + _START_SECONDS
+    try:
+        while True:
+            assert server.poll() is None, (tmp_path / f"serve-{alias}.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "scoring server did not start"
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _alias_of(tracking_uri: str, flavor: str) -> str:
+    # Either model may have won the (noisy, tiny-model) speed ranking; serve each by its alias.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    for alias in ("champion", "challenger"):
+        if client.get_model_version_by_alias(NAME, alias).tags["flavor"].startswith(flavor):
+            return alias
+    raise AssertionError(f"no alias holds the {flavor} model")
+
+
+@pytest.fixture(scope="module")
+def onnx_server(registered, tmp_path_factory) -> Iterator[str]:
+    alias = _alias_of(registered, "python_function")
+    yield from _serve(registered, alias, tmp_path_factory.mktemp("serve-onnx"))
+
+
+@pytest.fixture(scope="module")
+def transformers_server(registered, tmp_path_factory) -> Iterator[str]:
+    alias = _alias_of(registered, "transformers")
+    yield from _serve(registered, alias, tmp_path_factory.mktemp("serve-transformers"))
+
+
+def _post(base: str, body: bytes | dict) -> tuple[int, object]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{base}/invocations", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _check_completion(body) -> None:
+    completion = body[0] if isinstance(body, list) else body
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert completion["usage"]["total_tokens"] > 0
+
+
+def test_transformers_model_answers_the_openai_chat_body(transformers_server):
+    status, body = _post(transformers_server, {**CHAT, "max_tokens": 8})
+    assert status == 200
+    _check_completion(body)
+
+
+def test_onnx_model_answers_chat_and_reference_prompt(onnx_server):
+    status, body = _post(onnx_server, CHAT)
+    assert status == 200
+    _check_completion(body)
+    status, body = _post(onnx_server, {**REFERENCE_PROMPT_REQUEST, "max_tokens": 8})
+    assert status == 200
+    text = body[0] if isinstance(body, list) else body
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"messages": [', "Invalid input"),
+        ({"messages": []}, "'messages' must not be empty"),
+        ({**CHAT, "max_tokens": -5}, "'max_tokens' must be an integer from 1 to"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 3000}]},
+            "exceeds the model's context length",
+        ),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_clear_message_and_no_stack_trace(onnx_server, body, message):
+    status, answer = _post(onnx_server, body)
+    assert 400 <= status < 500
+    assert message in answer["message"]
+    assert "stack_trace" not in answer
+    assert "Traceback" not in json.dumps(answer)
+    status, good = _post(onnx_server, CHAT)
+    assert status == 200
+    _check_completion(good)
