@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 REUSE_KEY_TAG = "llm_packager.reuse_key"
 CODE_VERSION_TAG = "llm_packager.code_version"
 OUTPUTS_TAG = "llm_packager.outputs"
+MODEL_URI_TAG = "llm_packager.model_uri"
 UPSTREAM_TAG_PREFIX = "llm_packager.upstream."
 _CANDIDATES_CHECKED = 20
 
@@ -44,6 +45,12 @@ def reuse_key(
 def announce_outputs(client: MlflowClient, run_id: str, outputs: dict[str, str]) -> None:
     """Record on a run the URIs of what it produced (``runs:/`` artifacts or ``models:/``)."""
     client.set_tag(run_id, OUTPUTS_TAG, json.dumps(outputs, sort_keys=True))
+
+
+def announce_model(client: MlflowClient, run_id: str, model_uri: str) -> None:
+    """Record the ``models:/<id>`` URI of the model a step logged, as its one output."""
+    client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+    announce_outputs(client, run_id, {"model": model_uri})
 
 
 def announced_outputs(run: Run) -> dict[str, str]:

@@ -56,7 +56,7 @@ from llm_packager.evaluation import (
     resolve_eval_set,
     score_answer,
 )
-from llm_packager.reuse import announce_outputs
+from llm_packager.reuse import MODEL_URI_TAG, announce_outputs
 from llm_packager.step_run import run_step
 
 MODEL_NAMES = ("transformers", "onnx")
@@ -101,7 +101,7 @@ def _upstream_models(request: EvaluateRequest) -> tuple[dict[str, tuple[str, str
         if not run_id:
             notes.append(f"The {name} model was not evaluated: no log_{name} run was given.")
             continue
-        uri = client.get_run(run_id).data.tags.get("llm_packager.model_uri")
+        uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
         if not uri:
             raise ModelUnusableError(f"log_{name} run {run_id} announces no model (no model URI)")
         models[name] = (uri, run_id)

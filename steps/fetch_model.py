@@ -23,7 +23,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlflow
@@ -128,29 +128,13 @@ def _parse_arguments(argv: list[str]) -> FetchRequest:
     parser.add_argument("--allow-unpinned-revision", default="false", choices=["true", "false"])
     parser.add_argument("--allow-patterns", default="", help="comma-separated globs")
     parser.add_argument("--local-dir", default="")
-    for size in (
-        "vocab-size",
-        "hidden-size",
-        "intermediate-size",
-        "num-hidden-layers",
-        "num-attention-heads",
-        "num-key-value-heads",
-        "max-position-embeddings",
-        "seed",
-    ):
-        parser.add_argument(f"--{size}", type=int, default=0)
+    for size in fields(SyntheticPhi3Spec):
+        parser.add_argument(f"--{size.name.replace('_', '-')}", type=int, default=0)
     arguments = parser.parse_args(argv)
     synthetic = None
     if arguments.source == "synthetic":
         synthetic = SyntheticPhi3Spec(
-            vocab_size=arguments.vocab_size,
-            hidden_size=arguments.hidden_size,
-            intermediate_size=arguments.intermediate_size,
-            num_hidden_layers=arguments.num_hidden_layers,
-            num_attention_heads=arguments.num_attention_heads,
-            num_key_value_heads=arguments.num_key_value_heads,
-            max_position_embeddings=arguments.max_position_embeddings,
-            seed=arguments.seed,
+            **{size.name: getattr(arguments, size.name) for size in fields(SyntheticPhi3Spec)}
         )
     return FetchRequest(
         model_name=arguments.model_name,

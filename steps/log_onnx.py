@@ -35,7 +35,7 @@ from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import build_manifest, check_model_files, total_bytes
 from llm_packager.onnx_build import build_onnx_model, chat_signature, parse_extra_options
-from llm_packager.reuse import announce_outputs
+from llm_packager.reuse import announce_model
 from llm_packager.step_run import LOG_ARTIFACT_DIR, run_step
 from llm_packager.upstream import FetchedModel, fetched_model
 
@@ -178,8 +178,7 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
     if agreement is not None:
         metrics["greedy_token_agreement"] = agreement
     mlflow.log_metrics(metrics)
-    mlflow.set_tag("llm_packager.model_uri", model_info.model_uri)
-    announce_outputs(mlflow.MlflowClient(), run_id, {"model": model_info.model_uri})
+    announce_model(mlflow.MlflowClient(), run_id, model_info.model_uri)
     logger.info(
         "Logged %s: ONNX %d bytes, loads in %.2f s, greedy agreement %s",
         model_info.model_uri, size, load_seconds, agreement,

@@ -32,7 +32,7 @@ import mlflow
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
-from llm_packager.reuse import announce_outputs
+from llm_packager.reuse import announce_model
 from llm_packager.step_run import run_step
 from llm_packager.upstream import FetchedModel, fetched_model
 
@@ -158,8 +158,7 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
     mlflow.log_metrics(
         {"model_size_bytes": size, "log_seconds": log_seconds, "load_seconds": load_seconds}
     )
-    mlflow.set_tag("llm_packager.model_uri", model_info.model_uri)
-    announce_outputs(mlflow.MlflowClient(), run_id, {"model": model_info.model_uri})
+    announce_model(mlflow.MlflowClient(), run_id, model_info.model_uri)
     logger.info(
         "Logged %s (%d bytes) in %.1f s; loads in %.2f s",
         model_info.model_uri, size, log_seconds, load_seconds,

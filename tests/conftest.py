@@ -129,3 +129,15 @@ def logged_models(tmp_path_factory):
         yield uri, runs
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def logged_models_tracking(logged_models):
+    """The `logged_models` store as the current tracking URI: (client, run ids)."""
+    import mlflow
+
+    uri, runs = logged_models
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield mlflow.MlflowClient(), runs
+    mlflow.set_tracking_uri(previous)

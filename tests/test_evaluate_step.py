@@ -22,15 +22,6 @@ LIMIT = 6
 RANDOM_WEIGHTS_GATE = "contains_reference>=0,exact_match>=0,latency_p95_s<=30"
 
 
-@pytest.fixture
-def tracking(logged_models):
-    uri, runs = logged_models
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.MlflowClient(), runs
-    mlflow.set_tracking_uri(previous)
-
-
 def _evaluate(runs, **options):
     request = EvaluateRequest(
         log_transformers_run_id=runs["log_transformers"], log_onnx_run_id=runs["log_onnx"],
@@ -42,8 +33,8 @@ def _evaluate(runs, **options):
     return run.info.run_id, result
 
 
-def test_both_models_are_compared_with_every_output(tracking, tmp_path):
-    client, runs = tracking
+def test_both_models_are_compared_with_every_output(logged_models_tracking, tmp_path):
+    client, runs = logged_models_tracking
     run_id, result = _evaluate(runs)
     run = client.get_run(run_id)
 
@@ -78,8 +69,8 @@ def test_both_models_are_compared_with_every_output(tracking, tmp_path):
     assert "Recommended model: <b>onnx</b>" in report
 
 
-def test_gate_the_model_cannot_meet_rejects_it_with_reasons_and_exits_0(tracking):
-    client, runs = tracking
+def test_gate_the_model_cannot_meet_rejects_it_with_reasons_and_exits_0(logged_models_tracking):
+    client, runs = logged_models_tracking
     completed = subprocess.run(
         [sys.executable, "-m", "steps.evaluate",
          "--log-transformers-run-id", runs["log_transformers"],
@@ -97,8 +88,8 @@ def test_gate_the_model_cannot_meet_rejects_it_with_reasons_and_exits_0(tracking
     assert run.info.status == "FINISHED"
 
 
-def test_one_model_alone_is_evaluated_and_the_other_reported_missing(tracking):
-    client, runs = tracking
+def test_one_model_alone_is_evaluated_and_the_other_reported_missing(logged_models_tracking):
+    client, runs = logged_models_tracking
     run_id, result = _evaluate(runs, log_transformers_run_id="")
     assert set(result.metrics) == {"onnx"}
     assert "agreement.identical_rate" not in client.get_run(run_id).data.metrics
@@ -106,8 +97,8 @@ def test_one_model_alone_is_evaluated_and_the_other_reported_missing(tracking):
     assert "The transformers model was not evaluated: no log_transformers run was given." in report
 
 
-def test_upstream_model_that_cannot_be_loaded_is_named(tracking):
-    _, runs = tracking
+def test_upstream_model_that_cannot_be_loaded_is_named(logged_models_tracking):
+    _, runs = logged_models_tracking
     with mlflow.start_run(experiment_id=runs["experiment_id"]) as broken:
         mlflow.set_tag("llm_packager.model_uri", "models:/m-0123456789abcdef0123456789abcdef")
     with pytest.raises(
@@ -118,7 +109,7 @@ def test_upstream_model_that_cannot_be_loaded_is_named(tracking):
         _evaluate(runs, log_onnx_run_id=broken.info.run_id)
 
 
-def test_changed_eval_set_is_detected(tracking):
-    _, runs = tracking
+def test_changed_eval_set_is_detected(logged_models_tracking):
+    _, runs = logged_models_tracking
     with pytest.raises(EvalSetError, match=r"changed: sha256 .* expected 0+; rerun main"):
         _evaluate(runs, dataset_sha256="0" * 64)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import EvaluateRequest, evaluate
@@ -18,15 +17,6 @@ from .support import project_environment
 
 PASSING_GATE = "exact_match>=0,latency_p95_s<=30"
 FAILING_GATE = "exact_match>=0.9"
-
-
-@pytest.fixture
-def tracking(logged_models):
-    uri, runs = logged_models
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.MlflowClient(), runs
-    mlflow.set_tracking_uri(previous)
 
 
 def _evaluation(runs, gate: str) -> str:
@@ -48,8 +38,8 @@ def _register(runs, evaluate_run_id: str, name: str, **options):
     return run.info.run_id, result
 
 
-def test_winner_gets_champion_other_gets_challenger_with_lineage(tracking):
-    client, runs = tracking
+def test_winner_gets_champion_other_gets_challenger_with_lineage(logged_models_tracking):
+    client, runs = logged_models_tracking
     evaluate_run_id = _evaluation(runs, PASSING_GATE)
     register_run_id, result = _register(runs, evaluate_run_id, "lineage-test")
 
@@ -90,8 +80,8 @@ def test_winner_gets_champion_other_gets_challenger_with_lineage(tracking):
     assert answer[0]["object"] == "chat.completion"
 
 
-def test_registering_the_same_model_again_returns_the_existing_version(tracking):
-    client, runs = tracking
+def test_registering_the_same_model_again_returns_the_existing_version(logged_models_tracking):
+    client, runs = logged_models_tracking
     evaluate_run_id = _evaluation(runs, PASSING_GATE)
     _, first = _register(runs, evaluate_run_id, "idempotent-test")
     _, again = _register(runs, evaluate_run_id, "idempotent-test")
@@ -99,8 +89,8 @@ def test_registering_the_same_model_again_returns_the_existing_version(tracking)
     assert len(client.search_model_versions("name = 'idempotent-test'")) == 2  # onnx + transformers
 
 
-def test_no_model_past_the_gate_registers_nothing_and_keeps_aliases(tracking):
-    client, runs = tracking
+def test_no_model_past_the_gate_registers_nothing_and_keeps_aliases(logged_models_tracking):
+    client, runs = logged_models_tracking
     _register(runs, _evaluation(runs, PASSING_GATE), "gate-test")
     before = client.get_registered_model("gate-test").aliases
     versions_before = len(client.search_model_versions("name = 'gate-test'"))
@@ -124,8 +114,8 @@ def test_no_model_past_the_gate_registers_nothing_and_keeps_aliases(tracking):
     assert "exact_match 0 < 0.9" in run.data.tags["registration_reason"]
 
 
-def test_allow_unvalidated_registers_and_says_so(tracking):
-    client, runs = tracking
+def test_allow_unvalidated_registers_and_says_so(logged_models_tracking):
+    client, runs = logged_models_tracking
     _, result = _register(runs, _evaluation(runs, FAILING_GATE), "unvalidated-test",
                           allow_unvalidated=True)  # fmt: skip
     assert result.status == "registered"
