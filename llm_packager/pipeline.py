@@ -171,7 +171,7 @@ def _launch(
         run_id = _failed_child_run_id(client, parent_run_id, entry_point)
         if run_id is None:
             raise StepFailedError(f"Step '{entry_point}' could not start: {error}") from error
-        reason = client.get_run(run_id).data.tags.get(ERROR_TAG, "see its log")
+        reason = client.get_run(run_id).data.tags.get(ERROR_TAG, "see its log").rstrip(".")
         raise StepFailedError(
             f"Step '{entry_point}' failed (run {run_id}): {reason}. "
             f"Its log: {log_artifact_uri(run_id, entry_point)}"
