@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llm_packager.evaluation import load_eval_set
+from llm_packager.manifest import folder_bytes
 
 
 def peak_rss_mib() -> float:
@@ -42,7 +43,7 @@ def answer_eval_set(
     examples = load_eval_set(eval_set, limit)
     with tempfile.TemporaryDirectory(prefix="eval-model-") as scratch:
         local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
-        size = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+        size = folder_bytes(local)
         started = time.perf_counter()
         model = mlflow.pyfunc.load_model(str(local))
         load_seconds = time.perf_counter() - started

@@ -188,6 +188,11 @@ def verify_manifest(folder: Path, entries: Iterable[ManifestEntry]) -> None:
             raise ModelFilesError(f"{relative}: sha256 does not match the manifest")
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of all files under a folder (links followed), without reading them."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 def total_bytes(entries: Iterable[ManifestEntry]) -> int:
     """Sum of the file sizes in a manifest."""
     return sum(entry.size for entry in entries)

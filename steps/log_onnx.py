@@ -33,7 +33,7 @@ import mlflow
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import download_pinned_snapshot
-from llm_packager.manifest import build_manifest, check_model_files, total_bytes
+from llm_packager.manifest import check_model_files, folder_bytes
 from llm_packager.onnx_build import build_onnx_model, chat_signature, parse_extra_options
 from llm_packager.reuse import announce_model
 from llm_packager.step_run import LOG_ARTIFACT_DIR, run_step
@@ -136,7 +136,8 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
     )
     with tempfile.TemporaryDirectory(prefix="log-onnx-") as scratch:
         onnx_folder = _onnx_folder(request, fetched, Path(scratch))
-        size = total_bytes(build_manifest(onnx_folder, show_progress=False))
+        check_model_files(onnx_folder)
+        size = folder_bytes(onnx_folder)
         mlflow.log_params({"onnxruntime_genai_version": onnxruntime_genai.__version__})
         agreement = _agreement(request, fetched, onnx_folder)
         started = time.perf_counter()

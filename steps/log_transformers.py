@@ -32,6 +32,7 @@ import mlflow
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
+from llm_packager.manifest import folder_bytes
 from llm_packager.reuse import announce_model
 from llm_packager.step_run import run_step
 from llm_packager.upstream import FetchedModel, fetched_model
@@ -148,7 +149,7 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
     log_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="logged-model-") as scratch:
         local = Path(mlflow.artifacts.download_artifacts(model_info.model_uri, dst_path=scratch))
-        size = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+        size = folder_bytes(local)
         started = time.perf_counter()
         loaded = mlflow.pyfunc.load_model(str(local))
         load_seconds = time.perf_counter() - started
