@@ -47,7 +47,10 @@ def test_both_models_are_compared_with_every_output(logged_models_tracking, tmp_
         assert model_tags["validation_status"] == "passed"
         assert model_tags["evaluation_run_id"] == run_id
     assert {"agreement.identical_rate", "agreement.token_agreement"} <= set(run.data.metrics)
-    assert run.data.tags["recommended_model"] == result.recommended == "onnx"
+    # fastest_passed: the passed model with the higher measured decode speed (which one that is
+    # on six tiny prompts depends on machine load, so the policy is checked, not the winner).
+    fastest = max(result.metrics, key=lambda name: result.metrics[name]["decode_tokens_per_s"])
+    assert run.data.tags["recommended_model"] == result.recommended == fastest
     assert run.data.tags["random_weights"] == "true"
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "eval_set.jsonl"
@@ -66,7 +69,7 @@ def test_both_models_are_compared_with_every_output(logged_models_tracking, tmp_
     report = (folder / "report.html").read_text()
     assert RANDOM_WEIGHTS_WARNING in report
     assert report.count("data:image/png;base64,") == 4
-    assert "Recommended model: <b>onnx</b>" in report
+    assert f"Recommended model: <b>{fastest}</b>" in report
 
 
 def test_gate_the_model_cannot_meet_rejects_it_with_reasons_and_exits_0(logged_models_tracking):
