@@ -7,9 +7,11 @@ for a finished run with the same reuse key (``llm_packager.reuse``) and takes it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,10 @@ from llm_packager.reuse import (
     reuse_key,
 )
 from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, StepError, log_artifact_uri
+
+# When main launched a step and when the launch returned (epoch seconds); with the step's own
+# timing tag this splits its wall time (benchmarks/pipeline.py).
+LAUNCH_TIMING_TAG = "llm_packager.timing.launch"
 
 # In run order. Each step lists the steps whose run ids it receives (and whose runs are part of
 # its reuse key).
@@ -222,6 +228,7 @@ def run_pipeline(
                 entry_point,
                 "forced" if entry_point in forced else "no reusable run",
             )
+            launched = time.time()
             run_id = _launch(
                 client,
                 entry_point,
@@ -229,6 +236,11 @@ def run_pipeline(
                 env_manager=env_manager,
                 experiment_id=experiment_id,
                 parent_run_id=parent_run_id,
+            )
+            client.set_tag(
+                run_id,
+                LAUNCH_TIMING_TAG,
+                json.dumps({"launched": launched, "returned": time.time()}),
             )
             # Tagged only after success, so a run that failed or was cut off is never reused.
             client.set_tag(run_id, CODE_VERSION_TAG, code_version)

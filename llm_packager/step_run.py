@@ -8,17 +8,27 @@ exit code follows the outcome, because MLflow Projects sets the run status from 
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import mlflow
+import psutil
 
 LOG_ARTIFACT_DIR = "logs"
 ERROR_TAG = "llm_packager.error"
 # One line a step leaves for `main` to print, e.g. why a model was not registered.
 SUMMARY_TAG = "llm_packager.summary"
+# When the step's process started and when its own work started and finished (epoch seconds), so
+# the pipeline benchmark can split a step's wall time into start-up, work and bookkeeping.
+STEP_TIMING_TAG = "llm_packager.timing.step"
 
 
 class StepError(Exception):
@@ -35,6 +45,28 @@ logger = logging.getLogger(__name__)
 def log_artifact_uri(run_id: str, entry_point: str) -> str:
     """Where a step run keeps its log."""
     return f"runs:/{run_id}/{LOG_ARTIFACT_DIR}/{entry_point}.log"
+
+
+def _process_started() -> float:
+    """When this process started (epoch seconds), to 10 ms."""
+    try:
+        # psutil derives this from the boot time, which /proc/stat gives in whole seconds.
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return psutil.Process().create_time()
+
+
+def exit_process(exit_code: int) -> NoReturn:
+    """End a step's process with ``exit_code``, without the slow part of interpreter shutdown.
+
+    With torch and transformers loaded, tearing down the modules' objects at exit takes about
+    0.7 s per step on this machine. Freezing the garbage collector first skips the collection of
+    everything already allocated; atexit handlers (MLflow's flushes) still run.
+    """
+    gc.freeze()
+    sys.exit(exit_code)
 
 
 def run_step(entry_point: str, work: Callable[[str], None]) -> int:
@@ -55,6 +87,7 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
         run = mlflow.start_run()
         run_id = run.info.run_id
         status = "FINISHED"
+        timing = {"process_started": _process_started(), "work_started": time.time()}
         try:
             logger.info("%s: run %s", entry_point, run_id)
             work(run_id)
@@ -67,6 +100,8 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
             logger.exception("%s failed with an unexpected error", entry_point)
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:4000])
         finally:
+            timing["work_finished"] = time.time()
+            mlflow.set_tag(STEP_TIMING_TAG, json.dumps(timing))
             file_handler.flush()
             logging.getLogger().removeHandler(file_handler)
             file_handler.close()

@@ -57,7 +57,7 @@ from llm_packager.evaluation import (
     score_answer,
 )
 from llm_packager.reuse import MODEL_URI_TAG, announce_outputs
-from llm_packager.step_run import run_step
+from llm_packager.step_run import exit_process, run_step
 
 MODEL_NAMES = ("transformers", "onnx")
 logger = logging.getLogger(__name__)
@@ -310,4 +310,4 @@ def _parse_arguments(argv: list[str]) -> EvaluateRequest:
 
 if __name__ == "__main__":
     evaluate_request = _parse_arguments(sys.argv[1:])
-    sys.exit(run_step("evaluate", lambda run_id: evaluate(evaluate_request, run_id)))
+    exit_process(run_step("evaluate", lambda run_id: evaluate(evaluate_request, run_id)))

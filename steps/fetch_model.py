@@ -37,7 +37,7 @@ from llm_packager.manifest import (
     write_manifest,
 )
 from llm_packager.reuse import announce_outputs
-from llm_packager.step_run import run_step
+from llm_packager.step_run import exit_process, run_step
 from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
 from llm_packager.upstream import MODEL_ARTIFACT_DIR
 
@@ -150,4 +150,4 @@ def _parse_arguments(argv: list[str]) -> FetchRequest:
 
 if __name__ == "__main__":
     fetch_request = _parse_arguments(sys.argv[1:])
-    sys.exit(run_step("fetch_model", lambda run_id: fetch_model(fetch_request, run_id)))
+    exit_process(run_step("fetch_model", lambda run_id: fetch_model(fetch_request, run_id)))

@@ -36,7 +36,7 @@ from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
 from llm_packager.onnx_build import build_onnx_model, chat_signature, parse_extra_options
 from llm_packager.reuse import announce_model
-from llm_packager.step_run import LOG_ARTIFACT_DIR, run_step
+from llm_packager.step_run import LOG_ARTIFACT_DIR, exit_process, run_step
 from llm_packager.upstream import FetchedModel, fetched_model
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "llm_packager" / "onnx_chat_model.py"
@@ -226,4 +226,4 @@ def _parse_arguments(argv: list[str]) -> LogOnnxRequest:
 
 if __name__ == "__main__":
     onnx_request = _parse_arguments(sys.argv[1:])
-    sys.exit(run_step("log_onnx", lambda run_id: log_onnx(onnx_request, run_id)))
+    exit_process(run_step("log_onnx", lambda run_id: log_onnx(onnx_request, run_id)))

@@ -34,7 +34,7 @@ from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
 from llm_packager.manifest import folder_bytes
 from llm_packager.reuse import announce_model
-from llm_packager.step_run import run_step
+from llm_packager.step_run import exit_process, run_step
 from llm_packager.upstream import FetchedModel, fetched_model
 
 CHECK_MAX_TOKENS = 8
@@ -192,4 +192,4 @@ if __name__ == "__main__":
         # Logging local weights needs no network, but MLflow still asks the Hub for a model card
         # and license (about 45 s of retries offline). Must be set before huggingface_hub loads.
         os.environ["HF_HUB_OFFLINE"] = "1"
-    sys.exit(run_step("log_transformers", lambda run_id: log_transformers(log_request, run_id)))
+    exit_process(run_step("log_transformers", lambda run_id: log_transformers(log_request, run_id)))

@@ -37,7 +37,7 @@ from llm_packager.pipeline import (
 )
 from llm_packager.project import code_version
 from llm_packager.reuse import CODE_VERSION_TAG
-from llm_packager.step_run import ERROR_TAG, run_step
+from llm_packager.step_run import ERROR_TAG, exit_process, run_step
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ if __name__ == "__main__":
         manager = resolve_env_manager(arguments.env_manager)
     except (ConfigError, SelectionError) as bad_input:
         sys.exit(_reject(str(bad_input)))
-    sys.exit(
+    exit_process(
         run_step(
             "main",
             lambda run_id: run_main(

@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.evaluation import MODEL_METRICS, recommend
 from llm_packager.reuse import announce_outputs
-from llm_packager.step_run import SUMMARY_TAG, run_step
+from llm_packager.step_run import SUMMARY_TAG, exit_process, run_step
 from llm_packager.upstream import FETCH_RUN_TAG
 
 MODEL_NAMES = ("transformers", "onnx")
@@ -266,4 +266,4 @@ def _parse_arguments(argv: list[str]) -> RegisterRequest:
 
 if __name__ == "__main__":
     register_request = _parse_arguments(sys.argv[1:])
-    sys.exit(run_step("register", lambda run_id: register(register_request, run_id)))
+    exit_process(run_step("register", lambda run_id: register(register_request, run_id)))
