@@ -100,6 +100,7 @@ class OnnxConfig:
     extra_options: dict[str, str] = field(default_factory=dict)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_tokens_cap: int = 1024
+    max_batch_size: int = 8
     agreement_tokens: int = 16
 
 
@@ -258,6 +259,8 @@ def _validate_onnx(onnx: DictConfig) -> None:
             f"onnx.max_tokens_cap ({onnx.max_tokens_cap}) must be at least "
             f"onnx.generation.max_new_tokens ({onnx.generation.max_new_tokens})"
         )
+    if onnx.max_batch_size < 1:
+        raise ConfigError(f"onnx.max_batch_size must be 1 or more; got {onnx.max_batch_size}")
     if onnx.agreement_tokens < 0:
         raise ConfigError("onnx.agreement_tokens must be 0 (skip) or more")
     if onnx.source == OnnxSource.prebuilt:
@@ -359,6 +362,7 @@ def log_onnx_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
         "temperature": onnx.generation.temperature,
         "top_p": onnx.generation.top_p,
         "max_tokens_cap": onnx.max_tokens_cap,
+        "max_batch_size": onnx.max_batch_size,
         "agreement_tokens": onnx.agreement_tokens,
     }
 

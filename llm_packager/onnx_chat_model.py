@@ -11,8 +11,11 @@ Two request shapes are served:
   ``stop``, ``n``), answered with an OpenAI chat completion, as the transformers model does;
 - the reference sample's ``{"prompt": "<already templated text>"}``, answered with plain text.
 
-Every row of a batch is answered. Each request gets its own ``GeneratorParams`` and ``Generator``,
-so concurrent requests never share generation state.
+Every row of a batch is answered. Rows that decode with the same search options are generated
+together, up to ``max_batch_size`` sequences at a time, as one onnxruntime-genai batch: on a CPU,
+decoding one sequence is bound by reading the weights, and a batch reads them once per step for
+all its sequences. Each ``predict`` call gets its own ``GeneratorParams`` and ``Generator``, so
+concurrent requests never share generation state.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime_genai as og
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -34,6 +38,7 @@ from mlflow.pyfunc import PythonModel
 ONNX_ARTIFACT_KEY = "onnx_model"
 ROLES = ("system", "user", "assistant")
 MAX_CHOICES = 8
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 class BadRequestError(MlflowException):
@@ -117,6 +122,8 @@ class OnnxChatModel(PythonModel):
         self._default_sampling = bool(config.get("do_sample", False))
         self._default_temperature = float(config.get("temperature", 1.0))
         self._default_top_p = float(config.get("top_p", 1.0))
+        self._max_batch_size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+        self._pad_token = int(self._tokenizer.pad_token_id)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """Answer every row: chat rows with completions, prompt rows with text."""
@@ -127,9 +134,61 @@ class OnnxChatModel(PythonModel):
         kinds = {"messages" in row for row in rows}
         if len(kinds) > 1:
             raise BadRequestError("Do not mix chat ('messages') and 'prompt' rows in one request")
-        if kinds == {True}:
-            return [self._chat_completion(row, params or {}) for row in rows]
-        return [self._prompt_completion(row, params or {}) for row in rows]
+        chat = kinds == {True}
+        # Every row is checked before any is generated: a bad row fails the request at once.
+        prepared = [self._prepare(row, params or {}, chat=chat) for row in rows]
+        answers = self._generate_all(prepared)
+        if chat:
+            return [
+                self._chat_completion(ids, answers[index])
+                for index, (ids, _) in enumerate(prepared)
+            ]
+        return [answers[index][0][0] for index in range(len(prepared))]
+
+    def _prepare(
+        self, row: dict[str, Any], params: dict[str, Any], *, chat: bool
+    ) -> tuple[list[int], dict[str, Any]]:
+        """Validate one row and turn it into prompt token ids and generation options."""
+        if chat:
+            messages = _messages(row["messages"])
+            options = self._options(row, params)
+            prompt = self._tokenizer.apply_chat_template(
+                json.dumps(messages), template_str=self._chat_template, add_generation_prompt=True
+            )
+        else:
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise BadRequestError("'prompt' must be a non-empty string")
+            options = {**self._options(row, params), "n": 1}
+        return self._encode(prompt, options["max_tokens"]), options
+
+    def _generate_all(
+        self, prepared: list[tuple[list[int], dict[str, Any]]]
+    ) -> dict[int, list[tuple[str, int, str]]]:
+        """Generate every choice of every row, batching those with the same search options."""
+        groups: dict[tuple, list[tuple[int, list[int], dict[str, Any]]]] = {}
+        for index, (ids, options) in enumerate(prepared):
+            key = (options["sampling"], options["temperature"], options["top_p"])
+            groups.setdefault(key, []).extend((index, ids, options) for _ in range(options["n"]))
+        answers: dict[int, list[tuple[str, int, str]]] = {
+            index: [] for index in range(len(prepared))
+        }
+        for sequences in groups.values():
+            for start in range(0, len(sequences), self._max_batch_size):
+                chunk = sequences[start : start + self._max_batch_size]
+                padded = max(len(ids) for _, ids, _ in chunk)
+                if (
+                    padded + max(options["max_tokens"] for *_, options in chunk)
+                    > self._context_length
+                ):
+                    # Padding to the longest prompt would pass the context length; one at a time,
+                    # each row fits (checked when it was encoded).
+                    results = [self._generate([(ids, options)])[0] for _, ids, options in chunk]
+                else:
+                    results = self._generate([(ids, options) for _, ids, options in chunk])
+                for (index, _, _), result in zip(chunk, results, strict=True):
+                    answers[index].append(result)
+        return answers
 
     def _options(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         merged = {**params, **row}
@@ -175,53 +234,70 @@ class OnnxChatModel(PythonModel):
             )
         return ids
 
-    def _generate(self, ids: list[int], options: dict[str, Any]) -> tuple[str, int, str]:
-        """Generate one answer; return its text, its token count and why it finished."""
+    def _generate(
+        self, sequences: list[tuple[list[int], dict[str, Any]]]
+    ) -> list[tuple[str, int, str]]:
+        """Generate answers to prompts that share search options, as one batch.
+
+        Returns, for each sequence, its text, its token count and why it finished.
+        """
+        options = sequences[0][1]
+        longest = max(len(ids) for ids, _ in sequences)
         search: dict[str, Any] = {
-            "max_length": len(ids) + options["max_tokens"],
+            "max_length": longest + max(row_options["max_tokens"] for _, row_options in sequences),
             "do_sample": options["sampling"],
+            "batch_size": len(sequences),
         }
         if options["sampling"]:
             search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
         generator_params = og.GeneratorParams(self._model)
         generator_params.set_search_options(**search)
         generator = og.Generator(self._model, generator_params)
-        generator.append_tokens(ids)
-        stream = self._tokenizer.create_stream()
-        text, produced, finish_reason = "", 0, "length"
-        while not generator.is_done():
+        # Padded on the right with the pad token, as Tokenizer.encode_batch does; onnxruntime-genai
+        # masks pad positions, so each answer equals the one the prompt gets alone.
+        batch = np.full((len(sequences), longest), self._pad_token, dtype=np.int32)
+        for row, (ids, _) in enumerate(sequences):
+            batch[row, : len(ids)] = ids
+        generator.append_tokens(batch)
+        streams = [self._tokenizer.create_stream() for _ in sequences]
+        texts, produced = [""] * len(sequences), [0] * len(sequences)
+        finished: list[str | None] = [None] * len(sequences)
+        while None in finished and not generator.is_done():
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if token in self._end_tokens:
-                finish_reason = "stop"
-                break
-            produced += 1
-            text += stream.decode(token)
-            cut = min((text.find(s) for s in options["stop"] if s in text), default=-1)
-            if cut >= 0:
-                return text[:cut], produced, "stop"
-        if finish_reason == "length" and produced < options["max_tokens"]:
-            finish_reason = "stop"
-        return text, produced, finish_reason
+            for row, token in enumerate(int(token) for token in generator.get_next_tokens()):
+                if finished[row] is not None:
+                    continue
+                if token in self._end_tokens:
+                    finished[row] = "stop"
+                    continue
+                row_options = sequences[row][1]
+                produced[row] += 1
+                texts[row] += streams[row].decode(token)
+                cut = min(
+                    (texts[row].find(stop) for stop in row_options["stop"] if stop in texts[row]),
+                    default=-1,
+                )
+                if cut >= 0:
+                    texts[row], finished[row] = texts[row][:cut], "stop"
+                elif produced[row] == row_options["max_tokens"]:
+                    finished[row] = "length"
+        return [
+            (text, count, reason or "stop")
+            for text, count, reason in zip(texts, produced, finished, strict=True)
+        ]
 
-    def _chat_completion(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        messages = _messages(row["messages"])
-        options = self._options(row, params)
-        prompt = self._tokenizer.apply_chat_template(
-            json.dumps(messages), template_str=self._chat_template, add_generation_prompt=True
-        )
-        ids = self._encode(prompt, options["max_tokens"])
-        choices, completion_tokens = [], 0
-        for index in range(options["n"]):
-            text, produced, finish_reason = self._generate(ids, options)
-            completion_tokens += produced
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason,
-                }
-            )
+    def _chat_completion(
+        self, ids: list[int], answers: list[tuple[str, int, str]]
+    ) -> dict[str, Any]:
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+            for index, (text, _, finish_reason) in enumerate(answers)
+        ]
+        completion_tokens = sum(produced for _, produced, _ in answers)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -234,14 +310,6 @@ class OnnxChatModel(PythonModel):
                 "total_tokens": len(ids) + completion_tokens,
             },
         }
-
-    def _prompt_completion(self, row: dict[str, Any], params: dict[str, Any]) -> str:
-        prompt = row["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequestError("'prompt' must be a non-empty string")
-        options = self._options(row, params)
-        text, _, _ = self._generate(self._encode(prompt, options["max_tokens"]), options)
-        return text
 
 
 set_model(OnnxChatModel())

@@ -8,6 +8,7 @@ Reads (MLproject parameters):
         precision, execution_provider, extra_options as ``key=value,...``).
     max_new_tokens, do_sample, temperature, top_p: generation defaults of the served model.
     max_tokens_cap: the largest ``max_tokens`` a request may ask for.
+    max_batch_size: rows of one request generated together as one batch.
     agreement_tokens: new tokens per prompt for the agreement check (0 skips it).
 
 Writes (on its own run):
@@ -69,6 +70,7 @@ class LogOnnxRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens_cap: int = 1024
+    max_batch_size: int = 8
     agreement_tokens: int = 16
 
 
@@ -152,6 +154,7 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
                 "temperature": request.temperature,
                 "top_p": request.top_p,
                 "max_tokens_cap": request.max_tokens_cap,
+                "max_batch_size": request.max_batch_size,
             },
             signature=chat_signature(),
             input_example=EXAMPLE_CHAT_REQUEST,
@@ -203,6 +206,7 @@ def _parse_arguments(argv: list[str]) -> LogOnnxRequest:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-tokens-cap", type=int, default=1024)
+    parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--agreement-tokens", type=int, default=16)
     arguments = parser.parse_args(argv)
     return LogOnnxRequest(
@@ -220,6 +224,7 @@ def _parse_arguments(argv: list[str]) -> LogOnnxRequest:
         temperature=arguments.temperature,
         top_p=arguments.top_p,
         max_tokens_cap=arguments.max_tokens_cap,
+        max_batch_size=arguments.max_batch_size,
         agreement_tokens=arguments.agreement_tokens,
     )
 

@@ -182,6 +182,54 @@ def test_concurrent_requests_do_not_share_state(model):
     assert concurrent == sequential
 
 
+def test_a_batch_answers_each_row_as_it_would_alone(model):
+    # Every row names the same fields: MLflow's schema check refuses an integer or list column
+    # that some rows of a batch leave out.
+    rows = [
+        _chat("What is the capital of Spain?", max_tokens=12, n=1),
+        _chat("Hi", max_tokens=5, n=1),
+        _chat("Write a long, detailed poem about the sea and its many moods.", max_tokens=16, n=1),
+        _chat("Tell me a joke about atom", max_tokens=20, n=2),
+    ]
+    alone = [model.predict(row)[0] for row in rows]
+    together = model.predict(rows)
+    assert [answer["choices"] for answer in together] == [answer["choices"] for answer in alone]
+    assert [answer["usage"] for answer in together] == [answer["usage"] for answer in alone]
+    # A stop string ends the rows whose answers contain it, and only where each alone would end.
+    stop = alone[3]["choices"][0]["message"]["content"][3:5]
+    stopped_rows = [dict(row, stop=[stop]) for row in rows]
+    stopped = [answer["choices"] for answer in model.predict(stopped_rows)]
+    assert stopped == [model.predict(row)[0]["choices"] for row in stopped_rows]
+    assert stopped[3][0]["finish_reason"] == "stop"
+    assert stopped[3][0]["message"]["content"] == alone[3]["choices"][0]["message"]["content"][:3]
+
+
+def test_batched_generation_pads_prompts_of_different_lengths(model):
+    chat_model = model.unwrap_python_model()
+    options = {"max_tokens": 8, "sampling": False, "temperature": 1.0, "top_p": 1.0, "stop": []}
+    prompts = [[7, 206, 288, 413, 6, 206, 4, 206], [7, 206, 4, 206], list(range(10, 40))]
+    batched = chat_model._generate([(ids, options) for ids in prompts])
+    assert batched == [chat_model._generate([(ids, options)])[0] for ids in prompts]
+    assert [produced for _, produced, _ in batched] == [8, 8, 8]
+
+
+def test_a_batch_too_long_to_pad_together_is_still_answered(model):
+    chat_model = model.unwrap_python_model()
+    context = chat_model._context_length
+    # A prompt that fits with 4 new tokens but not with CAP: padded to it, the short row's CAP
+    # tokens would pass the context length.
+    numbers = next(
+        " ".join(map(str, range(count)))
+        for count in range(context, 0, -1)
+        if len(chat_model._tokenizer.encode(" ".join(map(str, range(count))))) <= context - 4
+    )
+    long_prompt = {"prompt": numbers, "max_tokens": 4}
+    assert len(chat_model._encode(long_prompt["prompt"], 4)) + CAP > context
+    short_prompt = {"prompt": "Hello there", "max_tokens": CAP}
+    alone = [model.predict(row)[0] for row in (long_prompt, short_prompt)]
+    assert model.predict([long_prompt, short_prompt]) == alone
+
+
 @pytest.mark.parametrize(
     ("request_body", "message"),
     [
