@@ -101,6 +101,7 @@ class OnnxConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_tokens_cap: int = 1024
     max_batch_size: int = 8
+    intra_op_num_threads: int = 0
     agreement_tokens: int = 16
 
 
@@ -261,6 +262,11 @@ def _validate_onnx(onnx: DictConfig) -> None:
         )
     if onnx.max_batch_size < 1:
         raise ConfigError(f"onnx.max_batch_size must be 1 or more; got {onnx.max_batch_size}")
+    if onnx.intra_op_num_threads < 0:
+        raise ConfigError(
+            "onnx.intra_op_num_threads must be 0 (all cores) or more; "
+            f"got {onnx.intra_op_num_threads}"
+        )
     if onnx.agreement_tokens < 0:
         raise ConfigError("onnx.agreement_tokens must be 0 (skip) or more")
     if onnx.source == OnnxSource.prebuilt:
@@ -363,6 +369,7 @@ def log_onnx_parameters(cfg: DictConfig) -> dict[str, str | int | float]:
         "top_p": onnx.generation.top_p,
         "max_tokens_cap": onnx.max_tokens_cap,
         "max_batch_size": onnx.max_batch_size,
+        "intra_op_num_threads": onnx.intra_op_num_threads,
         "agreement_tokens": onnx.agreement_tokens,
     }
 

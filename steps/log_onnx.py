@@ -9,6 +9,7 @@ Reads (MLproject parameters):
     max_new_tokens, do_sample, temperature, top_p: generation defaults of the served model.
     max_tokens_cap: the largest ``max_tokens`` a request may ask for.
     max_batch_size: rows of one request generated together as one batch.
+    intra_op_num_threads: onnxruntime threads when serving (0: every usable core).
     agreement_tokens: new tokens per prompt for the agreement check (0 skips it).
 
 Writes (on its own run):
@@ -71,6 +72,7 @@ class LogOnnxRequest:
     top_p: float = 1.0
     max_tokens_cap: int = 1024
     max_batch_size: int = 8
+    intra_op_num_threads: int = 0
     agreement_tokens: int = 16
 
 
@@ -155,6 +157,7 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
                 "top_p": request.top_p,
                 "max_tokens_cap": request.max_tokens_cap,
                 "max_batch_size": request.max_batch_size,
+                "intra_op_num_threads": request.intra_op_num_threads,
             },
             signature=chat_signature(),
             input_example=EXAMPLE_CHAT_REQUEST,
@@ -207,6 +210,7 @@ def _parse_arguments(argv: list[str]) -> LogOnnxRequest:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-tokens-cap", type=int, default=1024)
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--intra-op-num-threads", type=int, default=0)
     parser.add_argument("--agreement-tokens", type=int, default=16)
     arguments = parser.parse_args(argv)
     return LogOnnxRequest(
@@ -225,6 +229,7 @@ def _parse_arguments(argv: list[str]) -> LogOnnxRequest:
         top_p=arguments.top_p,
         max_tokens_cap=arguments.max_tokens_cap,
         max_batch_size=arguments.max_batch_size,
+        intra_op_num_threads=arguments.intra_op_num_threads,
         agreement_tokens=arguments.agreement_tokens,
     )
 
