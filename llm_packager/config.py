@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm_packager.hub import UnpinnedRevisionError, require_pinned_revision
 from llm_packager.manifest import ModelFilesError, check_model_files
+from llm_packager.registry import RegistryNameError, check_alias, check_registered_model_name
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 SYNTHETIC_SIZE_KEYS = (
@@ -34,6 +36,13 @@ SYNTHETIC_SIZE_KEYS = (
 
 class ConfigError(ValueError):
     """The composed configuration is invalid; the message is one line naming the key."""
+
+
+# `${identifier:${model.name}}` in conf/: a model name as a Unity Catalog name part, whose
+# characters are letters, digits and underscores (phi3-mini-4k-instruct -> phi3_mini_4k_instruct).
+OmegaConf.register_new_resolver(
+    "identifier", lambda text: re.sub(r"[^A-Za-z0-9_]", "_", str(text)), replace=True
+)
 
 
 class ModelSource(Enum):
@@ -57,6 +66,18 @@ class OnnxPrecision(Enum):
 class ExecutionProvider(Enum):
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Device(Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TorchDtype(Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 @dataclass
@@ -147,6 +168,9 @@ class TransformersConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # False logs a Hub model by reference (repo + commit, no weights copied); see README.
     save_pretrained: bool = True
+    # Where the step loads and checks the model, and the dtype the logged model loads with.
+    device: Device = Device.cpu
+    dtype: TorchDtype = TorchDtype.auto
 
 
 @dataclass
@@ -245,10 +269,13 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_onnx(cfg.onnx)
     _validate_evaluate(cfg.evaluate)
     register = cfg.register
-    if not register.registered_model_name.strip():
-        raise ConfigError("register.registered_model_name must not be empty")
-    if not register.alias.strip():
-        raise ConfigError("register.alias must not be empty")
+    try:
+        check_registered_model_name(register.registered_model_name, register.registry_uri)
+        check_alias(register.alias)
+        if register.challenger_alias:
+            check_alias(register.challenger_alias)
+    except RegistryNameError as error:
+        raise ConfigError(f"register: {error}") from error
     if register.alias == register.challenger_alias:
         raise ConfigError("register.alias and register.challenger_alias must differ")
 
@@ -346,6 +373,8 @@ def log_transformers_parameters(cfg: DictConfig) -> dict[str, str | int | float]
         "temperature": generation.temperature,
         "top_p": generation.top_p,
         "save_pretrained": "true" if cfg.transformers.save_pretrained else "false",
+        "device": cfg.transformers.device.value,
+        "dtype": cfg.transformers.dtype.value,
     }
 
 

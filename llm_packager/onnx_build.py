@@ -15,6 +15,12 @@ from mlflow.types.schema import ColSpec, Schema
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
+# The pip distributions that run a model built for each execution provider: the CUDA packages
+# replace the CPU ones (they install the same Python modules).
+RUNTIME_DISTRIBUTIONS = {
+    "cpu": ("onnxruntime-genai", "onnxruntime"),
+    "cuda": ("onnxruntime-genai-cuda", "onnxruntime-gpu"),
+}
 PROMPT_FIELD = "prompt"
 _LOG_TAIL_LINES = 30
 
@@ -45,6 +51,25 @@ def format_extra_options(options: dict[str, object]) -> str:
     return ",".join(f"{key}={options[key]}" for key in sorted(options))
 
 
+def builder_command(
+    hf_folder: Path,
+    destination: Path,
+    precision: str,
+    execution_provider: str,
+    extra_options: dict[str, str],
+    cache: Path,
+) -> list[str]:
+    """The model builder's command line."""
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(hf_folder), "-o", str(destination),
+        "-p", precision, "-e", execution_provider, "-c", str(cache),
+    ]  # fmt: skip
+    if extra_options:
+        command += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
+    return command
+
+
 def build_onnx_model(
     hf_folder: Path,
     destination: Path,
@@ -70,13 +95,9 @@ def build_onnx_model(
             f"{', '.join(EXECUTION_PROVIDERS)}"
         )
     with tempfile.TemporaryDirectory(prefix="onnx-builder-cache-") as cache:
-        command = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder",
-            "-i", str(hf_folder), "-o", str(destination),
-            "-p", precision, "-e", execution_provider, "-c", cache,
-        ]  # fmt: skip
-        if extra_options:
-            command += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
+        command = builder_command(
+            hf_folder, destination, precision, execution_provider, extra_options, Path(cache)
+        )
         logger.info("Building ONNX: %s", " ".join(command))
         # The weights are local: the builder must not try the Hub for configs or tokens.
         environment = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -36,7 +36,12 @@ import mlflow
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
-from llm_packager.onnx_build import build_onnx_model, chat_signature, parse_extra_options
+from llm_packager.onnx_build import (
+    RUNTIME_DISTRIBUTIONS,
+    build_onnx_model,
+    chat_signature,
+    parse_extra_options,
+)
 from llm_packager.reuse import announce_model
 from llm_packager.step_run import LOG_ARTIFACT_DIR, exit_process, run_step
 from llm_packager.upstream import FetchedModel, fetched_model
@@ -133,6 +138,12 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
 
     from llm_packager.requirements import pinned
 
+    if request.execution_provider == "cuda" and not onnxruntime_genai.is_cuda_available():
+        raise ValueError(
+            "onnx.execution_provider=cuda needs a GPU and onnxruntime-genai-cuda in place of "
+            f"onnxruntime-genai (installed: onnxruntime-genai {onnxruntime_genai.__version__}, no "
+            "CUDA); see README, 'Run on a GPU', or use a CPU onnx choice"
+        )
     fetched = fetched_model(request.fetch_model_run_id)
     mlflow.set_tags(fetched.lineage_tags())
     model_name = fetched.tags.get(
@@ -162,7 +173,7 @@ def log_onnx(request: LogOnnxRequest, run_id: str) -> LogOnnxResult:
             signature=chat_signature(),
             input_example=EXAMPLE_CHAT_REQUEST,
             pip_requirements=pinned(
-                "mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas"
+                "mlflow", *RUNTIME_DISTRIBUTIONS[request.execution_provider], "numpy", "pandas"
             ),
             metadata={"source_model": model_name, "precision": request.precision},
         )

@@ -6,6 +6,9 @@ Reads (MLproject parameters):
     max_new_tokens, do_sample, temperature, top_p: generation defaults for the model_config.
     save_pretrained: ``true`` copies the weights into the model; ``false`` logs a Hub model by
         reference to its repo and commit.
+    device: ``cpu`` or ``cuda``, where the step loads and checks the model.
+    dtype: ``auto`` (as stored), ``float32``, ``float16`` or ``bfloat16``, recorded in the model
+        so that every load uses it.
 
 Writes (on its own run):
     a LoggedModel (``mlflow.transformers``, ``task="llm/v1/chat"``, OpenAI chat signature), whose
@@ -55,6 +58,8 @@ class LogTransformersRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     save_pretrained: bool = True
+    device: str = "cpu"
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,25 @@ def _model_config(request: LogTransformersRequest) -> dict[str, object]:
     if request.do_sample:
         config |= {"temperature": request.temperature, "top_p": request.top_p}
     return config
+
+
+def _torch_dtype(request: LogTransformersRequest):
+    """The torch dtype asked for (None for ``auto``), after checking the device exists."""
+    import torch
+
+    if request.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "transformers.device=cuda, but torch sees no CUDA GPU here (torch "
+            f"{torch.__version__}); run on a GPU machine with a CUDA build of torch (see README, "
+            "'Run on a GPU'), or drop transformers=cuda"
+        )
+    if request.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda; got '{request.device}'")
+    if request.dtype == "auto":
+        return None
+    if request.dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16; got '{request.dtype}'")
+    return getattr(torch, request.dtype)
 
 
 def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
@@ -114,6 +138,7 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
 
     from llm_packager.requirements import pinned
 
+    dtype = _torch_dtype(request)
     fetched = fetched_model(request.fetch_model_run_id)
     mlflow.set_tags(fetched.lineage_tags())
     model_name = fetched.tags.get("llm_packager.model_name", "model")
@@ -124,7 +149,9 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
             "has no chat template, so chat messages cannot be turned into a prompt; use a chat "
             "(instruct) model or add a chat_template to its tokenizer_config.json"
         )
-    model = transformers.AutoModelForCausalLM.from_pretrained(fetched.folder, dtype="auto")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        fetched.folder, dtype=dtype or "auto"
+    ).to(request.device)
     # The name shows up as "model" in every completion and, for a reference, names the Hub repo;
     # the cache path it would otherwise carry means nothing to a client.
     model.name_or_path = (
@@ -132,7 +159,9 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
         if not request.save_pretrained
         else fetched.tags.get("hf.repo_id", model_name)
     )
-    pipeline = transformers.pipeline(task="text-generation", model=model, tokenizer=tokenizer)
+    pipeline = transformers.pipeline(
+        task="text-generation", model=model, tokenizer=tokenizer, device=model.device
+    )
     readme = fetched.folder / "README.md"
     started = time.perf_counter()
     model_info = mlflow.transformers.log_model(
@@ -141,6 +170,8 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
         task="llm/v1/chat",
         model_config=_model_config(request),
         save_pretrained=request.save_pretrained,
+        # Recorded in the flavor, so every load (serving too) uses it; None keeps the stored one.
+        torch_dtype=dtype,
         pip_requirements=pinned("mlflow", "transformers", "torch", "tokenizers", "safetensors"),
         input_example=EXAMPLE_CHAT_REQUEST,
         model_card=ModelCard.load(readme) if readme.is_file() else None,
@@ -175,6 +206,8 @@ def _parse_arguments(argv: list[str]) -> LogTransformersRequest:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--save-pretrained", choices=["true", "false"], default="true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
     arguments = parser.parse_args(argv)
     return LogTransformersRequest(
         fetch_model_run_id=arguments.fetch_model_run_id,
@@ -183,6 +216,8 @@ def _parse_arguments(argv: list[str]) -> LogTransformersRequest:
         temperature=arguments.temperature,
         top_p=arguments.top_p,
         save_pretrained=arguments.save_pretrained == "true",
+        device=arguments.device,
+        dtype=arguments.dtype,
     )
 
 

@@ -6,7 +6,8 @@ Reads (MLproject parameters):
     alias: set on the recommended model's version (e.g. ``champion``), only if it passed the gate.
     challenger_alias: set on the other model's version if it passed too (empty: never).
     allow_unvalidated: ``true`` registers the policy's pick even if no model passed (tagged).
-    registry_uri: where to register (empty: the tracking server's registry).
+    registry_uri: where to register (empty: the tracking server's registry; ``databricks-uc``:
+        Unity Catalog, which needs a three-level ``catalog.schema.model`` name).
 
 Writes:
     on its own run: tags ``registration_status`` (registered/skipped), ``registration_reason``,
@@ -34,6 +35,7 @@ from mlflow.exceptions import MlflowException
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
 from llm_packager.evaluation import MODEL_METRICS, recommend
+from llm_packager.registry import check_alias, check_registered_model_name
 from llm_packager.reuse import announce_outputs
 from llm_packager.step_run import SUMMARY_TAG, exit_process, run_step
 from llm_packager.upstream import FETCH_RUN_TAG
@@ -172,6 +174,11 @@ def _record_decision(client, run_id: str, decision: dict, model_version: str = "
 
 def register(request: RegisterRequest, run_id: str) -> RegisterResult:
     """Register the recommended model and point the alias at it, if the gate allows."""
+    # Checked before anything is read or registered: the step may be run without main's checks.
+    check_registered_model_name(request.registered_model_name, request.registry_uri)
+    check_alias(request.alias)
+    if request.challenger_alias:
+        check_alias(request.challenger_alias)
     if request.registry_uri:
         mlflow.set_registry_uri(request.registry_uri)
     client = mlflow.MlflowClient()

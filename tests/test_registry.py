@@ -1,0 +1,99 @@
+"""Registered model names and aliases: Unity Catalog's three-level names, reserved aliases."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_packager.config import ConfigError, compose_config, register_parameters
+from llm_packager.registry import (
+    RegistryNameError,
+    check_alias,
+    check_registered_model_name,
+    is_unity_catalog,
+)
+from steps.register import RegisterRequest, register
+
+
+@pytest.mark.parametrize(
+    ("registry_uri", "expected"),
+    [("databricks-uc", True), ("databricks-uc://prod", True), ("databricks", False),
+     ("", False), ("http://127.0.0.1:5000", False)],
+)  # fmt: skip
+def test_unity_catalog_is_recognised_by_its_registry_uri(registry_uri, expected):
+    assert is_unity_catalog(registry_uri) is expected
+
+
+@pytest.mark.parametrize("name", ["main.default.phi3_chat", "ml.Models.tiny_random_phi3_chat_2"])
+def test_three_level_names_are_accepted_by_unity_catalog(name):
+    check_registered_model_name(name, "databricks-uc")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("phi3-chat", "Unity Catalog needs a three-level name catalog.schema.model; got "
+                      "'phi3-chat'. Set register.registered_model_name, e.g. "
+                      "main.default.phi3_chat"),
+        ("default.phi3_chat", "got 'default.phi3_chat'"),
+        ("a.b.c.d", "got 'a.b.c.d'"),
+        ("main..phi3", "got 'main..phi3'"),
+        ("main.default.phi3-chat", "'phi3-chat' in 'main.default.phi3-chat' may hold only "
+                                   "letters, digits and underscores in Unity Catalog; e.g. "
+                                   "'phi3_chat'"),
+        ("main.my schema.phi3", "'my schema' in 'main.my schema.phi3'"),
+        ("  ", "The registered model name must not be empty"),
+    ],
+)  # fmt: skip
+def test_names_unity_catalog_refuses_are_refused_with_the_fix(name, message):
+    with pytest.raises(RegistryNameError) as refused:
+        check_registered_model_name(name, "databricks-uc")
+    assert message in str(refused.value)
+
+
+def test_other_registries_take_plain_and_dotted_names():
+    check_registered_model_name("phi3-mini-4k-instruct-chat", "")
+    check_registered_model_name("team.phi3-chat", "http://127.0.0.1:5000")
+
+
+@pytest.mark.parametrize("alias", ["champion", "challenger", "prod-2", "v1beta", "_staging"])
+def test_ordinary_aliases_are_accepted(alias):
+    check_alias(alias)
+
+
+@pytest.mark.parametrize(
+    ("alias", "message"),
+    [("latest", "Alias 'latest' is reserved"), ("LATEST", "Alias 'LATEST' is reserved"),
+     ("v2", "Alias 'v2' is reserved"), ("", "Alias '' may hold only"),
+     ("my alias", "Alias 'my alias' may hold only letters, digits, '_' and '-'")],
+)  # fmt: skip
+def test_reserved_and_malformed_aliases_are_refused(alias, message):
+    with pytest.raises(RegistryNameError, match=message):
+        check_alias(alias)
+
+
+def test_unity_catalog_config_derives_a_valid_three_level_name():
+    parameters = register_parameters(
+        compose_config("phi3-mini-4k-instruct", "register=unity-catalog")
+    )
+    assert parameters["registry_uri"] == "databricks-uc"
+    assert parameters["registered_model_name"] == "main.default.phi3_mini_4k_instruct_chat"
+    check_registered_model_name(parameters["registered_model_name"], "databricks-uc")
+
+
+def test_a_bad_unity_catalog_name_fails_when_the_config_is_composed():
+    with pytest.raises(ConfigError, match="register: Unity Catalog needs a three-level name"):
+        compose_config(
+            "tiny-random-phi3",
+            "register=unity-catalog register.registered_model_name=tiny-chat",
+        )
+
+
+def test_the_register_step_refuses_a_bad_name_before_touching_the_registry(local_tracking):
+    request = RegisterRequest(
+        evaluate_run_id="no-such-run",
+        registered_model_name="main.default.tiny-chat",
+        registry_uri="databricks-uc",
+    )
+    with pytest.raises(RegistryNameError) as refused:
+        register(request, run_id="unused")
+    assert "'tiny-chat' in 'main.default.tiny-chat'" in str(refused.value)
