@@ -45,6 +45,12 @@ def load_entry_points(project_dir: Path = PROJECT_DIR) -> dict[str, dict[str, Pa
     return entry_points
 
 
+def load_entry_point_commands(project_dir: Path = PROJECT_DIR) -> dict[str, str]:
+    """Each MLproject entry point's command template, ``{parameter}`` placeholders and all."""
+    document = yaml.safe_load((project_dir / "MLproject").read_text())
+    return {name: body["command"] for name, body in document["entry_points"].items()}
+
+
 def _normalise(spec: ParameterSpec, value: object) -> str:
     try:
         if spec.type == "int":

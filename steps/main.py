@@ -3,7 +3,8 @@
 Reads (MLproject parameters):
     model: the ``conf/model`` choice, e.g. ``tiny-random-phi3``.
     steps: ``all`` or a comma list of steps to run.
-    overrides: Hydra overrides as one string, e.g. ``"model.num_hidden_layers=3"``.
+    overrides: Hydra overrides as one string, e.g. ``"model.num_hidden_layers=3"``; ``none`` is
+        the same as no overrides (for job systems that refuse an empty string, like Azure ML).
     force: ``none``, ``all`` or a comma list of steps to rerun even if a reusable run exists.
     env_manager: ``auto`` (the one main runs under), ``local``, ``virtualenv``, ``uv`` or ``conda``.
 
@@ -114,7 +115,8 @@ def _reject(message: str) -> int:
 if __name__ == "__main__":
     arguments = _parse_arguments(sys.argv[1:])
     try:
-        config = compose_config(arguments.model, arguments.overrides)
+        overrides = "" if arguments.overrides.strip() == "none" else arguments.overrides
+        config = compose_config(arguments.model, overrides)
         selected = select_steps(arguments.steps)
         forced_steps = select_forced(arguments.force)
         manager = resolve_env_manager(arguments.env_manager)

@@ -1,0 +1,203 @@
+"""The shipped Databricks and Azure ML definitions: valid by the vendors' own SDKs, and in step
+with MLproject (same entry points, same parameters, same command lines)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from llm_packager.pipeline import PIPELINE_STEPS
+from llm_packager.project import PROJECT_DIR, load_entry_points
+from llm_packager.remote_jobs import (
+    AZUREML_JOB,
+    DATABRICKS_BUNDLE,
+    DATABRICKS_CLUSTER_SPEC,
+    mlproject_arguments,
+    render,
+)
+
+from .support import project_environment
+
+
+def _bundle() -> dict:
+    return yaml.safe_load((PROJECT_DIR / DATABRICKS_BUNDLE).read_text())
+
+
+def _job() -> dict:
+    return _bundle()["resources"]["jobs"]["llm_packager_pipeline"]
+
+
+def _flags(arguments: list[str]) -> list[str]:
+    return [argument for argument in arguments if argument.startswith("--")]
+
+
+def _mlproject_flags(entry_point: str) -> list[str]:
+    specs = load_entry_points()[entry_point]
+    return _flags(mlproject_arguments(entry_point, {name: "x" for name in specs}))
+
+
+def test_shipped_files_are_what_mlproject_and_the_config_generate():
+    for path, content in render().items():
+        assert (PROJECT_DIR / path).read_text() == content, (
+            f"{path} is out of date: run `python -m llm_packager.remote_jobs`"
+        )
+
+
+def test_a_parameter_added_to_mlproject_makes_the_shipped_files_stale(tmp_path):
+    changed = tmp_path / "project"
+    changed.mkdir()
+    mlproject = (PROJECT_DIR / "MLproject").read_text()
+    edited = mlproject.replace(
+        "      agreement_tokens: {type: int, default: 16}\n",
+        "      agreement_tokens: {type: int, default: 16}\n"
+        "      kv_cache_bits: {type: int, default: 16}\n",
+    ).replace(
+        "--agreement-tokens {agreement_tokens}",
+        "--agreement-tokens {agreement_tokens} --kv-cache-bits {kv_cache_bits}",
+    )
+    assert edited != mlproject
+    (changed / "MLproject").write_text(edited)
+    regenerated = render(project_dir=changed)
+    assert regenerated[DATABRICKS_BUNDLE] != (PROJECT_DIR / DATABRICKS_BUNDLE).read_text()
+    assert "--kv-cache-bits" in regenerated[DATABRICKS_BUNDLE]
+
+
+def test_every_pipeline_step_is_a_task_with_mlprojects_parameters_and_order():
+    tasks = {task["task_key"]: task for task in _job()["tasks"]}
+    assert list(tasks) == list(PIPELINE_STEPS)
+    for entry_point, upstream in PIPELINE_STEPS.items():
+        task = tasks[entry_point]
+        arguments = task["spark_python_task"]["parameters"]
+        assert arguments[0] == entry_point
+        assert _flags(arguments[1:]) == _mlproject_flags(entry_point)
+        assert [d["task_key"] for d in task.get("depends_on", [])] == list(upstream)
+        for name in upstream:
+            flag = f"--{name.replace('_', '-')}-run-id"
+            value = arguments[arguments.index(flag) + 1]
+            assert value == f"{{{{tasks.{name}.values.run_id}}}}"
+
+
+def test_databricks_registers_to_unity_catalog_with_a_three_level_name():
+    arguments = next(t for t in _job()["tasks"] if t["task_key"] == "register")[
+        "spark_python_task"
+    ]["parameters"]
+    assert arguments[arguments.index("--registry-uri") + 1] == "databricks-uc"
+    name = arguments[arguments.index("--registered-model-name") + 1]
+    assert name == "${var.catalog}.${var.schema}.phi3_mini_4k_instruct_chat"
+    assert {"catalog", "schema"} <= set(_bundle()["variables"])
+
+
+def test_the_bundle_job_validates_with_databricks_bundles():
+    from databricks.bundles.jobs import Job
+
+    job = Job.from_dict(_job())
+    assert [task.task_key for task in job.tasks] == list(PIPELINE_STEPS)
+
+
+def test_the_bundle_job_refuses_a_misspelt_field_so_the_check_can_fail():
+    from databricks.bundles.jobs import Job
+
+    broken = _job()
+    broken["tasks"][0]["spark_python_taks"] = broken["tasks"][0].pop("spark_python_task")
+    with pytest.raises(ValueError, match="Unexpected field 'spark_python_taks'"):
+        Job.from_dict(broken)
+
+
+def test_the_bundle_uses_only_variables_it_declares():
+    text = (PROJECT_DIR / DATABRICKS_BUNDLE).read_text()
+    declared = set(_bundle()["variables"])
+    used = {part.split("}")[0] for part in text.split("${var.")[1:]}
+    assert used <= declared
+
+
+def test_the_classic_cluster_spec_validates_and_runs_an_mlflow_projects_runtime():
+    from databricks.bundles.jobs import ClusterSpec
+
+    spec = json.loads((PROJECT_DIR / DATABRICKS_CLUSTER_SPEC).read_text())
+    cluster = ClusterSpec.from_dict(spec["new_cluster"])
+    # MLflow Projects' Databricks backend is not supported on DBR 13 and later.
+    assert int(cluster.spark_version.split(".")[0]) <= 12
+    assert cluster.num_workers == 0
+    assert cluster.spark_env_vars["HF_TOKEN"].startswith("{{secrets/")
+
+
+def test_the_azure_ml_job_validates_with_azure_ai_ml():
+    from azure.ai.ml import load_job
+
+    job = load_job(PROJECT_DIR / AZUREML_JOB)
+    assert job.type == "command"
+    assert set(job.inputs) == set(load_entry_points()["main"])
+    assert (
+        job.environment.conda_file["dependencies"]
+        == yaml.safe_load((PROJECT_DIR / "conda.yaml").read_text())["dependencies"]
+    )
+    command = job.command.split(" && ")[-1]
+    assert command.startswith("python -m steps.main ")
+    assert _flags(command.split()) == _mlproject_flags("main")
+
+
+def test_the_azure_ml_loader_refuses_a_bad_job_so_the_check_can_fail(tmp_path):
+    from azure.ai.ml import load_job
+    from marshmallow.exceptions import ValidationError
+
+    document = yaml.safe_load((PROJECT_DIR / AZUREML_JOB).read_text())
+    document["comand"] = document.pop("command")
+    folder = tmp_path / "azureml"
+    folder.mkdir()
+    shutil.copy(PROJECT_DIR / "conda.yaml", tmp_path / "conda.yaml")
+    (folder / "job.yml").write_text(yaml.safe_dump(document))
+    with pytest.raises(ValidationError) as refused:
+        load_job(folder / "job.yml")
+    assert "comand" in str(refused.value)
+    assert "Unknown field." in str(refused.value)
+
+
+def test_the_databricks_task_script_runs_the_same_step_code(tmp_path):
+    import mlflow
+
+    arguments = next(t for t in _job()["tasks"] if t["task_key"] == "fetch_model")[
+        "spark_python_task"
+    ]["parameters"]
+    assert arguments[0] == "fetch_model"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    completed = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "databricks" / "run_step.py"), "fetch_model",
+         "--model-name", "tiny", "--source", "synthetic", "--vocab-size", "1024",
+         "--hidden-size", "64", "--intermediate-size", "128", "--num-hidden-layers", "2",
+         "--num-attention-heads", "4", "--num-key-value-heads", "4",
+         "--max-position-embeddings", "512"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=project_environment(MLFLOW_TRACKING_URI=tracking_uri),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    run = mlflow.MlflowClient(tracking_uri).search_runs(["0"])[0]
+    assert run.info.status == "FINISHED"
+    assert f"fetch_model: run {run.info.run_id}" in completed.stderr
+    assert run.data.tags["llm_packager.model_name"] == "tiny"
+
+
+def test_the_databricks_task_script_refuses_an_unknown_entry_point():
+    completed = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "databricks" / "run_step.py"), "fetch_modle"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 1
+    assert "the entry point names steps/*.py" in completed.stderr
+
+
+def test_main_reads_overrides_none_as_no_overrides(tmp_path):
+    # The Azure ML job passes "none" (the service refuses empty inputs); an unknown step is
+    # reported only after the config composed, so "none" must have been accepted.
+    completed = subprocess.run(
+        [sys.executable, "-m", "steps.main", "--model", "tiny-random-phi3",
+         "--overrides", "none", "--steps", "bogus"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
+        env=project_environment(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "error: steps: unknown step 'bogus'" in completed.stderr
