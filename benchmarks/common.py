@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -65,3 +70,38 @@ def machine_description() -> dict[str, object]:
         "git_commit": commit,
         "versions": {name: importlib.metadata.version(name) for name in PACKAGES},
     }
+
+
+@contextlib.contextmanager
+def local_server(
+    command: Callable[[int], list[str]],
+    ready_path: str,
+    *,
+    environment: dict[str, str],
+    start_seconds: float,
+) -> Iterator[str]:
+    """Start ``command(port)`` on a free loopback port; yield its URL once ``ready_path`` answers.
+
+    Raises:
+        RuntimeError: the server exited, or did not answer within ``start_seconds``.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_seconds
+        while True:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{uri}{ready_path}", timeout=10)
+                break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command(port)[:4])} did not start")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

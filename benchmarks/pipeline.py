@@ -27,55 +27,37 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.common import PROJECT_DIR, cell, summarise
+from benchmarks.common import PROJECT_DIR, cell, local_server, summarise
 
 STEPS = ("fetch_model", "log_transformers", "log_onnx", "evaluate", "register")
 PHASES = ("before_process", "start_up", "work", "after_work")
 
 
-@contextlib.contextmanager
-def tracking_server(folder: Path) -> Iterator[str]:
+def tracking_server(folder: Path) -> contextlib.AbstractContextManager[str]:
     """A fresh ``mlflow server`` on a free loopback port (SQLite, artifacts served through it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # The job runner (GenAI scorers, unused here) starts about seven processes that import
-        # MLflow for the first half minute; on 2 cores they would slow whatever is timed then.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                "--port", str(port), "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]  # fmt: skip
+
+    return local_server(
+        command,
         # A fresh server creates its database on the first request (seconds); a user's server has
         # long done that, so it happens here, before anything is timed.
-        while True:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(
-                    f"{uri}/api/2.0/mlflow/experiments/get?experiment_id=0", timeout=10
-                )
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        "/api/2.0/mlflow/experiments/get?experiment_id=0",
+        # The job runner (GenAI scorers, unused here) starts about seven processes that import
+        # MLflow for the first half minute; on 2 cores they would slow whatever is timed then.
+        environment={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_seconds=120,
+    )
 
 
 def _run_main(workdir: Path, cache: Path, tracking_uri: str | None) -> float:

@@ -16,50 +16,31 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import cell, summarise
+from benchmarks.common import cell, local_server, summarise
 from benchmarks.model_speed import BATCH_PROMPTS, DEFAULT_WORKDIR, prepare_proxy
 
 CONCURRENCY = (1, 4, 8)
 
 
-@contextlib.contextmanager
-def served_model(model_dir: Path) -> Iterator[str]:
+def served_model(model_dir: Path) -> contextlib.AbstractContextManager[str]:
     """``mlflow models serve`` of a local model folder on a free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
+                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+
     # `--env-manager local` serves with the interpreter running this benchmark.
     path = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PATH": path},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{uri}/ping", timeout=5)
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow models serve did not start")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    return local_server(
+        command, "/ping", environment={**os.environ, "PATH": path}, start_seconds=180
+    )
 
 
 def _request(uri: str, prompt: str, max_tokens: int) -> tuple[float, int]:
