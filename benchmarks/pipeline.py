@@ -35,8 +35,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import PROJECT_DIR, cell, local_server, summarise
+from llm_packager.pipeline import LAUNCH_TIMING_TAG, PIPELINE_STEPS
+from llm_packager.step_run import STEP_TIMING_TAG
 
-STEPS = ("fetch_model", "log_transformers", "log_onnx", "evaluate", "register")
+STEPS = tuple(PIPELINE_STEPS)
 PHASES = ("before_process", "start_up", "work", "after_work")
 
 
@@ -80,14 +82,17 @@ def _run_main(workdir: Path, cache: Path, tracking_uri: str | None) -> float:
 
 
 def _step_phases(run) -> dict[str, float]:
-    launch = json.loads(run.data.tags["llm_packager.timing.launch"])
-    step = json.loads(run.data.tags["llm_packager.timing.step"])
+    launch = json.loads(run.data.tags[LAUNCH_TIMING_TAG])
+    step = json.loads(run.data.tags[STEP_TIMING_TAG])
+    wall = launch["returned"] - launch["launched"]
+    work = step["work_finished"] - step["work_started"]
     return {
         "before_process": step["process_started"] - launch["launched"],
         "start_up": step["work_started"] - step["process_started"],
-        "work": step["work_finished"] - step["work_started"],
+        "work": work,
         "after_work": launch["returned"] - step["work_finished"],
-        "wall": launch["returned"] - launch["launched"],
+        "wall": wall,
+        "overhead": wall - work,
     }
 
 
@@ -188,16 +193,10 @@ def measure(repeats: int, store: str = "embedded") -> dict[str, object]:
     steps = {
         step: {
             phase: summarise([sample["steps"][step][phase] for sample in samples])
-            for phase in (*PHASES, "wall")
+            for phase in (*PHASES, "wall", "overhead")
         }
         for step in STEPS
     }
-    for figures in steps.values():
-        figures["overhead"] = summarise([
-            sample["steps"][step]["wall"] - sample["steps"][step]["work"]
-            for sample in samples
-            for step in [next(s for s in STEPS if steps[s] is figures)]
-        ])  # fmt: skip
     cold = summarise([sample["cold_s"] for sample in samples])
     warm = summarise([sample["warm_s"] for sample in samples])
     return {
