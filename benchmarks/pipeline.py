@@ -35,10 +35,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import PROJECT_DIR, cell, local_server, summarise
-from llm_packager.pipeline import LAUNCH_TIMING_TAG, PIPELINE_STEPS
+from llm_packager.pipeline import LAUNCH_TIMING_TAG
+from llm_packager.specs import STEP_NAMES
 from llm_packager.step_run import STEP_TIMING_TAG
 
-STEPS = tuple(PIPELINE_STEPS)
+STEPS = STEP_NAMES
 PHASES = ("before_process", "start_up", "work", "after_work")
 
 

@@ -1,4 +1,4 @@
-"""Charts and a self-contained HTML report comparing the evaluated models."""
+"""Charts and a self-contained HTML report comparing the evaluated candidate models."""
 
 from __future__ import annotations
 
@@ -14,13 +14,20 @@ matplotlib.use("Agg")  # files only; the step may run on a machine without a dis
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from llm_packager.evaluation import QUALITY_METRICS
+from llm_packager.evaluation_record import Evaluation
+from llm_packager.metrics import QUALITY_METRICS
 
 RANDOM_WEIGHTS_WARNING = (
     "These models have random weights (the synthetic tiny Phi-3). Their answers are noise, so "
     "every quality and agreement figure below is meaningless; speed and memory figures are real."
 )
-_COLOURS = {"transformers": "#4c72b0", "onnx": "#dd8452"}
+# One colour per candidate, in evaluation order (the reference, transformers, comes first).
+_PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
+            "#8c8c8c")  # fmt: skip
+
+
+def _colours(names) -> list[str]:
+    return [_PALETTE[index % len(_PALETTE)] for index, _ in enumerate(names)]
 
 
 def _save(figure, path: Path) -> Path:
@@ -32,12 +39,13 @@ def _save(figure, path: Path) -> Path:
 
 def quality_chart(metrics: dict[str, dict[str, float]], path: Path, *, note: str = "") -> Path:
     """Grouped bars of the quality metrics per model (0 to 1)."""
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, axes = plt.subplots(figsize=(max(7, 2 + 1.2 * len(metrics)), 4))
     width = 0.8 / len(metrics)
+    colours = _colours(metrics)
     for offset, (model, figures) in enumerate(metrics.items()):
         positions = [index + offset * width for index in range(len(QUALITY_METRICS))]
         bars = axes.bar(positions, [figures[name] for name in QUALITY_METRICS], width,
-                        label=model, color=_COLOURS.get(model))  # fmt: skip
+                        label=model, color=colours[offset])  # fmt: skip
         # Labels keep a score of 0 visible, where a bar has no height.
         axes.bar_label(bars, fmt="%.2f")
     axes.set_xticks(
@@ -68,10 +76,10 @@ def latency_chart(latencies: dict[str, list[float]], path: Path) -> Path:
 
 def speed_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     """Decode tokens per second per model."""
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(max(6, 1.5 * len(metrics)), 4))
     models = list(metrics)
     values = [metrics[model]["decode_tokens_per_s"] for model in models]
-    bars = axes.bar(models, values, color=[_COLOURS.get(model) for model in models])
+    bars = axes.bar(models, values, color=_colours(models))
     axes.bar_label(bars, fmt="%.1f")
     axes.set_ylabel("decode speed (generated tokens / s)")
     axes.set_title("Decode speed, greedy, one request at a time")
@@ -82,14 +90,15 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     """Peak memory while loading and while generating, and size on disk, per model. Memory and
     size get their own panels: a small model on disk would vanish on the memory axis."""
     figure, (memory_axes, size_axes) = plt.subplots(
-        1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]}
+        1, 2, figsize=(max(9, 3 + 1.5 * len(metrics)), 4), gridspec_kw={"width_ratios": [2, 1]}
     )
     measures = [("peak_rss_load_mib", "after load"), ("peak_rss_generate_mib", "while generating")]
     width = 0.8 / len(metrics)
+    colours = _colours(metrics)
     for offset, (model, figures) in enumerate(metrics.items()):
         positions = [index + offset * width for index in range(len(measures))]
         bars = memory_axes.bar(positions, [figures[key] for key, _ in measures], width,
-                               label=model, color=_COLOURS.get(model))  # fmt: skip
+                               label=model, color=colours[offset])  # fmt: skip
         memory_axes.bar_label(bars, fmt="%.0f")
     memory_axes.set_xticks(
         [index + width * (len(metrics) - 1) / 2 for index in range(len(measures))]
@@ -102,7 +111,7 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     memory_axes.legend()
     models = list(metrics)
     bars = size_axes.bar(models, [metrics[m]["model_size_mib"] for m in models],
-                         color=[_COLOURS.get(m) for m in models])  # fmt: skip
+                         color=_colours(models))  # fmt: skip
     size_axes.bar_label(bars, fmt="%.3g")
     size_axes.set_ylabel("logged model size on disk (MiB)")
     size_axes.set_title("Model size")
@@ -116,37 +125,48 @@ def _image(path: Path) -> str:
 
 def html_report(
     *,
+    evaluation: Evaluation,
     comparison: pd.DataFrame,
     per_category: pd.DataFrame,
-    verdicts: dict[str, tuple[str, list[str]]],
-    recommended: str | None,
-    policy: str,
     settings: dict[str, object],
-    notes: list[str],
     charts: list[Path],
-    random_weights: bool,
 ) -> str:
     """One HTML page with everything inlined (tables and PNGs), readable without the MLflow UI."""
     verdict_rows = "".join(
-        f"<tr><td>{html.escape(model)}</td><td>{html.escape(status)}</td>"
-        f"<td>{html.escape('; '.join(reasons) or '-')}</td></tr>"
-        for model, (status, reasons) in verdicts.items()
+        f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.runtime.value)}</td>"
+        f"<td>{html.escape(c.verdict.status)}</td>"
+        f"<td>{html.escape('; '.join(c.verdict.reasons) or '-')}</td></tr>"
+        for c in evaluation.candidates
     )
     settings_rows = "".join(
         f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(value))}</td></tr>"
         for key, value in settings.items()
     )
     warning = (
-        f'<p class="warning">{html.escape(RANDOM_WEIGHTS_WARNING)}</p>' if random_weights else ""
+        f'<p class="warning">{html.escape(RANDOM_WEIGHTS_WARNING)}</p>'
+        if evaluation.random_weights
+        else ""
     )
-    notes_html = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
-    recommendation = (
-        f"<b>{html.escape(recommended)}</b> (policy <code>{html.escape(policy)}</code>)"
-        if recommended
-        else f"none: no model passed the gate (policy <code>{html.escape(policy)}</code>)"
+    notes_html = "".join(
+        f"<li>{html.escape(note)}</li>" for note in evaluation.notes
+        if note != RANDOM_WEIGHTS_WARNING
+    )  # fmt: skip
+    recommendation = evaluation.recommendation
+    policy = html.escape(recommendation.policy.value)
+    chosen = (
+        f"<b>{html.escape(recommendation.candidate)}</b> (policy <code>{policy}</code>)"
+        if recommendation.candidate
+        else f"none: no candidate passed the gate (policy <code>{policy}</code>)"
     )
+    agreement = (
+        f"Agreement (<code>identical_rate</code>, <code>token_agreement</code>) is measured "
+        f"against the reference candidate <b>{html.escape(evaluation.reference)}</b>."
+        if evaluation.reference
+        else "Agreement was not measured: the reference candidate was not evaluated."
+    )
+    title = "Model comparison: " + ", ".join(evaluation.names())
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Model comparison</title>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
@@ -155,12 +175,13 @@ td:first-child, th:first-child {{ text-align: left; }}
 .warning {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.8em; }}
 img {{ max-width: 100%; }}
 </style></head><body>
-<h1>Transformers vs ONNX: model comparison</h1>
+<h1>{html.escape(title)}</h1>
 {warning}
 <h2>Verdict</h2>
-<p>Recommended model: {recommendation}</p>
-<table><tr><th>model</th><th>gate</th><th>reasons</th></tr>{verdict_rows}</table>
+<p>Recommended model: {chosen}</p>
+<table><tr><th>candidate</th><th>runtime</th><th>gate</th><th>reasons</th></tr>{verdict_rows}</table>
 <h2>Figures</h2>
+<p>{agreement}</p>
 {comparison.to_html(float_format=lambda value: f"{value:.4g}")}
 <h2>Quality by category</h2>
 {per_category.to_html(float_format=lambda value: f"{value:.3f}")}
@@ -171,3 +192,27 @@ img {{ max-width: 100%; }}
 <ul>{notes_html}</ul>
 </body></html>
 """
+
+
+def write_report(
+    folder: Path, evaluation: Evaluation, table: pd.DataFrame, settings: dict[str, object]
+) -> None:
+    """Write ``comparison.csv``, ``comparison.json``, the four charts and ``report.html``."""
+    metrics = {candidate.name: candidate.metrics for candidate in evaluation.candidates}
+    comparison = pd.DataFrame(metrics)
+    comparison.to_csv(folder / "comparison.csv")
+    (folder / "comparison.json").write_text(comparison.to_json(indent=2))
+    per_category = table.groupby("category")[[f"{name}_exact_match" for name in metrics]].mean()
+    charts_folder = folder / "charts"
+    charts_folder.mkdir()
+    note = "random weights: these numbers mean nothing" if evaluation.random_weights else ""
+    charts = [
+        quality_chart(metrics, charts_folder / "quality.png", note=note),
+        latency_chart({name: list(table[f"{name}_latency_s"]) for name in metrics},
+                      charts_folder / "latency.png"),
+        speed_chart(metrics, charts_folder / "speed.png"),
+        memory_chart(metrics, charts_folder / "memory.png"),
+    ]  # fmt: skip
+    report = html_report(evaluation=evaluation, comparison=comparison,
+                         per_category=per_category, settings=settings, charts=charts)  # fmt: skip
+    (folder / "report.html").write_text(report, encoding="utf-8")

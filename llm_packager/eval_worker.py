@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from llm_packager.evaluation import load_eval_set
 from llm_packager.manifest import folder_bytes
+from llm_packager.third_party import silence_known_warnings
 
 
 def peak_rss_mib() -> float:
@@ -84,6 +85,7 @@ def answer_eval_set(
 
 
 def main() -> None:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--eval-set", type=Path, required=True)

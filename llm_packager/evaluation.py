@@ -1,4 +1,4 @@
-"""The evaluation set, answer scoring, agreement between models, the gate and the recommendation.
+"""The evaluation set, answer scoring, agreement between candidates, figures and ranking.
 
 An evaluation set is JSONL, one object per line: ``id`` (unique), ``prompt`` (the user message),
 ``reference`` (the expected answer), and optionally ``category`` and ``system`` (a system message).
@@ -9,27 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_packager.choices import RecommendationPolicy
+from llm_packager.metrics import (
+    AGREEMENT_METRICS,
+    QUALITY_METRICS,
+    GateRule,
+    Verdict,
+    apply_gate,
+)
 from llm_packager.parity import prefix_agreement
 
-QUALITY_METRICS = ("exact_match", "contains_reference", "token_f1")
-# Every per-model metric the evaluate step measures, and so every metric a gate may name.
-MODEL_METRICS = (
-    *QUALITY_METRICS,
-    "decode_tokens_per_s",
-    "ttft_s",
-    "latency_p50_s",
-    "latency_p95_s",
-    "load_seconds",
-    "peak_rss_load_mib",
-    "peak_rss_generate_mib",
-    "model_size_mib",
-)
-GATE_DIRECTIONS = {">=": "higher", "<=": "lower"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -175,83 +170,93 @@ def agreement(answers_a: list[str], answers_b: list[str]) -> dict[str, float]:
     }
 
 
+def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str, float]:
+    """A candidate's figures from its worker's output (``llm_packager.eval_worker``) and the
+    scores of its answers: mean quality, decode speed, latency percentiles, memory and size."""
+    answers = result["answers"]
+    latencies = [answer["latency_s"] for answer in answers]
+    ttft = result["ttft_s"] or 0.0
+    decode_time = sum(latencies) - ttft * len(answers)
+    decode_tokens = sum(max(answer["completion_tokens"] - 1, 0) for answer in answers)
+    if decode_time > 0 and decode_tokens > 0:
+        decode_rate = decode_tokens / decode_time
+    else:
+        # Answers too short to separate decoding from the first token: report throughput.
+        decode_rate = sum(answer["completion_tokens"] for answer in answers) / sum(latencies)
+    metrics = {name: statistics.fmean(score[name] for score in scores) for name in QUALITY_METRICS}
+    metrics |= {
+        "decode_tokens_per_s": decode_rate,
+        "ttft_s": ttft,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p95_s": statistics.quantiles(latencies, n=20, method="inclusive")[-1]
+        if len(latencies) > 1 else latencies[0],
+        "load_seconds": result["load_seconds"],
+        "peak_rss_load_mib": result["peak_rss_load_mib"],
+        "peak_rss_generate_mib": result["peak_rss_generate_mib"],
+        "model_size_bytes": float(result["model_size_bytes"]),
+        "model_size_mib": result["model_size_bytes"] / 2**20,
+    }  # fmt: skip
+    return metrics
+
+
+# What each policy ranks by, largest first.
+_POLICY_KEYS = {
+    RecommendationPolicy.fastest_passed: lambda metrics: metrics["decode_tokens_per_s"],
+    RecommendationPolicy.best_quality_passed: lambda metrics: metrics["token_f1"],
+    RecommendationPolicy.smallest_passed: lambda metrics: -metrics["model_size_bytes"],
+}
+
+
+def rank(policy: RecommendationPolicy, metrics: dict[str, dict[str, float]]) -> list[str]:
+    """Candidate names best first by the policy's measure; ties keep the candidates' order."""
+    key = _POLICY_KEYS[policy]
+    return sorted(metrics, key=lambda name: key(metrics[name]), reverse=True)
+
+
 @dataclass(frozen=True)
-class GateRule:
-    """One threshold of the gate: ``metric`` must be ``direction`` (higher/lower) ``threshold``."""
+class Judgement:
+    """Every candidate's per-answer scores, figures and verdict, and the candidate the policy
+    recommends (None: no candidate passed)."""
 
-    metric: str
-    threshold: float
-    direction: str
-
-    def check(self, metrics: dict[str, float]) -> str | None:
-        """None if the rule holds, else the reason it does not."""
-        if self.metric not in metrics:
-            return f"{self.metric} was not measured"
-        value = metrics[self.metric]
-        if self.direction == "higher" and value < self.threshold:
-            return f"{self.metric} {value:.4g} < {self.threshold:g}"
-        if self.direction == "lower" and value > self.threshold:
-            return f"{self.metric} {value:.4g} > {self.threshold:g}"
-        return None
+    scores: dict[str, list[dict[str, float]]]
+    metrics: dict[str, dict[str, float]]
+    verdicts: dict[str, Verdict]
+    recommended: str | None
 
 
-def parse_gate(spec: str) -> list[GateRule]:
-    """Parse ``metric>=value,metric<=value`` (empty: no rule).
+def judge(
+    results: dict[str, dict],
+    examples: list[EvalExample],
+    *,
+    reference: str,
+    rules: tuple[GateRule, ...],
+    policy: RecommendationPolicy,
+) -> Judgement:
+    """Score each candidate's answers, measure its agreement with the reference candidate (if it
+    was evaluated; the reference agrees with itself), apply the gate, and pick by the policy.
 
-    Raises:
-        ValueError: naming a rule that is not ``metric>=number`` or ``metric<=number``, or an
-            unknown metric.
+    Args:
+        results: each candidate's worker output (``llm_packager.eval_worker``), by name.
+        examples: the evaluation set the answers belong to, in the same order.
+        reference: the candidate the others are compared with.
+        rules: the gate.
+        policy: how to pick among the candidates that passed.
     """
-    rules = []
-    for text in (part.strip() for part in spec.split(",")):
-        if not text:
-            continue
-        operator = next((op for op in GATE_DIRECTIONS if op in text), None)
-        metric, _, value = text.partition(operator) if operator else (text, "", "")
-        try:
-            threshold = float(value)
-        except ValueError:
-            raise ValueError(
-                f"gate rule '{text}' is not metric>=number or metric<=number"
-            ) from None
-        if metric.strip() not in MODEL_METRICS:
-            raise ValueError(f"gate rule '{text}': unknown metric '{metric.strip()}'")
-        rules.append(GateRule(metric.strip(), threshold, GATE_DIRECTIONS[operator]))
-    return rules
-
-
-def format_gate(rules: list[GateRule]) -> str:
-    """The inverse of `parse_gate`, sorted by metric so equal gates give equal strings."""
-    symbols = {direction: op for op, direction in GATE_DIRECTIONS.items()}
-    return ",".join(
-        f"{rule.metric}{symbols[rule.direction]}{rule.threshold:g}"
-        for rule in sorted(rules, key=lambda rule: rule.metric)
-    )
-
-
-def apply_gate(rules: list[GateRule], metrics: dict[str, float]) -> tuple[str, list[str]]:
-    """Return ``("passed", [])`` or ``("rejected", reasons)``."""
-    reasons = [reason for rule in rules if (reason := rule.check(metrics)) is not None]
-    return ("rejected" if reasons else "passed"), reasons
-
-
-RECOMMENDATION_POLICIES = ("fastest_passed", "best_quality_passed", "smallest_passed")
-
-
-def recommend(
-    policy: str, metrics: dict[str, dict[str, float]], verdicts: dict[str, str]
-) -> str | None:
-    """The model the policy picks among those that passed, or None if none passed."""
-    passed = [name for name, verdict in verdicts.items() if verdict == "passed"]
-    if not passed:
-        return None
-    keys = {
-        "fastest_passed": lambda name: metrics[name]["decode_tokens_per_s"],
-        "best_quality_passed": lambda name: metrics[name]["token_f1"],
-        "smallest_passed": lambda name: -metrics[name]["model_size_bytes"],
-    }
-    if policy not in keys:
-        raise ValueError(
-            f"recommendation policy '{policy}' is not one of {RECOMMENDATION_POLICIES}"
-        )
-    return max(passed, key=keys[policy])
+    scores = {
+        name: [score_answer(answer["answer"], example.reference)
+               for answer, example in zip(result["answers"], examples, strict=True)]
+        for name, result in results.items()
+    }  # fmt: skip
+    metrics = {name: candidate_metrics(result, scores[name]) for name, result in results.items()}
+    if reference in results:
+        reference_answers = [answer["answer"] for answer in results[reference]["answers"]]
+        for name, result in results.items():
+            answers = [answer["answer"] for answer in result["answers"]]
+            metrics[name] |= (
+                dict.fromkeys(AGREEMENT_METRICS, 1.0)
+                if name == reference
+                else agreement(reference_answers, answers)
+            )
+    verdicts = {name: apply_gate(rules, figures) for name, figures in metrics.items()}
+    ranking = rank(policy, {name: metrics[name] for name in metrics if verdicts[name].passed})
+    return Judgement(scores, metrics, verdicts, ranking[0] if ranking else None)

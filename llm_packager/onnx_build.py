@@ -13,13 +13,13 @@ from pathlib import Path
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-PRECISIONS = ("int4", "int8", "fp16", "fp32")
-EXECUTION_PROVIDERS = ("cpu", "cuda")
+from llm_packager.choices import ExecutionProvider, OnnxPrecision
+
 # The pip distributions that run a model built for each execution provider: the CUDA packages
 # replace the CPU ones (they install the same Python modules).
 RUNTIME_DISTRIBUTIONS = {
-    "cpu": ("onnxruntime-genai", "onnxruntime"),
-    "cuda": ("onnxruntime-genai-cuda", "onnxruntime-gpu"),
+    ExecutionProvider.cpu: ("onnxruntime-genai", "onnxruntime"),
+    ExecutionProvider.cuda: ("onnxruntime-genai-cuda", "onnxruntime-gpu"),
 }
 PROMPT_FIELD = "prompt"
 _LOG_TAIL_LINES = 30
@@ -31,31 +31,11 @@ class OnnxBuildError(RuntimeError):
     """The model builder failed; the message carries the end of its output."""
 
 
-def parse_extra_options(text: str) -> dict[str, str]:
-    """Parse builder options written as ``key=value`` pairs separated by commas or spaces.
-
-    Raises:
-        ValueError: naming a pair without ``=``.
-    """
-    options = {}
-    for pair in text.replace(",", " ").split():
-        key, separator, value = pair.partition("=")
-        if not separator or not key or not value:
-            raise ValueError(f"builder option '{pair}' is not key=value")
-        options[key] = value
-    return options
-
-
-def format_extra_options(options: dict[str, object]) -> str:
-    """The inverse of `parse_extra_options`, sorted so equal options give equal strings."""
-    return ",".join(f"{key}={options[key]}" for key in sorted(options))
-
-
 def builder_command(
     hf_folder: Path,
     destination: Path,
-    precision: str,
-    execution_provider: str,
+    precision: OnnxPrecision,
+    execution_provider: ExecutionProvider,
     extra_options: dict[str, str],
     cache: Path,
 ) -> list[str]:
@@ -63,7 +43,7 @@ def builder_command(
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(hf_folder), "-o", str(destination),
-        "-p", precision, "-e", execution_provider, "-c", str(cache),
+        "-p", precision.value, "-e", execution_provider.value, "-c", str(cache),
     ]  # fmt: skip
     if extra_options:
         command += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
@@ -74,8 +54,8 @@ def build_onnx_model(
     hf_folder: Path,
     destination: Path,
     *,
-    precision: str,
-    execution_provider: str,
+    precision: OnnxPrecision,
+    execution_provider: ExecutionProvider,
     extra_options: dict[str, str],
     log_path: Path,
 ) -> Path:
@@ -84,16 +64,8 @@ def build_onnx_model(
     The builder's output streams to the console (it shows its own progress) and to ``log_path``.
 
     Raises:
-        ValueError: an unsupported precision or execution provider.
         OnnxBuildError: the builder exited non-zero.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    if execution_provider not in EXECUTION_PROVIDERS:
-        raise ValueError(
-            f"execution provider '{execution_provider}' is not one of "
-            f"{', '.join(EXECUTION_PROVIDERS)}"
-        )
     with tempfile.TemporaryDirectory(prefix="onnx-builder-cache-") as cache:
         command = builder_command(
             hf_folder, destination, precision, execution_provider, extra_options, Path(cache)
@@ -119,7 +91,8 @@ def build_onnx_model(
 
 def chat_signature() -> ModelSignature:
     """The OpenAI chat signature MLflow gives ``llm/v1/chat`` models, plus an optional ``prompt``
-    input for the reference sample's request shape (so ``messages`` becomes optional)."""
+    input for the reference sample's request shape (so ``messages`` becomes optional) and
+    OpenAI's optional ``seed``."""
     from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
     inputs = [
@@ -127,4 +100,6 @@ def chat_signature() -> ModelSignature:
         for spec in CHAT_MODEL_INPUT_SCHEMA.inputs
     ]
     inputs.append(ColSpec("string", PROMPT_FIELD, required=False))
+    # OpenAI's `seed`: makes a sampled answer reproducible.
+    inputs.append(ColSpec("long", "seed", required=False))
     return ModelSignature(inputs=Schema(inputs), outputs=CHAT_MODEL_OUTPUT_SCHEMA)

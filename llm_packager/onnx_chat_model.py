@@ -142,8 +142,11 @@ class OnnxChatModel(PythonModel):
         self._max_batch_size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self._pad_token = int(self._tokenizer.pad_token_id)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        """Answer every row: chat rows with completions, prompt rows with text."""
+    # MLflow hands predict a DataFrame built from the signature; the hint says so, and a
+    # DataFrame hint tells MLflow not to derive a second schema from it.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        """Answer every row: chat rows with completions, prompt rows with text. (Called directly,
+        a request dict or a list of them is accepted too.)"""
         rows = _rows(model_input)
         # Schema enforcement drops unknown fields, so a request with neither field arrives empty.
         if not rows or any("messages" not in row and "prompt" not in row for row in rows):
@@ -185,7 +188,7 @@ class OnnxChatModel(PythonModel):
         """Generate every choice of every row, batching those with the same search options."""
         groups: dict[tuple, list[tuple[int, list[int], dict[str, Any]]]] = {}
         for index, (ids, options) in enumerate(prepared):
-            key = (options["sampling"], options["temperature"], options["top_p"])
+            key = (options["sampling"], options["temperature"], options["top_p"], options["seed"])
             groups.setdefault(key, []).extend((index, ids, options) for _ in range(options["n"]))
         answers: dict[int, list[tuple[str, int, str]]] = {
             index: [] for index in range(len(prepared))
@@ -230,6 +233,14 @@ class OnnxChatModel(PythonModel):
             raise BadRequestError(f"'temperature' must be greater than 0; got {temperature}")
         if sampling and not 0 < top_p <= 1:
             raise BadRequestError(f"'top_p' must be in (0, 1]; got {top_p}")
+        seed = merged.get("seed")
+        if _present(seed) and (
+            isinstance(seed, bool)
+            or not isinstance(seed, int | float)
+            or seed != int(seed)
+            or seed < 0
+        ):
+            raise BadRequestError(f"'seed' must be a non-negative integer; got {seed!r}")
         choices = merged.get("n", 1)
         if not isinstance(choices, int | float) or not 1 <= choices <= MAX_CHOICES:
             raise BadRequestError(f"'n' must be from 1 to {MAX_CHOICES}; got {choices!r}")
@@ -240,6 +251,8 @@ class OnnxChatModel(PythonModel):
             "top_p": top_p,
             "stop": _stop_strings(merged.get("stop")),
             "n": int(choices),
+            # Sampling with a seed is reproducible (OpenAI's `seed`); greedy ignores it.
+            "seed": int(seed) if _present(seed) else None,
         }
 
     def _encode(self, prompt: str, max_tokens: int) -> list[int]:
@@ -267,6 +280,8 @@ class OnnxChatModel(PythonModel):
         }
         if options["sampling"]:
             search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
+            if options["seed"] is not None:
+                search["random_seed"] = options["seed"]
         generator_params = og.GeneratorParams(self._model)
         generator_params.set_search_options(**search)
         generator = og.Generator(self._model, generator_params)

@@ -1,8 +1,11 @@
-"""The driver behind the ``main`` entry point: which steps run, with what, and which are reused.
+"""The driver behind the ``main`` entry point: which step runs happen, with what, which are reused.
 
-Each selected step runs through ``mlflow.projects.run`` as its own run nested under main's run,
-with flat parameters and the run ids of its upstream steps. Before running one, the driver looks
-for a finished run with the same reuse key (``llm_packager.reuse``) and takes it instead.
+`plan_pipeline` turns the composed config into step runs: one per step, except ``log_onnx``, which
+runs once per ONNX candidate (the onnx section, then each of ``onnx.variants``). `run_pipeline`
+runs them in order through ``mlflow.projects.run``, each nested under main's run, with its
+parameters (from the step's spec, ``llm_packager.specs``) and the run ids of the steps it follows.
+Before running one, it looks for a finished run with the same reuse key (``llm_packager.reuse``)
+and takes that instead. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -12,27 +15,24 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from llm_packager.config import (
-    evaluate_parameters,
-    fetch_model_parameters,
-    log_onnx_parameters,
-    log_transformers_parameters,
-    register_parameters,
+from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
+from llm_packager.parameters import (
+    ROLE_UPSTREAM,
+    as_mlflow_parameters,
+    config_values,
+    fields_of,
+    takes_many_runs,
 )
-from llm_packager.project import (
-    PROJECT_DIR,
-    load_entry_points,
-    normalise_parameters,
-)
+from llm_packager.project import PROJECT_DIR
 from llm_packager.reuse import (
     CODE_VERSION_TAG,
     REUSE_KEY_TAG,
@@ -40,32 +40,13 @@ from llm_packager.reuse import (
     find_reusable_run,
     reuse_key,
 )
+from llm_packager.specs import PIPELINE, STEP_NAMES, StepDefinition
 from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, StepError, log_artifact_uri
 
 # When main launched a step and when the launch returned (epoch seconds); with the step's own
 # timing tag this splits its wall time (benchmarks/pipeline.py).
 LAUNCH_TIMING_TAG = "llm_packager.timing.launch"
-
-# In run order. Each step lists the steps whose run ids it receives (and whose runs are part of
-# its reuse key).
-PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
-    "fetch_model": (),
-    "log_transformers": ("fetch_model",),
-    "log_onnx": ("fetch_model",),
-    "evaluate": ("log_transformers", "log_onnx"),
-    "register": ("evaluate",),
-}
-# Steps that run with whichever of their upstream steps were selected (at least one); the run id
-# of an unselected one is passed as "".
-PARTIAL_UPSTREAM_STEPS = frozenset({"evaluate"})
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
-_PARAMETER_BUILDERS: dict[str, Callable[[DictConfig], dict[str, str | int]]] = {
-    "fetch_model": fetch_model_parameters,
-    "log_transformers": log_transformers_parameters,
-    "log_onnx": log_onnx_parameters,
-    "evaluate": evaluate_parameters,
-    "register": register_parameters,
-}
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +60,21 @@ class StepFailedError(StepError):
 
 
 @dataclass(frozen=True)
+class PlannedStep:
+    """One step run the config asks for: its name (the entry point, or ``log_onnx:<variant>``
+    for an ONNX variant) and its parameter values, upstream run ids aside."""
+
+    name: str
+    definition: StepDefinition
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class StepOutcome:
-    """One step of a pipeline run."""
+    """One step run of a pipeline run, ran or reused."""
 
     entry_point: str
+    name: str
     run_id: str
     reused: bool
 
@@ -90,11 +82,11 @@ class StepOutcome:
 def _parse_step_list(value: str, option: str, *, allow: tuple[str, ...]) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise SelectionError(f"{option}: give 'all' or a comma list of {', '.join(PIPELINE_STEPS)}")
-    if unknown := [name for name in names if name not in PIPELINE_STEPS]:
+        raise SelectionError(f"{option}: give 'all' or a comma list of {', '.join(STEP_NAMES)}")
+    if unknown := [name for name in names if name not in STEP_NAMES]:
         raise SelectionError(
             f"{option}: unknown step '{unknown[0]}'; known steps: "
-            f"{', '.join(PIPELINE_STEPS)}{' (or ' + ', '.join(allow) + ')' if allow else ''}"
+            f"{', '.join(STEP_NAMES)}{' (or ' + ', '.join(allow) + ')' if allow else ''}"
         )
     return names
 
@@ -102,9 +94,9 @@ def _parse_step_list(value: str, option: str, *, allow: tuple[str, ...]) -> list
 def select_steps(steps: str) -> list[str]:
     """Steps to run, in pipeline order, from ``all`` or a comma list."""
     if steps.strip() == "all":
-        return list(PIPELINE_STEPS)
+        return list(STEP_NAMES)
     chosen = set(_parse_step_list(steps, "steps", allow=("all",)))
-    return [name for name in PIPELINE_STEPS if name in chosen]
+    return [name for name in STEP_NAMES if name in chosen]
 
 
 def select_forced(force: str) -> set[str]:
@@ -112,7 +104,7 @@ def select_forced(force: str) -> set[str]:
     if force.strip() == "none":
         return set()
     if force.strip() == "all":
-        return set(PIPELINE_STEPS)
+        return set(STEP_NAMES)
     return set(_parse_step_list(force, "force", allow=("none", "all")))
 
 
@@ -136,9 +128,57 @@ def resolve_env_manager(requested: str) -> str:
     return "local"
 
 
-def step_parameters(entry_point: str, cfg: DictConfig) -> dict[str, str | int | float]:
-    """The parameters main derives from the config for a step (upstream run ids aside)."""
-    return _PARAMETER_BUILDERS[entry_point](cfg)
+def _step_runs(step: StepDefinition, cfg: DictConfig) -> list[PlannedStep]:
+    if step.entry_point == "log_onnx":
+        return [
+            PlannedStep(
+                step.entry_point if name == ONNX_CANDIDATE
+                else f"{step.entry_point}:{name.removeprefix(ONNX_CANDIDATE + '-')}",
+                step,
+                {**config_values(step.parameters, section), "candidate": name},
+            )
+            for name, section in onnx_candidates(cfg).items()
+        ]  # fmt: skip
+    values = config_values(step.parameters, cfg[step.section])
+    if step.entry_point == "log_transformers":
+        values["candidate"] = TRANSFORMERS_CANDIDATE
+    if step.entry_point == "evaluate":
+        from llm_packager.evaluation import file_sha256, resolve_eval_set
+
+        # The content hash is a parameter, so editing the evaluation set invalidates earlier
+        # evaluations (and the step checks the file it reads is the one hashed here).
+        values["dataset_sha256"] = file_sha256(resolve_eval_set(values["dataset"]))
+    return [PlannedStep(step.entry_point, step, values)]
+
+
+def plan_pipeline(cfg: DictConfig, steps: list[str] | None = None) -> list[PlannedStep]:
+    """The step runs a config asks for, in run order, limited to the ``steps`` selected."""
+    return [
+        planned
+        for step in PIPELINE
+        if steps is None or step.entry_point in steps
+        for planned in _step_runs(step, cfg)
+    ]
+
+
+def _upstream_values(planned: PlannedStep, done: list[StepOutcome]) -> dict[str, Any]:
+    """The upstream fields of a step: the run ids of the steps it follows, from ``done``."""
+    spec = planned.definition.parameters
+    values: dict[str, Any] = {}
+    for field in fields_of(spec, ROLE_UPSTREAM):
+        steps = field.metadata["steps"]
+        runs = tuple(outcome.run_id for outcome in done if outcome.entry_point in steps)
+        if not runs:
+            raise StepFailedError(
+                f"Step '{planned.name}' needs the run of '{' or '.join(steps)}'; add it to -P steps"
+            )
+        if takes_many_runs(spec, field):
+            values[field.name] = runs
+        elif len(runs) > 1:
+            raise StepFailedError(f"Step '{planned.name}' takes one run of {steps[0]}")
+        else:
+            values[field.name] = runs[0]
+    return values
 
 
 def _failed_child_run_id(client: MlflowClient, parent_run_id: str, entry_point: str) -> str | None:
@@ -156,13 +196,14 @@ def _failed_child_run_id(client: MlflowClient, parent_run_id: str, entry_point: 
 
 def _launch(
     client: MlflowClient,
-    entry_point: str,
+    planned: PlannedStep,
     parameters: dict[str, str],
     *,
     env_manager: str,
     experiment_id: str,
     parent_run_id: str,
 ) -> str:
+    entry_point = planned.definition.entry_point
     try:
         submitted = mlflow.projects.run(
             uri=str(PROJECT_DIR),
@@ -176,10 +217,10 @@ def _launch(
     except ExecutionException as error:
         run_id = _failed_child_run_id(client, parent_run_id, entry_point)
         if run_id is None:
-            raise StepFailedError(f"Step '{entry_point}' could not start: {error}") from error
+            raise StepFailedError(f"Step '{planned.name}' could not start: {error}") from error
         reason = client.get_run(run_id).data.tags.get(ERROR_TAG, "see its log").rstrip(".")
         raise StepFailedError(
-            f"Step '{entry_point}' failed (run {run_id}): {reason}. "
+            f"Step '{planned.name}' failed (run {run_id}): {reason}. "
             f"Its log: {log_artifact_uri(run_id, entry_point)}"
         ) from error
     return submitted.run_id
@@ -193,50 +234,42 @@ def run_pipeline(
     env_manager: str,
     code_version: str,
     parent_run_id: str,
-) -> list[StepOutcome]:
-    """Run or reuse each selected step in order; stop at the first failure.
+    outcomes: list[StepOutcome],
+) -> None:
+    """Run or reuse each selected step run in order, appending each to ``outcomes`` as it ends
+    (so a caller still sees how far the pipeline got when a step fails); stop at a failure.
 
     Raises:
         StepFailedError: naming the failed step, its run id and its log. Later steps do not start.
     """
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    entry_points = load_entry_points()
-    upstream_run_ids: dict[str, str] = {}
-    outcomes: list[StepOutcome] = []
-    for entry_point in steps:
-        needed = PIPELINE_STEPS[entry_point]
-        upstream = {name: upstream_run_ids[name] for name in needed if name in upstream_run_ids}
-        missing = [name for name in needed if name not in upstream]
-        if missing and (entry_point not in PARTIAL_UPSTREAM_STEPS or not upstream):
-            raise StepFailedError(
-                f"Step '{entry_point}' needs the run of '{missing[0]}'; add it to -P steps"
-            )
-        given = {
-            **step_parameters(entry_point, cfg),
-            **{f"{name}_run_id": upstream.get(name, "") for name in needed},
+    for planned in plan_pipeline(cfg, steps):
+        entry_point = planned.definition.entry_point
+        upstream = _upstream_values(planned, outcomes)
+        values = planned.definition.parameters(**planned.values, **upstream)
+        parameters = as_mlflow_parameters(values)
+        upstream_runs = {
+            outcome.name: outcome.run_id
+            for outcome in outcomes
+            if outcome.run_id in {run for ids in upstream.values() for run in _as_tuple(ids)}
         }
-        parameters = normalise_parameters(entry_points[entry_point], given)
-        key = reuse_key(entry_point, parameters, code_version, upstream)
+        key = reuse_key(entry_point, parameters, code_version, upstream_runs)
         previous = None if entry_point in forced else find_reusable_run(client, experiment_id, key)
         if previous is not None:
-            logger.info("%s: reusing run %s", entry_point, previous.info.run_id)
-            outcomes.append(StepOutcome(entry_point, previous.info.run_id, reused=True))
+            logger.info("%s: reusing run %s", planned.name, previous.info.run_id)
+            outcomes.append(StepOutcome(entry_point, planned.name, previous.info.run_id, True))
         else:
             logger.info(
                 "%s: running (%s)",
-                entry_point,
+                planned.name,
                 "forced" if entry_point in forced else "no reusable run",
             )
             launched = time.time()
             run_id = _launch(
-                client,
-                entry_point,
-                parameters,
-                env_manager=env_manager,
-                experiment_id=experiment_id,
-                parent_run_id=parent_run_id,
-            )
+                client, planned, parameters, env_manager=env_manager,
+                experiment_id=experiment_id, parent_run_id=parent_run_id,
+            )  # fmt: skip
             client.set_tag(
                 run_id,
                 LAUNCH_TIMING_TAG,
@@ -244,12 +277,14 @@ def run_pipeline(
             )
             # Tagged only after success, so a run that failed or was cut off is never reused.
             client.set_tag(run_id, CODE_VERSION_TAG, code_version)
-            for name, upstream_id in upstream.items():
+            for name, upstream_id in upstream_runs.items():
                 client.set_tag(run_id, UPSTREAM_TAG_PREFIX + name, upstream_id)
             client.set_tag(run_id, REUSE_KEY_TAG, key)
-            outcomes.append(StepOutcome(entry_point, run_id, reused=False))
-        upstream_run_ids[entry_point] = outcomes[-1].run_id
+            outcomes.append(StepOutcome(entry_point, planned.name, run_id, False))
         if summary := client.get_run(outcomes[-1].run_id).data.tags.get(SUMMARY_TAG):
             # Said on the console, not only in a tag: e.g. that no model was registered, and why.
-            logger.info("%s: %s", entry_point, summary)
-    return outcomes
+            logger.info("%s: %s", planned.name, summary)
+
+
+def _as_tuple(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return value if isinstance(value, tuple) else (value,)

@@ -1,4 +1,5 @@
-"""Finding a finished step run that can stand in for a new one (DESIGN.md §4).
+"""Finding a finished step run that can stand in for a new one (docs/architecture.md, "Reusing
+step runs"), and the tags by which a step announces what it produced.
 
 A step run is reusable when it FINISHED, has the same entry point, the same normalised parameters
 (defaults included), the same code version and the same upstream runs, and the outputs it
@@ -18,11 +19,16 @@ from mlflow.entities import LoggedModelStatus, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from llm_packager.choices import Runtime
+
 REUSE_KEY_TAG = "llm_packager.reuse_key"
 CODE_VERSION_TAG = "llm_packager.code_version"
 OUTPUTS_TAG = "llm_packager.outputs"
 MODEL_URI_TAG = "llm_packager.model_uri"
 UPSTREAM_TAG_PREFIX = "llm_packager.upstream."
+# A log step's model is a candidate of the evaluation: its name there, and what runs it.
+CANDIDATE_TAG = "llm_packager.candidate"
+RUNTIME_TAG = "llm_packager.runtime"
 _CANDIDATES_CHECKED = 20
 
 
@@ -51,6 +57,11 @@ def announce_model(client: MlflowClient, run_id: str, model_uri: str) -> None:
     """Record the ``models:/<id>`` URI of the model a step logged, as its one output."""
     client.set_tag(run_id, MODEL_URI_TAG, model_uri)
     announce_outputs(client, run_id, {"model": model_uri})
+
+
+def candidate_tags(candidate: str, runtime: Runtime) -> dict[str, str]:
+    """The tags that name a log step's model among the evaluated candidates."""
+    return {CANDIDATE_TAG: candidate, RUNTIME_TAG: runtime.value}
 
 
 def announced_outputs(run: Run) -> dict[str, str]:

@@ -17,10 +17,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import mlflow
 import psutil
+
+from llm_packager.third_party import silence_known_warnings
 
 LOG_ARTIFACT_DIR = "logs"
 ERROR_TAG = "llm_packager.error"
@@ -79,6 +81,7 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
         The process exit code: 0 when the work finished, 1 when it raised.
     """
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, force=True)
+    silence_known_warnings()
     with tempfile.TemporaryDirectory(prefix=f"{entry_point}-log-") as log_dir:
         log_path = Path(log_dir) / f"{entry_point}.log"
         file_handler = logging.FileHandler(log_path)
@@ -108,3 +111,22 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
             mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
             mlflow.end_run(status=status)
     return 0 if status == "FINISHED" else 1
+
+
+def run_command_line(
+    entry_point: str,
+    work: Callable[[Any, str], object],
+    *,
+    prepare: Callable[[Any], None] | None = None,
+) -> NoReturn:
+    """The command-line part of a step: parse its arguments with the parser its spec defines
+    (``llm_packager.specs``), call ``prepare(parameters)`` if given (for what must happen before
+    heavy imports), run ``work(parameters, run_id)`` in the step's run, and exit with the outcome.
+    """
+    from llm_packager.parameters import parse_arguments
+    from llm_packager.specs import ENTRY_POINTS
+
+    parameters = parse_arguments(ENTRY_POINTS[entry_point].parameters, sys.argv[1:])
+    if prepare is not None:
+        prepare(parameters)
+    exit_process(run_step(entry_point, lambda run_id: work(parameters, run_id)))

@@ -4,7 +4,7 @@ The model is a real `Phi3ForCausalLM` (so transformers, MLflow and the onnxrunti
 builder treat it exactly like Phi-3-mini), but its weights are random: any quality figure measured
 on it is meaningless. The tokenizer is a byte-level BPE (GPT-2 style), because onnxruntime-genai
 encodes and decodes that kind exactly as transformers does, so the two runtimes can be compared
-token for token; a byte-fallback BPE would not (see DESIGN.md §5).
+token for token; a byte-fallback BPE would not (docs/architecture.md, "The synthetic model").
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+
+
+MODEL_CARD = """---
+license: apache-2.0
+tags:
+- synthetic
+- random-weights
+---
+# Synthetic tiny Phi-3 (random weights)
+
+A `Phi3ForCausalLM` with random weights and a locally trained byte-level BPE tokenizer, built by
+llm-packager to run every code path offline. Its answers are noise. Sizes: {spec}
+"""
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,9 @@ def build_tokenizer(vocab_size: int):
         unk_token=UNKNOWN_TOKEN,
         pad_token=END_OF_TEXT_TOKEN,
         additional_special_tokens=[token for token in SPECIAL_TOKENS if token.startswith("<|")],
+        # Space clean-up is meant for WordPiece; on a byte-level BPE it would drop real spaces
+        # (and transformers warns about it on every load).
+        clean_up_tokenization_spaces=False,
     )
     fast.chat_template = PHI3_CHAT_TEMPLATE
     return fast
@@ -188,4 +204,7 @@ def build_synthetic_phi3(spec: SyntheticPhi3Spec, destination: Path) -> Path:
     model.save_pretrained(destination, safe_serialization=True)
     tokenizer.save_pretrained(destination)
     (destination / "synthetic_spec.json").write_text(json.dumps(vars(spec), indent=2) + "\n")
+    # A model card, as a Hub model has, so the logged models carry a description and a license
+    # instead of MLflow looking for them on the Hub.
+    (destination / "README.md").write_text(MODEL_CARD.format(spec=json.dumps(vars(spec))))
     return destination

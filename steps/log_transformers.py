@@ -1,20 +1,16 @@
 """Entry point ``log_transformers``: the fetched model as an MLflow transformers chat model.
 
-Reads (MLproject parameters):
-    fetch_model_run_id: the upstream fetch_model run; its ``hf_model`` artifact is downloaded
-        through MLflow (or taken from the local cache after checking the sha256 manifest).
-    max_new_tokens, do_sample, temperature, top_p: generation defaults for the model_config.
-    save_pretrained: ``true`` copies the weights into the model; ``false`` logs a Hub model by
-        reference to its repo and commit.
-    device: ``cpu`` or ``cuda``, where the step loads and checks the model.
-    dtype: ``auto`` (as stored), ``float32``, ``float16`` or ``bfloat16``, recorded in the model
-        so that every load uses it.
+Reads: `LogTransformersParameters` (``llm_packager/specs.py``, or ``--help``): the upstream
+``fetch_model`` run, whose ``hf_model`` artifact is downloaded through MLflow (or taken from the
+local cache after checking its sha256 manifest); generation defaults for the model_config; how the
+weights are stored (``save_pretrained``) and loaded (``device``, ``dtype``).
 
 Writes (on its own run):
     a LoggedModel (``mlflow.transformers``, ``task="llm/v1/chat"``, OpenAI chat signature), whose
     ``models:/<id>`` URI is announced in the tags ``llm_packager.outputs`` and
-    ``llm_packager.model_uri``; artifact ``sample_completion.json`` (the check request's answer);
-    metrics ``model_size_bytes``, ``log_seconds`` and ``load_seconds``.
+    ``llm_packager.model_uri``; tags ``llm_packager.candidate`` and ``llm_packager.runtime``
+    (``transformers``), which name it in the evaluation; artifact ``sample_completion.json`` (the
+    check request's answer); metrics ``model_size_bytes``, ``log_seconds`` and ``load_seconds``.
 
 The step fails (before logging) if the tokenizer has no chat template, and (after logging) if the
 model, loaded back by its URI, does not answer a chat request with a well-formed completion.
@@ -22,10 +18,8 @@ model, loaded back by its URI, does not answer a chat request with a well-formed
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,10 +28,12 @@ from pathlib import Path
 import mlflow
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
+from llm_packager.choices import Device, Runtime, TorchDtype
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
 from llm_packager.manifest import folder_bytes
-from llm_packager.reuse import announce_model
-from llm_packager.step_run import exit_process, run_step
+from llm_packager.reuse import announce_model, candidate_tags
+from llm_packager.specs import LogTransformersParameters
+from llm_packager.step_run import run_command_line
 from llm_packager.upstream import FetchedModel, fetched_model
 
 CHECK_MAX_TOKENS = 8
@@ -46,20 +42,6 @@ logger = logging.getLogger(__name__)
 
 class ChatTemplateMissingError(ValueError):
     """The tokenizer cannot turn chat messages into a prompt."""
-
-
-@dataclass(frozen=True)
-class LogTransformersRequest:
-    """Mirrors the entry point's parameters."""
-
-    fetch_model_run_id: str
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    save_pretrained: bool = True
-    device: str = "cpu"
-    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,7 +54,7 @@ class LogTransformersResult:
     load_seconds: float
 
 
-def _model_config(request: LogTransformersRequest) -> dict[str, object]:
+def _model_config(request: LogTransformersParameters) -> dict[str, object]:
     config: dict[str, object] = {
         "max_new_tokens": request.max_new_tokens,
         "do_sample": request.do_sample,
@@ -83,23 +65,19 @@ def _model_config(request: LogTransformersRequest) -> dict[str, object]:
     return config
 
 
-def _torch_dtype(request: LogTransformersRequest):
+def _torch_dtype(request: LogTransformersParameters):
     """The torch dtype asked for (None for ``auto``), after checking the device exists."""
     import torch
 
-    if request.device == "cuda" and not torch.cuda.is_available():
+    if request.device == Device.cuda and not torch.cuda.is_available():
         raise ValueError(
             "transformers.device=cuda, but torch sees no CUDA GPU here (torch "
             f"{torch.__version__}); run on a GPU machine with a CUDA build of torch (see README, "
             "'Run on a GPU'), or drop transformers=cuda"
         )
-    if request.device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda; got '{request.device}'")
-    if request.dtype == "auto":
+    if request.dtype == TorchDtype.auto:
         return None
-    if request.dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16; got '{request.dtype}'")
-    return getattr(torch, request.dtype)
+    return getattr(torch, request.dtype.value)
 
 
 def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
@@ -131,7 +109,7 @@ def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
     return repo_id
 
 
-def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransformersResult:
+def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTransformersResult:
     """Log the upstream model as an ``llm/v1/chat`` transformers model and check it answers."""
     import transformers
     from huggingface_hub import ModelCard
@@ -140,7 +118,8 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
 
     dtype = _torch_dtype(request)
     fetched = fetched_model(request.fetch_model_run_id)
-    mlflow.set_tags(fetched.lineage_tags())
+    mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate,
+                                                                Runtime.transformers)})  # fmt: skip
     model_name = fetched.tags.get("llm_packager.model_name", "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(fetched.folder)
     if not tokenizer.chat_template:
@@ -151,7 +130,7 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
         )
     model = transformers.AutoModelForCausalLM.from_pretrained(
         fetched.folder, dtype=dtype or "auto"
-    ).to(request.device)
+    ).to(request.device.value)
     # The name shows up as "model" in every completion and, for a reference, names the Hub repo;
     # the cache path it would otherwise carry means nothing to a client.
     model.name_or_path = (
@@ -198,33 +177,12 @@ def log_transformers(request: LogTransformersRequest, run_id: str) -> LogTransfo
     return LogTransformersResult(model_info.model_uri, size, log_seconds, load_seconds)
 
 
-def _parse_arguments(argv: list[str]) -> LogTransformersRequest:
-    parser = argparse.ArgumentParser(description="Log a fetched model as an MLflow chat model.")
-    parser.add_argument("--fetch-model-run-id", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--do-sample", choices=["true", "false"], default="false")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--save-pretrained", choices=["true", "false"], default="true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    arguments = parser.parse_args(argv)
-    return LogTransformersRequest(
-        fetch_model_run_id=arguments.fetch_model_run_id,
-        max_new_tokens=arguments.max_new_tokens,
-        do_sample=arguments.do_sample == "true",
-        temperature=arguments.temperature,
-        top_p=arguments.top_p,
-        save_pretrained=arguments.save_pretrained == "true",
-        device=arguments.device,
-        dtype=arguments.dtype,
-    )
+def _offline_hub_for_local_weights(request: LogTransformersParameters) -> None:
+    if request.save_pretrained:
+        # Logging local weights needs no network, but MLflow still asks the Hub for a license
+        # file (about 45 s of retries offline). Must be set before huggingface_hub loads.
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 if __name__ == "__main__":
-    log_request = _parse_arguments(sys.argv[1:])
-    if log_request.save_pretrained:
-        # Logging local weights needs no network, but MLflow still asks the Hub for a model card
-        # and license (about 45 s of retries offline). Must be set before huggingface_hub loads.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    exit_process(run_step("log_transformers", lambda run_id: log_transformers(log_request, run_id)))
+    run_command_line("log_transformers", log_transformers, prepare=_offline_hub_for_local_weights)

@@ -1,17 +1,15 @@
 """Entry point ``main``: compose the config and run (or reuse) each pipeline step as a nested run.
 
-Reads (MLproject parameters):
-    model: the ``conf/model`` choice, e.g. ``tiny-random-phi3``.
-    steps: ``all`` or a comma list of steps to run.
-    overrides: Hydra overrides as one string, e.g. ``"model.num_hidden_layers=3"``; ``none`` is
-        the same as no overrides (for job systems that refuse an empty string, like Azure ML).
-    force: ``none``, ``all`` or a comma list of steps to rerun even if a reusable run exists.
-    env_manager: ``auto`` (the one main runs under), ``local``, ``virtualenv``, ``uv`` or ``conda``.
+Reads: `MainParameters` (``llm_packager/specs.py``, or ``--help``): the ``conf/model`` choice,
+the steps to run, Hydra overrides as one string (``none`` is the same as none, for job systems
+that refuse an empty string, like Azure ML), the steps to force, and the env manager for the
+step runs.
 
 Writes (on its own run):
-    artifacts ``config.yaml`` (the resolved config) and ``pipeline_steps.json`` (each step's run
-    id and whether it was reused); tags ``llm_packager.config_hash``, ``llm_packager.steps_ran``,
-    ``llm_packager.steps_reused``, ``llm_packager.env_manager``, ``llm_packager.code_version``.
+    artifacts ``config.yaml`` (the resolved config) and ``pipeline_steps.json`` (each step run's
+    run id and whether it was reused, also after a failure, as far as the pipeline got); tags
+    ``llm_packager.config_hash``, ``llm_packager.steps_ran``, ``llm_packager.steps_reused``,
+    ``llm_packager.env_manager``, ``llm_packager.code_version``.
 
 The config is validated before any step run is created: a bad input ends main with one line and
 exit code 2. A failed step ends it with exit code 1, naming the step, its run id and its log.
@@ -19,7 +17,6 @@ exit code 2. A failed step ends it with exit code 1, naming the step, its run id
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -28,6 +25,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from llm_packager.config import ConfigError, compose_config, config_as_yaml, config_hash
+from llm_packager.parameters import parse_arguments
 from llm_packager.pipeline import (
     SelectionError,
     StepOutcome,
@@ -38,6 +36,7 @@ from llm_packager.pipeline import (
 )
 from llm_packager.project import code_version
 from llm_packager.reuse import CODE_VERSION_TAG
+from llm_packager.specs import MainParameters
 from llm_packager.step_run import ERROR_TAG, exit_process, run_step
 
 logger = logging.getLogger(__name__)
@@ -63,44 +62,36 @@ def run_main(
     )
     outcomes: list[StepOutcome] = []
     try:
-        outcomes = run_pipeline(
+        run_pipeline(
             cfg,
             steps=steps,
             forced=forced,
             env_manager=env_manager,
             code_version=version,
             parent_run_id=run_id,
+            outcomes=outcomes,
         )
     finally:
-        # Recorded even when a step failed, so the run shows how far the pipeline got.
+        # Recorded even when a step failed: run_pipeline appends each step run as it ends, so
+        # the record shows how far the pipeline got.
         mlflow.set_tags(
             {
-                "llm_packager.steps_ran": ",".join(o.entry_point for o in outcomes if not o.reused),
-                "llm_packager.steps_reused": ",".join(o.entry_point for o in outcomes if o.reused),
+                "llm_packager.steps_ran": ",".join(o.name for o in outcomes if not o.reused),
+                "llm_packager.steps_reused": ",".join(o.name for o in outcomes if o.reused),
             }
         )
         mlflow.log_dict(
-            {o.entry_point: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
+            {o.name: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
             "pipeline_steps.json",
         )
     for outcome in outcomes:
         logger.info(
             "%-16s %s run %s",
-            outcome.entry_point,
+            outcome.name,
             "reused" if outcome.reused else "ran   ",
             outcome.run_id,
         )
     return outcomes
-
-
-def _parse_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run the LLM packaging pipeline.")
-    parser.add_argument("--model", default="phi3-mini-4k-instruct")
-    parser.add_argument("--steps", default="all")
-    parser.add_argument("--overrides", default="")
-    parser.add_argument("--force", default="none")
-    parser.add_argument("--env-manager", default="auto")
-    return parser.parse_args(argv)
 
 
 def _reject(message: str) -> int:
@@ -113,7 +104,7 @@ def _reject(message: str) -> int:
 
 
 if __name__ == "__main__":
-    arguments = _parse_arguments(sys.argv[1:])
+    arguments = parse_arguments(MainParameters, sys.argv[1:])
     try:
         overrides = "" if arguments.overrides.strip() == "none" else arguments.overrides
         config = compose_config(arguments.model, overrides)

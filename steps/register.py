@@ -1,30 +1,28 @@
 """Entry point ``register``: the evaluated winner into the Model Registry under an alias.
 
-Reads (MLproject parameters):
-    evaluate_run_id: the upstream evaluate run (verdicts, recommended model, metrics).
-    registered_model_name: the registered model to add a version to.
-    alias: set on the recommended model's version (e.g. ``champion``), only if it passed the gate.
-    challenger_alias: set on the other model's version if it passed too (empty: never).
-    allow_unvalidated: ``true`` registers the policy's pick even if no model passed (tagged).
-    registry_uri: where to register (empty: the tracking server's registry; ``databricks-uc``:
-        Unity Catalog, which needs a three-level ``catalog.schema.model`` name).
+Reads: `RegisterParameters` (``llm_packager/specs.py``, or ``--help``): the upstream evaluate run,
+whose ``evaluation.json`` (``llm_packager.evaluation_record``) says which candidates passed and
+which one the policy recommends; the registered model name, the aliases, whether an unvalidated
+pick may be registered, and the registry (empty: the tracking server's; ``databricks-uc``: Unity
+Catalog, which needs a three-level ``catalog.schema.model`` name).
 
 Writes:
     on its own run: tags ``registration_status`` (registered/skipped), ``registration_reason``,
-    ``registered_version``, ``llm_packager.summary`` (printed by ``main``);
-    on the model version: lineage tags (flavor, verdict, key metrics, the run ids of every step,
-    git commit, config hash, Hugging Face repo and revision) and a description.
+    ``registered_version``, ``registered_candidate``, ``llm_packager.summary`` (printed by
+    ``main``); artifact ``registration.json``;
+    on each model version: lineage tags (flavor, candidate, verdict, key metrics, the run ids of
+    every step, git commit, config hash, Hugging Face repo and revision) and a description.
 
-Registering the same LoggedModel again returns its existing version (no duplicates), and an alias
-moves only once that version is READY. If no model passed, nothing is registered and every
-existing alias stays where it was; that is a result, not a failure (exit 0).
+The recommended candidate gets ``alias``; the runner-up by the same policy gets
+``challenger_alias`` if it passed too, and otherwise that alias is removed, so it never points at
+an older run's model. Registering the same LoggedModel again returns its existing version (no
+duplicates), and an alias moves only once its version is READY. If no candidate passed, nothing
+is registered and every alias stays where it was; that is a result, not a failure (exit 0).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
@@ -34,30 +32,23 @@ from mlflow.entities.model_registry.model_version_status import ModelVersionStat
 from mlflow.exceptions import MlflowException
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
-from llm_packager.evaluation import MODEL_METRICS, recommend
+from llm_packager.choices import Runtime
+from llm_packager.evaluation_record import CandidateResult, Evaluation
 from llm_packager.registry import check_alias, check_registered_model_name
 from llm_packager.reuse import announce_outputs
-from llm_packager.step_run import SUMMARY_TAG, exit_process, run_step
+from llm_packager.specs import RegisterParameters
+from llm_packager.step_run import SUMMARY_TAG, run_command_line
 from llm_packager.upstream import FETCH_RUN_TAG
 
-MODEL_NAMES = ("transformers", "onnx")
+FLAVORS = {
+    Runtime.transformers: "transformers",
+    Runtime.onnx: "python_function (onnxruntime-genai)",
+}
 KEY_METRICS = ("exact_match", "token_f1", "decode_tokens_per_s", "latency_p95_s",
                "peak_rss_generate_mib", "model_size_mib")  # fmt: skip
 READY_TIMEOUT_SECONDS = 600
 CHECK_MAX_TOKENS = 8
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RegisterRequest:
-    """Mirrors the entry point's parameters."""
-
-    evaluate_run_id: str
-    registered_model_name: str
-    alias: str = "champion"
-    challenger_alias: str = "challenger"
-    allow_unvalidated: bool = False
-    registry_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,24 +58,7 @@ class RegisterResult:
     status: str
     reason: str
     version: str | None = None
-    model: str | None = None
-
-
-def _evaluation(client, evaluate_run_id: str):
-    run = client.get_run(evaluate_run_id)
-    tags = run.data.tags
-    models = [name for name in MODEL_NAMES if f"{name}.model_uri" in tags]
-    if not models:
-        raise ValueError(f"evaluate run {evaluate_run_id} evaluated no model")
-    metrics = {
-        name: {
-            m: run.data.metrics[f"{name}.{m}"]
-            for m in MODEL_METRICS
-            if f"{name}.{m}" in run.data.metrics
-        }
-        for name in models
-    }
-    return run, models, metrics
+    candidate: str | None = None
 
 
 def _wait_until_ready(client, version: ModelVersion) -> ModelVersion:
@@ -113,36 +87,35 @@ def _version_for(client, name: str, model_uri: str) -> ModelVersion:
     return _wait_until_ready(client, mlflow.register_model(model_uri, name))
 
 
-def _lineage(client, evaluation, model: str, metrics, register_run_id: str) -> dict[str, str]:
-    tags = evaluation.data.tags
-    log_run = client.get_run(tags[f"{model}.run_id"])
+def _lineage(client, evaluation: Evaluation, candidate: CandidateResult,
+             evaluate_run_id: str, register_run_id: str) -> dict[str, str]:  # fmt: skip
+    log_run = client.get_run(candidate.run_id)
     lineage = {
-        "flavor": "transformers"
-        if model == "transformers"
-        else "python_function (onnxruntime-genai)",
-        "validation_status": tags[f"{model}.validation_status"],
-        "validation_reasons": tags[f"{model}.validation_reasons"],
-        "recommended_by": tags.get("recommendation_policy", ""),
-        f"run.log_{model}": log_run.info.run_id,
-        "run.evaluate": evaluation.info.run_id,
+        "flavor": FLAVORS[candidate.runtime],
+        "candidate": candidate.name,
+        "validation_status": candidate.verdict.status,
+        "validation_reasons": candidate.verdict.explanation(),
+        "recommended_by": evaluation.recommendation.policy.value,
+        f"run.log_{candidate.runtime.value}": candidate.run_id,
+        "run.evaluate": evaluate_run_id,
         "run.register": register_run_id,
         "git_commit": log_run.data.tags.get("mlflow.source.git.commit", "unknown"),
         "code_version": log_run.data.tags.get("llm_packager.code_version", "unknown"),
-        "random_weights": log_run.data.tags.get("synthetic.random_weights", "false"),
+        "random_weights": str(evaluation.random_weights).lower(),
     }
     if fetch_run := log_run.data.tags.get(FETCH_RUN_TAG):
         lineage["run.fetch_model"] = fetch_run
     for key in ("hf.repo_id", "hf.resolved_commit"):
         if key in log_run.data.tags:
             lineage[key] = log_run.data.tags[key]
-    if parent := evaluation.data.tags.get("mlflow.parentRunId"):
+    if parent := client.get_run(evaluate_run_id).data.tags.get("mlflow.parentRunId"):
         lineage["run.main"] = parent
         config_hash = client.get_run(parent).data.tags.get("llm_packager.config_hash")
         if config_hash:
             lineage["config_hash"] = config_hash
     for name in KEY_METRICS:
-        if name in metrics[model]:
-            lineage[f"metric.{name}"] = f"{metrics[model][name]:.4g}"
+        if name in candidate.metrics:
+            lineage[f"metric.{name}"] = f"{candidate.metrics[name]:.4g}"
     return lineage
 
 
@@ -172,8 +145,8 @@ def _record_decision(client, run_id: str, decision: dict, model_version: str = "
     announce_outputs(client, run_id, outputs)
 
 
-def register(request: RegisterRequest, run_id: str) -> RegisterResult:
-    """Register the recommended model and point the alias at it, if the gate allows."""
+def register(request: RegisterParameters, run_id: str) -> RegisterResult:
+    """Register the recommended candidate and point the aliases, if the gate allows."""
     # Checked before anything is read or registered: the step may be run without main's checks.
     check_registered_model_name(request.registered_model_name, request.registry_uri)
     check_alias(request.alias)
@@ -182,13 +155,11 @@ def register(request: RegisterRequest, run_id: str) -> RegisterResult:
     if request.registry_uri:
         mlflow.set_registry_uri(request.registry_uri)
     client = mlflow.MlflowClient()
-    evaluation, models, metrics = _evaluation(client, request.evaluate_run_id)
-    tags = evaluation.data.tags
-    verdicts = {name: tags[f"{name}.validation_status"] for name in models}
-    recommended = tags.get("recommended_model", "none")
-    unvalidated = False
-    if recommended == "none":
-        reasons = "; ".join(f"{name}: {tags[f'{name}.validation_reasons']}" for name in models)
+    evaluation = Evaluation.load(request.evaluate_run_id)
+    recommended = evaluation.recommendation.candidate
+    unvalidated = recommended is None
+    if unvalidated:
+        reasons = "; ".join(f"{c.name}: {c.verdict.explanation()}" for c in evaluation.candidates)
         if not request.allow_unvalidated:
             reason = f"no model passed the evaluation gate ({reasons})"
             summary = f"Model not registered: {reason}. Aliases were left unchanged."
@@ -197,37 +168,34 @@ def register(request: RegisterRequest, run_id: str) -> RegisterResult:
             _record_decision(client, run_id, {"status": "skipped", "reason": reason})
             logger.warning(summary)
             return RegisterResult("skipped", reason)
-        recommended = recommend(tags.get("recommendation_policy", "fastest_passed"), metrics,
-                                dict.fromkeys(models, "passed"))  # fmt: skip
-        unvalidated = True
-    versions = {}
-    version = _version_for(client, request.registered_model_name, tags[f"{recommended}.model_uri"])
-    versions[recommended] = version
-    if request.challenger_alias:
-        for other in models:
-            if other != recommended and verdicts[other] == "passed":
-                versions[other] = _version_for(client, request.registered_model_name,
-                                               tags[f"{other}.model_uri"])  # fmt: skip
-    for model, model_version in versions.items():
-        lineage = _lineage(client, evaluation, model, metrics, run_id)
-        if unvalidated and model == recommended:
+        recommended = evaluation.ranked(passed_only=False)[0].name
+    winner = evaluation.candidate(recommended)
+    # The runner-up is another model: two candidates could present the same logged model.
+    runner_up = next((c for c in evaluation.ranked() if c.model_uri != winner.model_uri), None)
+    chosen = [winner] + ([runner_up] if runner_up and request.challenger_alias else [])
+    name = request.registered_model_name
+    versions = {c.name: _version_for(client, name, c.model_uri) for c in chosen}
+    for candidate in chosen:
+        lineage = _lineage(client, evaluation, candidate, request.evaluate_run_id, run_id)
+        if unvalidated and candidate is winner:
             lineage["registered_unvalidated"] = "true"
+        version = versions[candidate.name].version
         for key, value in lineage.items():
-            client.set_model_version_tag(
-                request.registered_model_name, model_version.version, key, value
-            )
-        client.update_model_version(request.registered_model_name, model_version.version,
-                                    description=_description(model, lineage))  # fmt: skip
-    aliases = {request.alias: version.version}
-    # At most one other model exists, so the challenger alias names at most one version.
-    for model, model_version in versions.items():
-        if model != recommended:
-            aliases[request.challenger_alias] = model_version.version
+            client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(name, version,
+                                    description=_description(candidate.name, lineage))  # fmt: skip
+    aliases = {request.alias: versions[winner.name].version}
+    if request.challenger_alias and runner_up:
+        aliases[request.challenger_alias] = versions[runner_up.name].version
     # Aliases move last, once every version they point at is READY and described.
     for alias, alias_version in aliases.items():
-        client.set_registered_model_alias(request.registered_model_name, alias, alias_version)
-    alias_uri = f"models:/{request.registered_model_name}@{request.alias}"
-    answer = mlflow.pyfunc.load_model(alias_uri).predict(
+        client.set_registered_model_alias(name, alias, alias_version)
+    if request.challenger_alias and not runner_up:
+        _remove_alias(client, name, request.challenger_alias)
+    version = versions[winner.name].version
+    # The exact version, not the alias, which a concurrent pipeline may already have moved.
+    version_uri = f"models:/{name}/{version}"
+    answer = mlflow.pyfunc.load_model(version_uri).predict(
         {**EXAMPLE_CHAT_REQUEST, "max_tokens": CHECK_MAX_TOKENS}
     )
     check_chat_completion(answer[0], max_tokens=CHECK_MAX_TOKENS)
@@ -235,42 +203,29 @@ def register(request: RegisterRequest, run_id: str) -> RegisterResult:
         f"{recommended} passed the gate and was recommended"
     )  # fmt: skip
     summary = (
-        f"Registered {request.registered_model_name} version {version.version} ({recommended}) "
-        f"as @{request.alias}: {alias_uri}"
+        f"Registered {name} version {version} ({recommended}) as @{request.alias}: "
+        f"models:/{name}@{request.alias}"
     )
     mlflow.set_tags({
         "registration_status": "registered", "registration_reason": reason,
-        "registered_version": version.version, "registered_model": recommended,
+        "registered_version": version, "registered_candidate": recommended,
         "registered_unvalidated": str(unvalidated).lower(), SUMMARY_TAG: summary,
     })  # fmt: skip
     _record_decision(
         client, run_id,
-        {"status": "registered", "reason": reason, "model": recommended, "aliases": aliases},
-        model_version=f"models:/{request.registered_model_name}/{version.version}",
+        {"status": "registered", "reason": reason, "candidate": recommended, "aliases": aliases},
+        model_version=version_uri,
     )  # fmt: skip
     logger.info(summary)
-    return RegisterResult("registered", reason, version.version, recommended)
+    return RegisterResult("registered", reason, version, recommended)
 
 
-def _parse_arguments(argv: list[str]) -> RegisterRequest:
-    parser = argparse.ArgumentParser(description="Register the evaluated winner.")
-    parser.add_argument("--evaluate-run-id", required=True)
-    parser.add_argument("--registered-model-name", required=True)
-    parser.add_argument("--alias", default="champion")
-    parser.add_argument("--challenger-alias", default="challenger")
-    parser.add_argument("--allow-unvalidated", choices=["true", "false"], default="false")
-    parser.add_argument("--registry-uri", default="")
-    arguments = parser.parse_args(argv)
-    return RegisterRequest(
-        evaluate_run_id=arguments.evaluate_run_id,
-        registered_model_name=arguments.registered_model_name,
-        alias=arguments.alias,
-        challenger_alias=arguments.challenger_alias,
-        allow_unvalidated=arguments.allow_unvalidated == "true",
-        registry_uri=arguments.registry_uri,
-    )
+def _remove_alias(client, name: str, alias: str) -> None:
+    """Remove an alias that no passed candidate holds any more, if it exists."""
+    if alias in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, alias)
+        logger.info("Removed @%s from %s: no second candidate passed the gate", alias, name)
 
 
 if __name__ == "__main__":
-    register_request = _parse_arguments(sys.argv[1:])
-    exit_process(run_step("register", lambda run_id: register(register_request, run_id)))
+    run_command_line("register", register)

@@ -20,7 +20,7 @@ import pytest
 
 from llm_packager.synthetic import build_synthetic_phi3
 
-from .support import TINY_SPEC, TrackingServer
+from .support import TINY_SPEC, TrackingServer, tiny_fetch_parameters
 
 _SERVER_START_SECONDS = 90
 
@@ -104,9 +104,13 @@ def logged_models(tmp_path_factory):
     yields its tracking URI and the run ids (plus the experiment id)."""
     import mlflow
 
-    from steps.fetch_model import FetchRequest, fetch_model
-    from steps.log_onnx import LogOnnxRequest, log_onnx
-    from steps.log_transformers import LogTransformersRequest, log_transformers
+    from llm_packager.specs import (
+        LogOnnxParameters,
+        LogTransformersParameters,
+    )
+    from steps.fetch_model import fetch_model
+    from steps.log_onnx import log_onnx
+    from steps.log_transformers import log_transformers
 
     root = tmp_path_factory.mktemp("logged-models")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -117,15 +121,15 @@ def logged_models(tmp_path_factory):
             "logged-models", artifact_location=str(root / "artifacts")
         )
         with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
-            fetch_model(
-                FetchRequest(model_name="tiny", source="synthetic", synthetic=TINY_SPEC),
-                fetch_run.info.run_id,
-            )
-        runs = {"experiment_id": experiment_id, "fetch_model": fetch_run.info.run_id}
+            fetch_model(tiny_fetch_parameters(), fetch_run.info.run_id)
+        fetch_run_id = fetch_run.info.run_id
+        runs = {"experiment_id": experiment_id, "fetch_model": fetch_run_id}
         for name, step, request in (
-            ("log_transformers", log_transformers, LogTransformersRequest(fetch_run.info.run_id)),
-            ("log_onnx", log_onnx, LogOnnxRequest(fetch_run.info.run_id, agreement_tokens=0)),
-        ):
+            ("log_transformers", log_transformers,
+             LogTransformersParameters(fetch_model_run_id=fetch_run_id)),
+            ("log_onnx", log_onnx,
+             LogOnnxParameters(fetch_model_run_id=fetch_run_id, agreement_tokens=0)),
+        ):  # fmt: skip
             with mlflow.start_run(experiment_id=experiment_id) as run:
                 step(request, run.info.run_id)
             runs[name] = run.info.run_id

@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_packager.choices import ModelSource
 from llm_packager.project import PROJECT_DIR
+from llm_packager.specs import FetchModelParameters
 from llm_packager.synthetic import SyntheticPhi3Spec
 
 TINY_SPEC = SyntheticPhi3Spec(
@@ -21,6 +23,16 @@ TINY_SPEC = SyntheticPhi3Spec(
     max_position_embeddings=512,
     seed=0,
 )
+
+
+def tiny_fetch_parameters() -> FetchModelParameters:
+    """fetch_model's parameters for the synthetic tiny Phi-3 of `TINY_SPEC`."""
+    return FetchModelParameters(name="tiny", source=ModelSource.synthetic, **vars(TINY_SPEC))
+
+
+def local_fetch_parameters(folder: Path) -> FetchModelParameters:
+    """fetch_model's parameters for a model folder on this machine."""
+    return FetchModelParameters(name="tiny", source=ModelSource.local, local_dir=str(folder))
 
 
 @dataclass(frozen=True)

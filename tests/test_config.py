@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
+from llm_packager.choices import ModelSource
 from llm_packager.config import (
     CONFIG_DIR,
     ConfigError,
-    ModelSource,
     compose_config,
     config_hash,
-    fetch_model_parameters,
     validate_config,
 )
-from llm_packager.project import load_entry_points, normalise_parameters
+from llm_packager.parameters import as_mlflow_parameters, config_values
+from llm_packager.specs import FetchModelParameters
 
 MODEL_CHOICES = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
 
@@ -24,10 +24,10 @@ MODEL_CHOICES = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml
 @pytest.mark.parametrize("model", MODEL_CHOICES)
 def test_every_model_choice_composes_into_valid_fetch_parameters(model):
     cfg = compose_config(model, "")
-    parameters = normalise_parameters(
-        load_entry_points()["fetch_model"], fetch_model_parameters(cfg)
+    parameters = as_mlflow_parameters(
+        FetchModelParameters(**config_values(FetchModelParameters, cfg.model))
     )
-    assert parameters["model_name"] == model
+    assert parameters["name"] == model
     assert parameters["source"] == cfg.model.source.value
 
 
@@ -139,13 +139,13 @@ def test_local_folder_with_real_files_is_accepted(tiny_model_dir):
     cfg = compose_config(
         "phi3-mini-4k-instruct", f"model.source=local model.local_dir={tiny_model_dir}"
     )
-    assert fetch_model_parameters(cfg)["local_dir"] == str(Path(tiny_model_dir).resolve())
+    assert cfg.model.local_dir == str(Path(tiny_model_dir).resolve())
 
 
 def test_synthetic_sizes_are_required_for_synthetic_and_refused_otherwise():
     cfg = compose_config("tiny-random-phi3", "")
     with open_dict(cfg):
-        cfg.model.hidden_size = None
+        cfg.model.hidden_size = 0
     with pytest.raises(
         ConfigError, match=r"^model\.hidden_size must be set when model\.source=synthetic$"
     ):

@@ -1,4 +1,7 @@
-"""The evaluate step on the tiny model's two logged models, in a throwaway SQLite store."""
+"""The evaluate step on the tiny model's logged candidates, in a throwaway SQLite store.
+
+Each evaluation loads every candidate in a worker process of its own, so these tests are slow.
+"""
 
 from __future__ import annotations
 
@@ -11,46 +14,66 @@ import matplotlib.image
 import mlflow
 import pytest
 
+from llm_packager.choices import RecommendationPolicy
 from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING
-from llm_packager.evaluation import MODEL_METRICS, EvalSetError
+from llm_packager.evaluation import EvalSetError, rank
+from llm_packager.evaluation_record import Evaluation
+from llm_packager.metrics import MODEL_METRICS, parse_gate
 from llm_packager.project import PROJECT_DIR
-from steps.evaluate import EvaluateRequest, ModelUnusableError, evaluate
+from llm_packager.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.specs import EvaluateParameters
+from steps.evaluate import ModelUnusableError, evaluate
 
 from .support import project_environment
 
+pytestmark = pytest.mark.slow
+
 LIMIT = 6
-RANDOM_WEIGHTS_GATE = "contains_reference>=0,exact_match>=0,latency_p95_s<=30"
+RANDOM_WEIGHTS_GATE = parse_gate("contains_reference>=0,exact_match>=0,latency_p95_s<=30")
 
 
-def _evaluate(runs, **options):
-    request = EvaluateRequest(
-        log_transformers_run_id=runs["log_transformers"], log_onnx_run_id=runs["log_onnx"],
-        limit=LIMIT, max_tokens=8, ttft_requests=2, gate=RANDOM_WEIGHTS_GATE,
+def _evaluate(runs, candidate_run_ids=None, **options):
+    request = EvaluateParameters(
+        candidate_run_ids=candidate_run_ids or (runs["log_transformers"], runs["log_onnx"]),
+        limit=LIMIT, max_tokens=8, ttft_requests=2, gate=RANDOM_WEIGHTS_GATE, **options,
     )  # fmt: skip
-    request = EvaluateRequest(**{**vars(request), **options})
     with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
         result = evaluate(request, run.info.run_id)
     return run.info.run_id, result
 
 
-def test_both_models_are_compared_with_every_output(logged_models_tracking, tmp_path):
+def _candidate_run(runs, name: str, model_uri: str) -> str:
+    """A run that presents an already logged model as another candidate."""
+    with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
+        mlflow.set_tags({CANDIDATE_TAG: name, RUNTIME_TAG: "onnx", MODEL_URI_TAG: model_uri})
+    return run.info.run_id
+
+
+def test_both_candidates_are_compared_with_every_output(logged_models_tracking, tmp_path):
     client, runs = logged_models_tracking
     run_id, result = _evaluate(runs)
     run = client.get_run(run_id)
 
-    for model in ("transformers", "onnx"):
+    assert result.names() == ["transformers", "onnx"]
+    assert Evaluation.load(run_id) == result
+    for candidate in result.candidates:
+        assert set(candidate.metrics) == set(MODEL_METRICS)
         for metric in MODEL_METRICS:
-            assert f"{model}.{metric}" in run.data.metrics
-        assert run.data.tags[f"{model}.validation_status"] == "passed"
-        uri = client.get_run(runs[f"log_{model}"]).data.tags["llm_packager.model_uri"]
-        model_tags = client.get_logged_model(uri.removeprefix("models:/")).tags
+            assert run.data.metrics[f"{candidate.name}.{metric}"] == pytest.approx(
+                candidate.metrics[metric]
+            )
+        assert candidate.verdict.passed
+        assert run.data.tags[f"{candidate.name}.validation_status"] == "passed"
+        model_tags = client.get_logged_model(candidate.model_uri.removeprefix("models:/")).tags
         assert model_tags["validation_status"] == "passed"
         assert model_tags["evaluation_run_id"] == run_id
-    assert {"agreement.identical_rate", "agreement.token_agreement"} <= set(run.data.metrics)
-    # fastest_passed: the passed model with the higher measured decode speed (which one that is
-    # on six tiny prompts depends on machine load, so the policy is checked, not the winner).
-    fastest = max(result.metrics, key=lambda name: result.metrics[name]["decode_tokens_per_s"])
-    assert run.data.tags["recommended_model"] == result.recommended == fastest
+    assert result.reference == "transformers"
+    assert result.candidate("transformers").metrics["identical_rate"] == 1.0
+    # fastest_passed: the passed candidate with the highest measured decode speed (which one that
+    # is on six tiny prompts depends on machine load, so the policy is checked, not the winner).
+    metrics = {c.name: c.metrics for c in result.candidates}
+    fastest = rank(RecommendationPolicy.fastest_passed, metrics)[0]
+    assert run.data.tags["recommended_candidate"] == result.recommendation.candidate == fastest
     assert run.data.tags["random_weights"] == "true"
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "eval_set.jsonl"
@@ -67,49 +90,87 @@ def test_both_models_are_compared_with_every_output(logged_models_tracking, tmp_
         height, width, _ = matplotlib.image.imread(folder / "charts" / f"{chart}.png").shape
         assert height > 300 and width > 500
     report = (folder / "report.html").read_text()
+    assert "<h1>Model comparison: transformers, onnx</h1>" in report
     assert RANDOM_WEIGHTS_WARNING in report
     assert report.count("data:image/png;base64,") == 4
     assert f"Recommended model: <b>{fastest}</b>" in report
 
 
-def test_gate_the_model_cannot_meet_rejects_it_with_reasons_and_exits_0(logged_models_tracking):
+def test_a_third_candidate_is_evaluated_reported_and_compared_with_the_reference(
+    logged_models_tracking, tmp_path
+):
+    client, runs = logged_models_tracking
+    onnx_uri = client.get_run(runs["log_onnx"]).data.tags[MODEL_URI_TAG]
+    third = _candidate_run(runs, "onnx-again", onnx_uri)
+    run_id, result = _evaluate(runs, (runs["log_transformers"], runs["log_onnx"], third))
+
+    assert result.names() == ["transformers", "onnx", "onnx-again"]
+    # The same greedy model answers the same: the third candidate agrees with the reference
+    # exactly as much as the second does.
+    for metric in ("identical_rate", "token_agreement", "exact_match", "token_f1"):
+        assert (
+            result.candidate("onnx-again").metrics[metric]
+            == result.candidate("onnx").metrics[metric]
+        )
+    assert "onnx-again.decode_tokens_per_s" in client.get_run(run_id).data.metrics
+    report_uri = f"runs:/{run_id}/report.html"
+    report = Path(mlflow.artifacts.download_artifacts(report_uri, dst_path=str(tmp_path)))
+    report = report.read_text()
+    assert "<h1>Model comparison: transformers, onnx, onnx-again</h1>" in report
+    assert "<td>onnx-again</td><td>onnx</td><td>passed</td>" in report
+
+
+def test_a_gate_no_candidate_can_meet_rejects_all_with_reasons_and_exits_0(logged_models_tracking):
     client, runs = logged_models_tracking
     completed = subprocess.run(
         [sys.executable, "-m", "steps.evaluate",
-         "--log-transformers-run-id", runs["log_transformers"],
-         "--log-onnx-run-id", runs["log_onnx"],
+         "--candidate-run-ids", f"{runs['log_transformers']},{runs['log_onnx']}",
          "--limit", "3", "--max-tokens", "4", "--ttft-requests", "1", "--gate", "exact_match>=0.9"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600,
         env=project_environment(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
                                 MLFLOW_EXPERIMENT_ID=runs["experiment_id"]),
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
-    (run,) = client.search_runs([runs["experiment_id"]], "tags.recommended_model = 'none'")
-    for model in ("transformers", "onnx"):
-        assert run.data.tags[f"{model}.validation_status"] == "rejected"
-        assert run.data.tags[f"{model}.validation_reasons"] == "exact_match 0 < 0.9"
+    (run,) = client.search_runs([runs["experiment_id"]], "tags.recommended_candidate = 'none'")
+    evaluation = Evaluation.load(run.info.run_id)
+    assert evaluation.recommendation.candidate is None
+    for candidate in evaluation.candidates:
+        assert candidate.verdict.reasons == ("exact_match 0 < 0.9",)
+        assert run.data.tags[f"{candidate.name}.validation_status"] == "rejected"
     assert run.info.status == "FINISHED"
 
 
-def test_one_model_alone_is_evaluated_and_the_other_reported_missing(logged_models_tracking):
+def test_one_candidate_alone_is_evaluated_and_agreement_reported_missing(logged_models_tracking):
     client, runs = logged_models_tracking
-    run_id, result = _evaluate(runs, log_transformers_run_id="")
-    assert set(result.metrics) == {"onnx"}
-    assert "agreement.identical_rate" not in client.get_run(run_id).data.metrics
+    run_id, result = _evaluate(runs, (runs["log_onnx"],))
+    assert result.names() == ["onnx"]
+    assert result.reference is None
+    assert "onnx.identical_rate" not in client.get_run(run_id).data.metrics
     report = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/report.html")).read_text()
-    assert "The transformers model was not evaluated: no log_transformers run was given." in report
+    assert "Agreement was not measured: the reference candidate was not evaluated." in report
 
 
 def test_upstream_model_that_cannot_be_loaded_is_named(logged_models_tracking):
     _, runs = logged_models_tracking
-    with mlflow.start_run(experiment_id=runs["experiment_id"]) as broken:
-        mlflow.set_tag("llm_packager.model_uri", "models:/m-0123456789abcdef0123456789abcdef")
+    broken = _candidate_run(runs, "broken", "models:/m-0123456789abcdef0123456789abcdef")
     with pytest.raises(
         ModelUnusableError,
-        match=rf"^The onnx model models:/m-0123456789abcdef0123456789abcdef \(log_onnx run "
-        rf"{broken.info.run_id}\) could not be loaded or did not answer: ",
+        match=rf"^The broken model models:/m-0123456789abcdef0123456789abcdef \(run {broken}\) "
+        "could not be loaded or did not answer: ",
     ):
-        _evaluate(runs, log_onnx_run_id=broken.info.run_id)
+        _evaluate(runs, (runs["log_onnx"], broken))
+
+
+def test_candidates_must_be_named_and_named_once(logged_models_tracking):
+    client, runs = logged_models_tracking
+    onnx_uri = client.get_run(runs["log_onnx"]).data.tags[MODEL_URI_TAG]
+    twin = _candidate_run(runs, "onnx", onnx_uri)
+    with pytest.raises(ValueError, match=r"^two candidate runs are both named 'onnx'$"):
+        _evaluate(runs, (runs["log_onnx"], twin))
+    with mlflow.start_run(experiment_id=runs["experiment_id"]) as unnamed:
+        mlflow.set_tag(MODEL_URI_TAG, onnx_uri)
+    with pytest.raises(ModelUnusableError, match=rf"^log run {unnamed.info.run_id} does not name"):
+        _evaluate(runs, (unnamed.info.run_id,))
 
 
 def test_changed_eval_set_is_detected(logged_models_tracking):

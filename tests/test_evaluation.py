@@ -6,19 +6,20 @@ import json
 
 import pytest
 
+from llm_packager.choices import GateDirection, RecommendationPolicy
 from llm_packager.evaluation import (
     EvalSetError,
-    GateRule,
     agreement,
-    apply_gate,
-    format_gate,
+    judge,
     load_eval_set,
-    parse_gate,
-    recommend,
+    rank,
     resolve_eval_set,
     score_answer,
 )
+from llm_packager.metrics import GateError, GateRule, apply_gate, format_gate, parse_gate
 from llm_packager.project import PROJECT_DIR
+
+GOLDEN = PROJECT_DIR / "tests" / "data" / "two_candidates_before_redesign.json"
 
 
 def _write(path, *lines):
@@ -110,34 +111,85 @@ def test_agreement_between_models():
 
 def test_gate_parses_applies_and_explains():
     rules = parse_gate("exact_match>=0.5, latency_p95_s<=2")
-    assert rules == [
-        GateRule("exact_match", 0.5, "higher"),
-        GateRule("latency_p95_s", 2.0, "lower"),
-    ]
-    assert format_gate(rules) == "exact_match>=0.5,latency_p95_s<=2"
-    assert apply_gate(rules, {"exact_match": 0.7, "latency_p95_s": 1.0}) == ("passed", [])
-    assert apply_gate(rules, {"exact_match": 0.1, "latency_p95_s": 3.0}) == (
-        "rejected",
-        ["exact_match 0.1 < 0.5", "latency_p95_s 3 > 2"],
+    assert rules == (
+        GateRule("exact_match", 0.5, GateDirection.higher),
+        GateRule("latency_p95_s", 2.0, GateDirection.lower),
     )
-    with pytest.raises(ValueError, match=r"^gate rule 'speed>=3': unknown metric 'speed'$"):
+    assert format_gate(rules) == "exact_match>=0.5,latency_p95_s<=2"
+    assert apply_gate(rules, {"exact_match": 0.7, "latency_p95_s": 1.0}).passed
+    rejected = apply_gate(rules, {"exact_match": 0.1, "latency_p95_s": 3.0})
+    assert (rejected.status, rejected.reasons) == (
+        "rejected", ("exact_match 0.1 < 0.5", "latency_p95_s 3 > 2")
+    )  # fmt: skip
+    with pytest.raises(GateError, match=r"^gate rule 'speed>=3': unknown metric 'speed'$"):
         parse_gate("speed>=3")
-    with pytest.raises(ValueError, match=r"^gate rule 'exact_match=1' is not metric>=number"):
+    with pytest.raises(GateError, match=r"^gate rule 'exact_match=1' is not metric>=number"):
         parse_gate("exact_match=1")
 
 
-def test_recommendation_picks_among_models_that_passed():
-    metrics = {
-        "transformers": {"decode_tokens_per_s": 20.0, "token_f1": 0.9, "model_size_bytes": 8.0},
-        "onnx": {"decode_tokens_per_s": 150.0, "token_f1": 0.8, "model_size_bytes": 2.0},
-    }
-    both = {"transformers": "passed", "onnx": "passed"}
-    assert recommend("fastest_passed", metrics, both) == "onnx"
-    assert recommend("best_quality_passed", metrics, both) == "transformers"
-    assert recommend("fastest_passed", metrics, {"transformers": "passed", "onnx": "rejected"}) == (
-        "transformers"
+METRICS = {
+    "transformers": {"decode_tokens_per_s": 20.0, "token_f1": 0.9, "model_size_bytes": 8.0},
+    "onnx": {"decode_tokens_per_s": 150.0, "token_f1": 0.8, "model_size_bytes": 2.0},
+    "onnx-int8": {"decode_tokens_per_s": 90.0, "token_f1": 0.85, "model_size_bytes": 4.0},
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "order"),
+    [
+        (RecommendationPolicy.fastest_passed, ["onnx", "onnx-int8", "transformers"]),
+        (RecommendationPolicy.best_quality_passed, ["transformers", "onnx-int8", "onnx"]),
+        (RecommendationPolicy.smallest_passed, ["onnx", "onnx-int8", "transformers"]),
+    ],
+)
+def test_every_policy_ranks_any_number_of_candidates(policy, order):
+    assert rank(policy, METRICS) == order
+    assert rank(policy, {name: METRICS[name] for name in order[1:]}) == order[1:]
+    assert rank(policy, {}) == []
+
+
+def _golden():
+    document = json.loads(GOLDEN.read_text())
+    examples = load_eval_set(PROJECT_DIR / "data" / "eval_set.jsonl", document["eval_set_limit"])
+    return document, examples
+
+
+def test_two_candidates_give_exactly_the_figures_of_the_code_before_the_redesign():
+    # The file holds what the evaluation code at commit 0c66f0a (two hard-coded models) computed
+    # from these worker outputs; the redesigned code must reproduce every figure.
+    document, examples = _golden()
+    judgement = judge(document["workers"], examples, reference="transformers", rules=(),
+                      policy=RecommendationPolicy.fastest_passed)  # fmt: skip
+    for name, expected in document["metrics"].items():
+        assert {key: judgement.metrics[name][key] for key in expected} == expected
+    assert {key: judgement.metrics["onnx"][key] for key in document["agreement"]} == (
+        document["agreement"]
     )
-    assert (
-        recommend("fastest_passed", metrics, {"transformers": "rejected", "onnx": "rejected"})
-        is None
-    )
+    assert judgement.metrics["transformers"]["identical_rate"] == 1.0
+
+
+def test_two_candidates_give_exactly_the_verdicts_and_picks_of_the_code_before_the_redesign():
+    document, examples = _golden()
+    for case in document["cases"]:
+        judgement = judge(
+            document["workers"], examples, reference="transformers",
+            rules=parse_gate(case["gate"]), policy=RecommendationPolicy(case["policy"]),
+        )  # fmt: skip
+        verdicts = {name: {"status": verdict.status, "reasons": list(verdict.reasons)}
+                    for name, verdict in judgement.verdicts.items()}  # fmt: skip
+        assert verdicts == case["verdicts"], case
+        assert judgement.recommended == case["recommended"], case
+
+
+def test_a_third_candidate_is_judged_against_the_reference_like_the_others():
+    document, examples = _golden()
+    workers = dict(document["workers"])
+    workers["onnx-int8"] = workers["transformers"]  # answers exactly as the reference does
+    judgement = judge(workers, examples, reference="transformers",
+                      rules=parse_gate("identical_rate>=0.9"),
+                      policy=RecommendationPolicy.fastest_passed)  # fmt: skip
+    assert judgement.metrics["onnx-int8"]["identical_rate"] == 1.0
+    assert judgement.verdicts["onnx"].reasons == ("identical_rate 0.1667 < 0.9",)
+    assert [name for name, v in judgement.verdicts.items() if v.passed] == [
+        "transformers", "onnx-int8"
+    ]  # fmt: skip

@@ -10,11 +10,13 @@ import mlflow
 import pytest
 
 from llm_packager.manifest import ModelFilesError, build_manifest
-from steps.fetch_model import FetchRequest, fetch_model
+from steps.fetch_model import fetch_model
+
+from .support import local_fetch_parameters
 
 
 def test_local_folder_is_logged_with_its_manifest(local_tracking, tiny_model_dir, tmp_path):
-    request = FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir))
+    request = local_fetch_parameters(tiny_model_dir)
     with mlflow.start_run() as run:
         result = fetch_model(request, run.info.run_id)
 
@@ -40,7 +42,7 @@ def test_lfs_pointer_in_a_local_folder_fails_the_step(local_tracking, tiny_model
     (folder / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n"
     )
-    request = FetchRequest(model_name="tiny", source="local", local_dir=str(folder))
+    request = local_fetch_parameters(folder)
     with (
         mlflow.start_run() as run,
         pytest.raises(ModelFilesError, match=r"^model\.safetensors in .* is a Git-LFS pointer"),

@@ -46,7 +46,8 @@ def _check_evaluation(client: MlflowClient, run, models: set[str]) -> None:
     for model in models:
         assert run.data.tags[f"{model}.validation_status"] == "passed"
     artifacts = {info.path for info in client.list_artifacts(run.info.run_id)}
-    assert {"eval_table.json", "comparison.csv", "comparison.json", "report.html"} <= artifacts
+    assert {"evaluation.json", "eval_table.json", "comparison.csv", "comparison.json",
+            "report.html"} <= artifacts  # fmt: skip
     charts = {info.path for info in client.list_artifacts(run.info.run_id, "charts")}
     assert charts == {f"charts/{name}.png" for name in ("quality", "latency", "speed", "memory")}
 
@@ -69,6 +70,7 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
         m: evaluation.data.metrics[f"{m}.decode_tokens_per_s"] for m in ("transformers", "onnx")
     }
     fastest = max(speeds, key=speeds.get)
+    assert evaluation.data.tags["recommended_candidate"] == fastest
     assert evaluation.data.tags["recommended_model_uri"] == first_models[f"log_{fastest}"]
 
     champion = server.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
@@ -121,3 +123,34 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
     assert registration.data.tags["registration_status"] == "registered"
     champion = client.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
     assert champion.source == evaluation.data.tags["recommended_model_uri"]
+
+
+def test_an_onnx_variant_is_a_third_candidate_from_log_to_registry(tmp_path, tracking_server):
+    experiment = "third-candidate-test"
+    env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    completed = mlflow_run_main(
+        tmp_path, *STEPS,
+        "overrides=onnx.variants={int8:{precision:int8}} evaluate.limit=4 "
+        "register.registered_model_name=third-candidate-chat",
+        **env,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    logged = {run.data.tags["llm_packager.candidate"]: run
+              for run in runs_of(client, experiment, "log_onnx")}  # fmt: skip
+    assert set(logged) == {"onnx", "onnx-int8"}
+    assert logged["onnx-int8"].data.params["precision"] == "int8"
+    (main_run,) = runs_of(client, experiment, "main")
+    record = json.loads(Path(client.download_artifacts(
+        main_run.info.run_id, "pipeline_steps.json")).read_text())  # fmt: skip
+    assert list(record) == ["fetch_model", "log_transformers", "log_onnx", "log_onnx:int8",
+                            "evaluate", "register"]  # fmt: skip
+    (evaluation,) = runs_of(client, experiment, "evaluate")
+    assert evaluation.data.params["candidate_run_ids"] == ",".join(
+        record[name]["run_id"] for name in ("log_transformers", "log_onnx", "log_onnx:int8")
+    )
+    for name in ("transformers", "onnx", "onnx-int8"):
+        assert evaluation.data.tags[f"{name}.validation_status"] == "passed"
+    champion = client.get_model_version_by_alias("third-candidate-chat", "champion")
+    assert champion.source == evaluation.data.tags["recommended_model_uri"]
+    assert champion.tags["candidate"] == evaluation.data.tags["recommended_candidate"]

@@ -14,27 +14,27 @@ import pytest
 from llm_packager.config import ConfigError, compose_config
 from llm_packager.manifest import ModelFilesError
 from llm_packager.reuse import output_exists, outputs_exist
-from steps.fetch_model import FetchRequest, fetch_model
+from llm_packager.specs import LogTransformersParameters
+from steps.fetch_model import fetch_model
 from steps.log_transformers import (
     ChatTemplateMissingError,
-    LogTransformersRequest,
     log_transformers,
 )
 
-from .support import project_environment
+from .support import local_fetch_parameters, project_environment
 
 
 def _fetch(folder: Path) -> str:
     with mlflow.start_run() as run:
-        fetch_model(
-            FetchRequest(model_name="tiny", source="local", local_dir=str(folder)), run.info.run_id
-        )
+        fetch_model(local_fetch_parameters(folder), run.info.run_id)
     return run.info.run_id
 
 
 def _log(fetch_run_id: str, **options) -> tuple[str, object]:
     with mlflow.start_run() as run:
-        result = log_transformers(LogTransformersRequest(fetch_run_id, **options), run.info.run_id)
+        result = log_transformers(
+            LogTransformersParameters(fetch_model_run_id=fetch_run_id, **options), run.info.run_id
+        )
     return run.info.run_id, result
 
 
@@ -174,18 +174,16 @@ def test_reference_logging_needs_a_hub_model(local_tracking, tiny_model_dir):
 
 def test_unknown_generation_option_is_named():
     with pytest.raises(
-        ConfigError, match=r"^Unknown config key 'transformers\.generation\.beams' in overrides"
+        ConfigError, match=r"^Unknown config key 'transformers\.beams' in overrides"
     ):
-        compose_config("tiny-random-phi3", "transformers.generation.beams=4")
-    with pytest.raises(ConfigError, match=r"^Invalid config at 'transformers\.generation\.beams'"):
-        compose_config("tiny-random-phi3", "+transformers.generation.beams=4")
+        compose_config("tiny-random-phi3", "transformers.beams=4")
+    with pytest.raises(ConfigError, match=r"^Invalid config at 'transformers\.beams'"):
+        compose_config("tiny-random-phi3", "+transformers.beams=4")
 
 
 def test_bad_generation_values_and_reference_without_hub_are_named():
-    with pytest.raises(
-        ConfigError, match=r"^transformers\.generation\.max_new_tokens must be at least 1$"
-    ):
-        compose_config("tiny-random-phi3", "transformers.generation.max_new_tokens=0")
+    with pytest.raises(ConfigError, match=r"^transformers\.max_new_tokens must be at least 1$"):
+        compose_config("tiny-random-phi3", "transformers.max_new_tokens=0")
     with pytest.raises(
         ConfigError, match=r"^transformers\.save_pretrained=false .* needs model\.source=hub"
     ):

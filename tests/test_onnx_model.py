@@ -13,6 +13,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from llm_packager.chat import check_chat_completion
+from llm_packager.choices import ExecutionProvider, OnnxPrecision, OnnxSource
 from llm_packager.onnx_build import build_onnx_model
 from llm_packager.parity import (
     PARITY_CHATS,
@@ -20,10 +21,11 @@ from llm_packager.parity import (
     greedy_onnx,
     greedy_transformers,
 )
-from steps.fetch_model import FetchRequest, fetch_model
-from steps.log_onnx import REFERENCE_PROMPT_REQUEST, LogOnnxRequest, log_onnx
+from llm_packager.specs import LogOnnxParameters
+from steps.fetch_model import fetch_model
+from steps.log_onnx import REFERENCE_PROMPT_REQUEST, log_onnx
 
-from .support import project_environment
+from .support import local_fetch_parameters, project_environment
 
 PARITY_TOKENS = 20
 CAP = 64
@@ -33,7 +35,8 @@ CAP = 64
 def fp32_onnx(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("onnx-fp32")
     return build_onnx_model(
-        tiny_model_dir, folder / "model", precision="fp32", execution_provider="cpu",
+        tiny_model_dir, folder / "model", precision=OnnxPrecision.fp32,
+        execution_provider=ExecutionProvider.cpu,
         extra_options={}, log_path=folder / "builder.log",
     )  # fmt: skip
 
@@ -49,14 +52,12 @@ def logged_fp32(tiny_model_dir, tmp_path_factory):
     experiment_id = mlflow.MlflowClient().create_experiment("onnx-model-test")
     try:
         with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
-            fetch_model(
-                FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir)),
-                fetch_run.info.run_id,
-            )
+            fetch_model(local_fetch_parameters(tiny_model_dir), fetch_run.info.run_id)
         with mlflow.start_run(experiment_id=experiment_id) as run:
             result = log_onnx(
-                LogOnnxRequest(fetch_run.info.run_id, precision="fp32", max_tokens_cap=CAP,
-                               max_new_tokens=16),
+                LogOnnxParameters(fetch_model_run_id=fetch_run.info.run_id,
+                                  precision=OnnxPrecision.fp32, max_tokens_cap=CAP,
+                                  max_new_tokens=16),
                 run.info.run_id,
             )  # fmt: skip
         yield uri, run.info.run_id, result
@@ -149,11 +150,14 @@ def test_fresh_process_without_pickle_answers_both_shapes_and_a_batch(logged_fp3
 
 
 def test_max_tokens_counts_new_tokens_only(model):
-    answer = model.predict(_chat("What is the capital of Spain?", max_tokens=5))[0]
-    assert answer["usage"]["completion_tokens"] <= 5
-    assert answer["usage"]["prompt_tokens"] > 5
-    if answer["usage"]["completion_tokens"] == 5:
-        assert answer["choices"][0]["finish_reason"] == "length"
+    request = _chat("Tell me a joke about atom")
+    unlimited = model.predict(dict(request, max_tokens=CAP))[0]["usage"]
+    # The prompt is longer than the limit, and the answer would be too without it.
+    assert unlimited["prompt_tokens"] > 5 and unlimited["completion_tokens"] > 5
+    answer = model.predict(dict(request, max_tokens=5))[0]
+    assert answer["usage"]["completion_tokens"] == 5
+    assert answer["usage"]["prompt_tokens"] == unlimited["prompt_tokens"]
+    assert answer["choices"][0]["finish_reason"] == "length"
 
 
 def test_stop_string_cuts_the_answer(model):
@@ -169,9 +173,14 @@ def test_stop_string_cuts_the_answer(model):
 def test_greedy_unless_sampling_is_asked_for(model):
     request = _chat("Define entropy in one line.", max_tokens=12)
     assert model.predict(request)[0]["choices"] == model.predict(request)[0]["choices"]
-    sampled = model.predict(dict(request, temperature=1.0, n=4))[0]
+    sampled = model.predict(dict(request, temperature=1.0, n=4, seed=7))[0]
     assert len(sampled["choices"]) == 4
     assert len({choice["message"]["content"] for choice in sampled["choices"]}) > 1
+    # A seed makes sampling reproducible, so this test cannot pass or fail by chance.
+    assert (
+        model.predict(dict(request, temperature=1.0, n=4, seed=7))[0]["choices"]
+        == (sampled["choices"])
+    )
 
 
 def test_concurrent_requests_do_not_share_state(model):
@@ -242,6 +251,7 @@ def test_a_batch_too_long_to_pad_together_is_still_answered(model):
         (_chat("hi", max_tokens=-5), "'max_tokens' must be an integer from 1 to 64; got -5"),
         (_chat("hi", max_tokens=65), "'max_tokens' must be an integer from 1 to 64; got 65"),
         ({"prompt": ""}, "'prompt' must be a non-empty string"),
+        (_chat("hi", temperature=1.0, seed=-1), "'seed' must be a non-negative integer; got -1"),
         ({"nothing": "here"}, "Each row needs 'messages' (a chat) or 'prompt' (text)"),
     ],
 )
@@ -275,13 +285,11 @@ def test_prebuilt_source_offline_names_the_fix(local_tracking, tiny_model_dir):
 
     onnx = compose_config("phi3-mini-4k-instruct", "").onnx
     with mlflow.start_run() as fetch_run:
-        fetch_model(
-            FetchRequest(model_name="tiny", source="local", local_dir=str(tiny_model_dir)),
-            fetch_run.info.run_id,
-        )
-    request = LogOnnxRequest(
-        fetch_run.info.run_id, source="prebuilt", repo_id=onnx.repo_id, revision=onnx.revision,
-        subfolder=onnx.subfolder, allow_patterns=tuple(onnx.allow_patterns),
+        fetch_model(local_fetch_parameters(tiny_model_dir), fetch_run.info.run_id)
+    request = LogOnnxParameters(
+        fetch_model_run_id=fetch_run.info.run_id, source=OnnxSource.prebuilt,
+        repo_id=onnx.repo_id, revision=onnx.revision, subfolder=onnx.subfolder,
+        allow_patterns=tuple(onnx.allow_patterns),
     )  # fmt: skip
     with (
         mlflow.start_run() as run,

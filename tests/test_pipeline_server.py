@@ -1,14 +1,18 @@
 """`mlflow run . -e main` against a real tracking server: nesting, artifacts, reuse and failures.
 
-The cases share one server and one experiment and build on each other in file order, the way a
-user's runs accumulate; each asserts on the runs it added.
+Every test has an experiment of its own on the shared server and makes the runs it needs, so each
+one runs alone (``-k``) as well as with the others.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -20,46 +24,48 @@ from .support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = "pipeline-spine-test"
 TOKEN_CANARY = "hf_canaryTOKEN0123456789"
 TINY_FETCH = ("model=tiny-random-phi3", "steps=fetch_model")
+PINNED = "overrides=model.revision=0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(scope="module")
-def server_env(tracking_server: TrackingServer) -> dict[str, str]:
-    # The token canary proves that a token in the environment never reaches params, tags or logs.
-    return {
-        "MLFLOW_TRACKING_URI": tracking_server.uri,
-        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-        "HF_TOKEN": TOKEN_CANARY,
-    }
+class Pipeline:
+    """`mlflow run` calls and run look-ups in one experiment of the shared server."""
+
+    def __init__(self, server: TrackingServer, workdir: Path) -> None:
+        self.experiment = f"pipeline-{uuid.uuid4().hex[:8]}"
+        self.client = MlflowClient(tracking_uri=server.uri)
+        self.server = server
+        self.workdir = workdir
+        self.env = {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": self.experiment}
+
+    def run(self, *parameters: str, **environment: str):
+        return mlflow_run_main(self.workdir, *parameters, **self.env, **environment)
+
+    def run_ok(self, *parameters: str) -> str:
+        completed = self.run(*parameters)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        return completed.stdout + completed.stderr
+
+    def runs(self, entry_point: str) -> list:
+        return runs_of(self.client, self.experiment, entry_point)
+
+    def steps_record(self, main_run_id: str) -> dict:
+        path = self.client.download_artifacts(main_run_id, "pipeline_steps.json")
+        return json.loads(Path(path).read_text())
 
 
-@pytest.fixture(scope="module")
-def client(tracking_server: TrackingServer) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_server.uri)
+@pytest.fixture
+def pipeline(tracking_server: TrackingServer, tmp_path) -> Pipeline:
+    return Pipeline(tracking_server, tmp_path)
 
 
-def _runs(client: MlflowClient, entry_point: str) -> list:
-    return runs_of(client, EXPERIMENT, entry_point)
+def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
+    pipeline.run_ok(*TINY_FETCH)
 
-
-def _run_ok(tmp_path: Path, server_env: dict[str, str], *parameters: str) -> str:
-    completed = mlflow_run_main(tmp_path, *parameters, **server_env)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    return completed.stdout + completed.stderr
-
-
-def _steps_record(client: MlflowClient, main_run_id: str) -> dict:
-    path = client.download_artifacts(main_run_id, "pipeline_steps.json")
-    return json.loads(Path(path).read_text())
-
-
-def test_cold_run_logs_nested_fetch_run_with_manifest(tmp_path, server_env, client):
-    _run_ok(tmp_path, server_env, *TINY_FETCH)
-
-    (main_run,) = _runs(client, "main")
-    (fetch_run,) = _runs(client, "fetch_model")
+    (main_run,) = pipeline.runs("main")
+    (fetch_run,) = pipeline.runs("fetch_model")
+    client = pipeline.client
     assert fetch_run.info.status == "FINISHED"
     assert fetch_run.data.tags["mlflow.parentRunId"] == main_run.info.run_id
     assert fetch_run.data.params["source"] == "synthetic"
@@ -67,10 +73,8 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(tmp_path, server_env, clie
     assert fetch_run.data.metrics["model_parameter_count"] > 0
     assert main_run.data.tags["llm_packager.steps_ran"] == "fetch_model"
     assert len(main_run.data.tags["llm_packager.config_hash"]) == 64
-    assert (
-        "tiny-random-phi3"
-        in Path(client.download_artifacts(main_run.info.run_id, "config.yaml")).read_text()
-    )
+    config = Path(client.download_artifacts(main_run.info.run_id, "config.yaml")).read_text()
+    assert "tiny-random-phi3" in config
 
     run_id = fetch_run.info.run_id
     manifest = json.loads(Path(client.download_artifacts(run_id, "manifest.json")).read_text())
@@ -78,101 +82,94 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(tmp_path, server_env, clie
         info.path.removeprefix("hf_model/") for info in client.list_artifacts(run_id, "hf_model")
     }
     assert {row["path"] for row in manifest["files"]} == logged
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= logged
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= logged
     assert json.loads(fetch_run.data.tags["llm_packager.outputs"]) == {
         "model": f"runs:/{run_id}/hf_model",
         "manifest": f"runs:/{run_id}/manifest.json",
     }
     step_log = Path(client.download_artifacts(run_id, "logs/fetch_model.log")).read_text()
     assert "213312 parameters" in step_log
-    for run in (main_run, fetch_run):
-        recorded = json.dumps([run.data.params, run.data.tags])
-        assert TOKEN_CANARY not in recorded
-    assert TOKEN_CANARY not in step_log
 
 
-def test_identical_rerun_reuses_the_fetch_run(tmp_path, server_env, client):
-    (previous,) = _runs(client, "fetch_model")
-    _run_ok(tmp_path, server_env, *TINY_FETCH)
+def test_identical_rerun_reuses_the_fetch_run(pipeline):
+    pipeline.run_ok(*TINY_FETCH)
+    (previous,) = pipeline.runs("fetch_model")
+    pipeline.run_ok(*TINY_FETCH)
 
-    assert [run.info.run_id for run in _runs(client, "fetch_model")] == [previous.info.run_id]
-    newest_main = _runs(client, "main")[0]
+    assert [run.info.run_id for run in pipeline.runs("fetch_model")] == [previous.info.run_id]
+    newest_main = pipeline.runs("main")[0]
     assert newest_main.data.tags["llm_packager.steps_reused"] == "fetch_model"
-    assert _steps_record(client, newest_main.info.run_id) == {
+    assert pipeline.steps_record(newest_main.info.run_id) == {
         "fetch_model": {"run_id": previous.info.run_id, "reused": True}
     }
 
 
-def test_int_parameter_given_as_string_still_reuses(tmp_path, server_env, client):
-    before = len(_runs(client, "fetch_model"))
-    # The default is 2; typed on the command line it arrives as a string.
-    _run_ok(tmp_path, server_env, *TINY_FETCH, "overrides=model.num_hidden_layers=2")
-    assert len(_runs(client, "fetch_model")) == before
+def test_an_int_written_as_03_reuses_the_run_made_with_3(pipeline):
+    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=3")
+    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=03")
+    (fetch_run,) = pipeline.runs("fetch_model")
+    assert fetch_run.data.params["num_hidden_layers"] == "3"
+    assert pipeline.runs("main")[0].data.tags["llm_packager.steps_reused"] == "fetch_model"
 
 
-def test_deleted_announced_artifact_makes_a_new_run(tmp_path, server_env, client, tracking_server):
-    (previous,) = _runs(client, "fetch_model")
-    artifacts = tracking_server.artifact_root / previous.info.experiment_id / previous.info.run_id
-    (artifacts / "artifacts" / "manifest.json").unlink()
+def test_deleted_announced_artifact_makes_a_new_run(pipeline):
+    pipeline.run_ok(*TINY_FETCH)
+    (previous,) = pipeline.runs("fetch_model")
+    info = previous.info
+    artifacts = pipeline.server.artifact_root / info.experiment_id / info.run_id / "artifacts"
+    (artifacts / "manifest.json").unlink()
 
-    _run_ok(tmp_path, server_env, *TINY_FETCH)
+    pipeline.run_ok(*TINY_FETCH)
 
-    newest, older = _runs(client, "fetch_model")
+    newest, older = pipeline.runs("fetch_model")
     assert older.info.run_id == previous.info.run_id
     assert newest.data.tags[REUSE_KEY_TAG] == previous.data.tags[REUSE_KEY_TAG]
 
 
-def test_changed_step_parameter_makes_a_new_run(tmp_path, server_env, client):
-    before = {run.info.run_id for run in _runs(client, "fetch_model")}
-    _run_ok(tmp_path, server_env, *TINY_FETCH, "overrides=model.num_hidden_layers=3")
+def test_changed_step_parameter_makes_a_new_run(pipeline):
+    pipeline.run_ok(*TINY_FETCH)
+    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=3")
 
-    new = [run for run in _runs(client, "fetch_model") if run.info.run_id not in before]
-    assert len(new) == 1
-    assert new[0].data.params["num_hidden_layers"] == "3"
+    newest, older = pipeline.runs("fetch_model")
+    assert (newest.data.params["num_hidden_layers"], older.data.params["num_hidden_layers"]) == (
+        "3", "2"
+    )  # fmt: skip
 
 
-def test_force_reruns_and_the_newest_match_wins(tmp_path, server_env, client):
-    _run_ok(tmp_path, server_env, *TINY_FETCH, "force=fetch_model")
-    forced = _runs(client, "fetch_model")[0]
-    assert forced.data.params["num_hidden_layers"] == "2"
-    assert _runs(client, "main")[0].data.tags["llm_packager.steps_ran"] == "fetch_model"
+def test_force_reruns_and_the_newest_match_wins(pipeline):
+    pipeline.run_ok(*TINY_FETCH)
+    pipeline.run_ok(*TINY_FETCH, "force=fetch_model")
+    forced, _ = pipeline.runs("fetch_model")
+    assert pipeline.runs("main")[0].data.tags["llm_packager.steps_ran"] == "fetch_model"
 
-    _run_ok(tmp_path, server_env, *TINY_FETCH)
-    newest_main = _runs(client, "main")[0]
-    assert _steps_record(client, newest_main.info.run_id)["fetch_model"] == {
+    pipeline.run_ok(*TINY_FETCH)
+    newest_main = pipeline.runs("main")[0]
+    assert pipeline.steps_record(newest_main.info.run_id)["fetch_model"] == {
         "run_id": forced.info.run_id,
         "reused": True,
     }
 
 
-def test_bad_override_fails_in_one_line_before_any_step_run(tmp_path, server_env, client):
-    fetch_runs_before = len(_runs(client, "fetch_model"))
-    completed = mlflow_run_main(
-        tmp_path, *TINY_FETCH, "overrides=model.no_such_key=1", **server_env
-    )
+def test_bad_override_fails_in_one_line_before_any_step_run(pipeline):
+    completed = pipeline.run(*TINY_FETCH, "overrides=model.no_such_key=1")
 
     assert completed.returncode != 0
     assert "error: Unknown config key 'model.no_such_key'" in completed.stderr
-    assert len(_runs(client, "fetch_model")) == fetch_runs_before
-    main_run = _runs(client, "main")[0]
+    assert pipeline.runs("fetch_model") == []
+    (main_run,) = pipeline.runs("main")
     assert main_run.info.status == "FAILED"
     assert "model.no_such_key" in main_run.data.tags[ERROR_TAG]
 
 
-def test_failed_step_stops_main_and_names_the_step_and_its_run(tmp_path, server_env, client):
+def test_failed_step_stops_main_and_names_the_step_and_its_run(pipeline, tmp_path):
     # A Hub that refuses connections at once: the fetch step must fail fast and say what to do.
-    completed = mlflow_run_main(
-        tmp_path,
-        "steps=fetch_model",
-        "overrides=model.revision=0123456789abcdef0123456789abcdef01234567",
-        HF_ENDPOINT="http://127.0.0.1:9",
-        HF_HUB_OFFLINE="0",
+    completed = pipeline.run(
+        "steps=fetch_model", PINNED, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0",
         HF_HOME=str(tmp_path / "hf-home"),
-        **server_env,
-    )
+    )  # fmt: skip
 
     assert completed.returncode != 0
-    failed = _runs(client, "fetch_model")[0]
+    (failed,) = pipeline.runs("fetch_model")
     assert failed.info.status == "FAILED"
     assert failed.data.params["source"] == "hub"
     output = completed.stdout + completed.stderr
@@ -181,5 +178,76 @@ def test_failed_step_stops_main_and_names_the_step_and_its_run(tmp_path, server_
     assert reason.startswith("Cannot reach the Hugging Face Hub at http://127.0.0.1:9")
     assert "-P model=tiny-random-phi3" in reason
     assert f"runs:/{failed.info.run_id}/logs/fetch_model.log" in output
-    assert _runs(client, "main")[0].info.status == "FAILED"
+    assert pipeline.runs("main")[0].info.status == "FAILED"
+
+
+def test_main_records_the_steps_that_ran_before_one_failed(pipeline):
+    # The model builder refuses an unknown quantisation algorithm: log_onnx fails after
+    # fetch_model ran.
+    completed = pipeline.run(
+        "model=tiny-random-phi3", "steps=fetch_model,log_onnx",
+        "overrides=onnx.extra_options.algo_config=no_such_algo",
+    )  # fmt: skip
+    assert completed.returncode != 0
+    (main_run,) = pipeline.runs("main")
+    (fetch_run,) = pipeline.runs("fetch_model")
+    (failed,) = pipeline.runs("log_onnx")
+    assert failed.info.status == "FAILED"
+    assert "no_such_algo" in failed.data.tags[ERROR_TAG]
+    assert main_run.data.tags["llm_packager.steps_ran"] == "fetch_model"
+    assert pipeline.steps_record(main_run.info.run_id) == {
+        "fetch_model": {"run_id": fetch_run.info.run_id, "reused": False}
+    }
+
+
+class _RecordingHub(BaseHTTPRequestHandler):
+    """A Hub on loopback that answers every request 'repository not found' and records the
+    Authorization headers it was sent."""
+
+    authorizations: ClassVar[list[str]] = []
+
+    def _refuse(self) -> None:
+        self.authorizations.append(self.headers.get("Authorization", ""))
+        body = b'{"error": "Repository not found"}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = _refuse
+
+    def log_message(self, *arguments) -> None:
+        return None
+
+
+def test_a_hugging_face_token_the_hub_path_uses_never_reaches_params_tags_or_logs(
+    pipeline, tmp_path
+):
+    _RecordingHub.authorizations = []
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        completed = pipeline.run(
+            "steps=fetch_model", PINNED, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}",
+            HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=TOKEN_CANARY,
+        )  # fmt: skip
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert completed.returncode != 0
+    # The token really went to the Hub: the path that handles it ran.
+    assert f"Bearer {TOKEN_CANARY}" in _RecordingHub.authorizations
+    (failed,) = pipeline.runs("fetch_model")
+    (main_run,) = pipeline.runs("main")
+    step_log = Path(
+        pipeline.client.download_artifacts(failed.info.run_id, "logs/fetch_model.log")
+    ).read_text()
+    assert "404" in step_log or "not found" in step_log.lower()
+    for run in (main_run, failed):
+        assert TOKEN_CANARY not in json.dumps([run.data.params, run.data.tags])
+    assert TOKEN_CANARY not in step_log
+    assert TOKEN_CANARY not in completed.stdout + completed.stderr
     shutil.rmtree(tmp_path / "hf-home", ignore_errors=True)

@@ -1,4 +1,4 @@
-"""MLproject parameters, their normalisation, and the code version in the reuse key."""
+"""Planning step runs from the config, the code version in the reuse key, step selection."""
 
 from __future__ import annotations
 
@@ -8,68 +8,44 @@ import subprocess
 import pytest
 
 from llm_packager.config import compose_config
+from llm_packager.parameters import ROLE_UPSTREAM, as_mlflow_parameters, fields_of
 from llm_packager.pipeline import (
-    PIPELINE_STEPS,
     SelectionError,
+    plan_pipeline,
     resolve_env_manager,
     select_forced,
     select_steps,
-    step_parameters,
 )
-from llm_packager.project import (
-    PROJECT_DIR,
-    ParameterError,
-    ParameterSpec,
-    code_version,
-    load_entry_points,
-    normalise_parameters,
-)
+from llm_packager.project import PROJECT_DIR, code_version
 from llm_packager.reuse import reuse_key
-
-SPECS = {
-    "layers": ParameterSpec("layers", "int", 2),
-    "rate": ParameterSpec("rate", "float", 0.5),
-    "name": ParameterSpec("name", "string", "x"),
-}
+from llm_packager.specs import STEP_NAMES
 
 
-def test_int_given_as_text_or_number_normalises_the_same():
-    assert (
-        normalise_parameters(SPECS, {"layers": "03"})
-        == normalise_parameters(SPECS, {"layers": 3})
-        == {"layers": "3", "rate": "0.5", "name": "x"}
-    )
+def test_the_plan_gives_every_step_run_all_its_parameters_but_upstream_run_ids():
+    plan = plan_pipeline(compose_config("tiny-random-phi3", ""))
+    assert [planned.name for planned in plan] == list(STEP_NAMES)
+    for planned in plan:
+        spec = planned.definition.parameters
+        upstream = {field.name for field in fields_of(spec, ROLE_UPSTREAM)}
+        assert set(planned.values) == {field.name for field in fields_of(spec)} - upstream
+        run_ids = {
+            name: ("run-a",) if name == "candidate_run_ids" else "run-a" for name in upstream
+        }
+        as_mlflow_parameters(spec(**planned.values, **run_ids))
 
 
-def test_float_forms_normalise_the_same():
-    assert normalise_parameters(SPECS, {"rate": "1"}) == normalise_parameters(SPECS, {"rate": 1.0})
-
-
-def test_defaults_are_filled_in():
-    assert normalise_parameters(SPECS, {}) == {"layers": "2", "rate": "0.5", "name": "x"}
-
-
-def test_bad_parameters_are_named():
-    with pytest.raises(ParameterError, match=r"^parameter 'layers' must be int, got 'three'$"):
-        normalise_parameters(SPECS, {"layers": "three"})
-    with pytest.raises(ParameterError, match=r"^unknown parameter"):
-        normalise_parameters(SPECS, {"colour": "red"})
-    with pytest.raises(ParameterError, match=r"^parameter 'needed' is required$"):
-        normalise_parameters({"needed": ParameterSpec("needed", "string", None)}, {})
-
-
-def test_mlproject_has_no_path_parameters():
-    for parameters in load_entry_points().values():
-        assert all(spec.type in {"string", "int", "float"} for spec in parameters.values())
-
-
-def test_main_passes_every_step_exactly_its_mlproject_parameters():
-    entry_points = load_entry_points()
-    cfg = compose_config("tiny-random-phi3", "")
-    assert set(entry_points) == {"main", *PIPELINE_STEPS}
-    for step, upstream in PIPELINE_STEPS.items():
-        given = set(step_parameters(step, cfg)) | {f"{name}_run_id" for name in upstream}
-        assert given == set(entry_points[step]), step
+def test_each_onnx_variant_is_a_log_onnx_run_of_its_own():
+    plan = plan_pipeline(
+        compose_config("tiny-random-phi3", "onnx.variants={int8:{precision:int8},b128:"
+                                           "{extra_options:{block_size:128}}}"),
+        ["log_onnx"],
+    )  # fmt: skip
+    assert [planned.name for planned in plan] == ["log_onnx", "log_onnx:int8", "log_onnx:b128"]
+    assert [planned.values["candidate"] for planned in plan] == ["onnx", "onnx-int8", "onnx-b128"]
+    assert [planned.values["precision"].value for planned in plan] == ["int4", "int8", "int4"]
+    assert [planned.values["extra_options"]["block_size"] for planned in plan] == [
+        "32", "32", "128"
+    ]  # fmt: skip
 
 
 def test_reuse_key_depends_on_every_input():
@@ -122,10 +98,10 @@ def test_code_version_is_the_commit_when_clean_and_tells_dirty_edits_apart(tmp_p
 
 
 def test_step_selection_and_force():
-    assert select_steps("all") == list(PIPELINE_STEPS)
+    assert select_steps("all") == list(STEP_NAMES)
     assert select_steps("log_onnx, fetch_model") == ["fetch_model", "log_onnx"]
     assert select_forced("none") == set()
-    assert select_forced("all") == set(PIPELINE_STEPS)
+    assert select_forced("all") == set(STEP_NAMES)
     with pytest.raises(
         SelectionError, match=r"^steps: unknown step 'fetch'; known steps: fetch_model"
     ):

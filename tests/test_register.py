@@ -1,4 +1,8 @@
-"""The register step: alias only past the gate, idempotent versions, lineage on the version."""
+"""The register step: alias only past the gate, idempotent versions, lineage on the version.
+
+Each test evaluates the tiny model's candidates first (a worker process per candidate), so these
+tests are slow.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,29 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
+from llm_packager.evaluation_record import Evaluation, EvaluationRecordError
+from llm_packager.metrics import parse_gate
 from llm_packager.project import PROJECT_DIR
-from steps.evaluate import EvaluateRequest, evaluate
-from steps.register import RegisterRequest, register
+from llm_packager.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.specs import EvaluateParameters, RegisterParameters
+from steps.evaluate import evaluate
+from steps.register import register
 
 from .support import project_environment
 
+pytestmark = pytest.mark.slow
+
 PASSING_GATE = "exact_match>=0,latency_p95_s<=30"
 FAILING_GATE = "exact_match>=0.9"
+FLAVORS = {"onnx": "python_function (onnxruntime-genai)", "transformers": "transformers"}
 
 
-def _evaluation(runs, gate: str) -> str:
-    request = EvaluateRequest(
-        log_transformers_run_id=runs["log_transformers"], log_onnx_run_id=runs["log_onnx"],
-        limit=3, max_tokens=4, ttft_requests=1, gate=gate,
+def _evaluation(runs, gate: str, candidate_run_ids=None) -> str:
+    request = EvaluateParameters(
+        candidate_run_ids=candidate_run_ids or (runs["log_transformers"], runs["log_onnx"]),
+        limit=3, max_tokens=4, ttft_requests=1, gate=parse_gate(gate),
     )  # fmt: skip
     with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
         evaluate(request, run.info.run_id)
@@ -30,7 +42,7 @@ def _evaluation(runs, gate: str) -> str:
 
 
 def _register(runs, evaluate_run_id: str, name: str, **options):
-    request = RegisterRequest(
+    request = RegisterParameters(
         evaluate_run_id=evaluate_run_id, registered_model_name=name, **options
     )
     with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
@@ -38,39 +50,35 @@ def _register(runs, evaluate_run_id: str, name: str, **options):
     return run.info.run_id, result
 
 
-def test_winner_gets_champion_other_gets_challenger_with_lineage(logged_models_tracking):
+def test_winner_gets_champion_runner_up_gets_challenger_with_lineage(logged_models_tracking):
     client, runs = logged_models_tracking
     evaluate_run_id = _evaluation(runs, PASSING_GATE)
     register_run_id, result = _register(runs, evaluate_run_id, "lineage-test")
 
-    # Which model is faster on three tiny prompts is noise; register must follow the evaluation.
-    winner = client.get_run(evaluate_run_id).data.tags["recommended_model"]
-    other = {"onnx": "transformers", "transformers": "onnx"}[winner]
-    assert result.status == "registered" and result.model == winner
+    # Which candidate is faster on three tiny prompts is noise; register must follow evaluate.
+    evaluation = Evaluation.load(evaluate_run_id)
+    winner, other = (candidate.name for candidate in evaluation.ranked())
+    assert evaluation.recommendation.candidate == winner
+    assert result.status == "registered" and result.candidate == winner
     aliases = client.get_registered_model("lineage-test").aliases
     champion = client.get_model_version_by_alias("lineage-test", "champion")
     challenger = client.get_model_version_by_alias("lineage-test", "challenger")
     assert aliases == {"champion": champion.version, "challenger": challenger.version}
     assert champion.status == challenger.status == "READY"
-    winner_uri = client.get_run(runs[f"log_{winner}"]).data.tags["llm_packager.model_uri"]
-    assert champion.source == winner_uri
-    flavors = {"onnx": "python_function (onnxruntime-genai)", "transformers": "transformers"}
+    assert champion.source == evaluation.candidate(winner).model_uri
     tags = champion.tags
-    assert tags["flavor"] == flavors[winner]
+    assert tags["flavor"] == FLAVORS[winner]
+    assert tags["candidate"] == winner
     assert tags["validation_status"] == "passed"
     assert tags["run.fetch_model"] == runs["fetch_model"]
     assert tags[f"run.log_{winner}"] == runs[f"log_{winner}"]
     assert tags["run.evaluate"] == evaluate_run_id
     assert tags["run.register"] == register_run_id
     assert tags["random_weights"] == "true"
-    assert {
-        "git_commit",
-        "code_version",
-        "metric.exact_match",
-        "metric.decode_tokens_per_s",
-    } <= set(tags)
+    assert {"git_commit", "code_version", "metric.exact_match",
+            "metric.decode_tokens_per_s"} <= set(tags)  # fmt: skip
     assert "Random weights: quality figures mean nothing." in champion.description
-    assert challenger.tags["flavor"] == flavors[other]
+    assert challenger.tags["flavor"] == FLAVORS[other]
     decision = json.loads(Path(mlflow.artifacts.download_artifacts(
         f"runs:/{register_run_id}/registration.json")).read_text())  # fmt: skip
     assert decision["aliases"] == aliases
@@ -89,7 +97,7 @@ def test_registering_the_same_model_again_returns_the_existing_version(logged_mo
     assert len(client.search_model_versions("name = 'idempotent-test'")) == 2  # onnx + transformers
 
 
-def test_no_model_past_the_gate_registers_nothing_and_keeps_aliases(logged_models_tracking):
+def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(logged_models_tracking):
     client, runs = logged_models_tracking
     _register(runs, _evaluation(runs, PASSING_GATE), "gate-test")
     before = client.get_registered_model("gate-test").aliases
@@ -114,12 +122,48 @@ def test_no_model_past_the_gate_registers_nothing_and_keeps_aliases(logged_model
     assert "exact_match 0 < 0.9" in run.data.tags["registration_reason"]
 
 
-def test_allow_unvalidated_registers_and_says_so(logged_models_tracking):
+def test_allow_unvalidated_registers_says_so_and_removes_a_stale_challenger(
+    logged_models_tracking,
+):
     client, runs = logged_models_tracking
+    _register(runs, _evaluation(runs, PASSING_GATE), "unvalidated-test")
+    assert "challenger" in client.get_registered_model("unvalidated-test").aliases
     _, result = _register(runs, _evaluation(runs, FAILING_GATE), "unvalidated-test",
                           allow_unvalidated=True)  # fmt: skip
     assert result.status == "registered"
     champion = client.get_model_version_by_alias("unvalidated-test", "champion")
     assert champion.tags["registered_unvalidated"] == "true"
     assert champion.tags["validation_status"] == "rejected"
+    # No second candidate passed, so @challenger no longer points at the earlier run's model.
     assert "challenger" not in client.get_registered_model("unvalidated-test").aliases
+
+
+def test_with_three_candidates_the_runner_up_by_the_policy_is_the_challenger(
+    logged_models_tracking,
+):
+    client, runs = logged_models_tracking
+    onnx_uri = client.get_run(runs["log_onnx"]).data.tags[MODEL_URI_TAG]
+    with mlflow.start_run(experiment_id=runs["experiment_id"]) as third:
+        mlflow.set_tags({CANDIDATE_TAG: "onnx-again", RUNTIME_TAG: "onnx",
+                         MODEL_URI_TAG: onnx_uri})  # fmt: skip
+    evaluate_run_id = _evaluation(
+        runs, PASSING_GATE, (runs["log_transformers"], runs["log_onnx"], third.info.run_id)
+    )
+    _, result = _register(runs, evaluate_run_id, "three-test")
+    winner, *others = Evaluation.load(evaluate_run_id).ranked()
+    assert result.candidate == winner.name
+    # The runner-up is the best-ranked candidate that is another model than the winner.
+    runner_up = next(c for c in others if c.model_uri != winner.model_uri)
+    challenger = client.get_model_version_by_alias("three-test", "challenger")
+    assert challenger.tags["candidate"] == runner_up.name
+    champion = client.get_model_version_by_alias("three-test", "champion")
+    assert champion.tags["candidate"] == winner.name
+
+
+def test_an_evaluate_run_without_its_contract_is_refused(logged_models_tracking):
+    _, runs = logged_models_tracking
+    with mlflow.start_run(experiment_id=runs["experiment_id"]) as empty:
+        pass
+    with pytest.raises(EvaluationRecordError, match=rf"^evaluate run {empty.info.run_id} has no "
+                                                    r"evaluation\.json"):  # fmt: skip
+        _register(runs, empty.info.run_id, "contract-test")

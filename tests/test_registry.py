@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from llm_packager.config import ConfigError, compose_config, register_parameters
+from llm_packager.config import ConfigError, compose_config
 from llm_packager.registry import (
     RegistryNameError,
     check_alias,
     check_registered_model_name,
     is_unity_catalog,
 )
-from steps.register import RegisterRequest, register
+from llm_packager.specs import RegisterParameters
+from steps.register import register
 
 
 @pytest.mark.parametrize(
@@ -72,12 +73,10 @@ def test_reserved_and_malformed_aliases_are_refused(alias, message):
 
 
 def test_unity_catalog_config_derives_a_valid_three_level_name():
-    parameters = register_parameters(
-        compose_config("phi3-mini-4k-instruct", "register=unity-catalog")
-    )
-    assert parameters["registry_uri"] == "databricks-uc"
-    assert parameters["registered_model_name"] == "main.default.phi3_mini_4k_instruct_chat"
-    check_registered_model_name(parameters["registered_model_name"], "databricks-uc")
+    register_config = compose_config("phi3-mini-4k-instruct", "register=unity-catalog").register
+    assert register_config.registry_uri == "databricks-uc"
+    assert register_config.registered_model_name == "main.default.phi3_mini_4k_instruct_chat"
+    check_registered_model_name(register_config.registered_model_name, "databricks-uc")
 
 
 def test_a_bad_unity_catalog_name_fails_when_the_config_is_composed():
@@ -89,7 +88,7 @@ def test_a_bad_unity_catalog_name_fails_when_the_config_is_composed():
 
 
 def test_the_register_step_refuses_a_bad_name_before_touching_the_registry(local_tracking):
-    request = RegisterRequest(
+    request = RegisterParameters(
         evaluate_run_id="no-such-run",
         registered_model_name="main.default.tiny-chat",
         registry_uri="databricks-uc",

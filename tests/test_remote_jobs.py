@@ -1,5 +1,5 @@
-"""The shipped Databricks and Azure ML definitions: valid by the vendors' own SDKs, and in step
-with MLproject (same entry points, same parameters, same command lines)."""
+"""The shipped Databricks and Azure ML definitions: valid by the vendors' own SDKs, and running
+the ``main`` entry point with exactly the arguments MLproject declares."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import sys
 import pytest
 import yaml
 
-from llm_packager.pipeline import PIPELINE_STEPS
-from llm_packager.project import PROJECT_DIR, load_entry_points
-from llm_packager.remote_jobs import (
-    AZUREML_JOB,
-    DATABRICKS_BUNDLE,
-    DATABRICKS_CLUSTER_SPEC,
-    mlproject_arguments,
-    render,
-)
+from llm_packager.parameters import fields_of
+from llm_packager.project import PROJECT_DIR
+from llm_packager.remote_jobs import AZUREML_JOB, DATABRICKS_BUNDLE, DATABRICKS_CLUSTER_SPEC
+from llm_packager.specs import MainParameters
 
 from .support import project_environment
+
+MAIN_FLAGS = [f"--{field.name.replace('_', '-')}" for field in fields_of(MainParameters)]
 
 
 def _bundle() -> dict:
@@ -32,63 +29,25 @@ def _job() -> dict:
     return _bundle()["resources"]["jobs"]["llm_packager_pipeline"]
 
 
-def _flags(arguments: list[str]) -> list[str]:
-    return [argument for argument in arguments if argument.startswith("--")]
+def _task_arguments() -> list[str]:
+    (task,) = _job()["tasks"]
+    return task["spark_python_task"]["parameters"]
 
 
-def _mlproject_flags(entry_point: str) -> list[str]:
-    specs = load_entry_points()[entry_point]
-    return _flags(mlproject_arguments(entry_point, {name: "x" for name in specs}))
-
-
-def test_shipped_files_are_what_mlproject_and_the_config_generate():
-    for path, content in render().items():
-        assert (PROJECT_DIR / path).read_text() == content, (
-            f"{path} is out of date: run `python -m llm_packager.remote_jobs`"
-        )
-
-
-def test_a_parameter_added_to_mlproject_makes_the_shipped_files_stale(tmp_path):
-    changed = tmp_path / "project"
-    changed.mkdir()
-    mlproject = (PROJECT_DIR / "MLproject").read_text()
-    edited = mlproject.replace(
-        "      agreement_tokens: {type: int, default: 16}\n",
-        "      agreement_tokens: {type: int, default: 16}\n"
-        "      kv_cache_bits: {type: int, default: 16}\n",
-    ).replace(
-        "--agreement-tokens {agreement_tokens}",
-        "--agreement-tokens {agreement_tokens} --kv-cache-bits {kv_cache_bits}",
-    )
-    assert edited != mlproject
-    (changed / "MLproject").write_text(edited)
-    regenerated = render(project_dir=changed)
-    assert regenerated[DATABRICKS_BUNDLE] != (PROJECT_DIR / DATABRICKS_BUNDLE).read_text()
-    assert "--kv-cache-bits" in regenerated[DATABRICKS_BUNDLE]
-
-
-def test_every_pipeline_step_is_a_task_with_mlprojects_parameters_and_order():
-    tasks = {task["task_key"]: task for task in _job()["tasks"]}
-    assert list(tasks) == list(PIPELINE_STEPS)
-    for entry_point, upstream in PIPELINE_STEPS.items():
-        task = tasks[entry_point]
-        arguments = task["spark_python_task"]["parameters"]
-        assert arguments[0] == entry_point
-        assert _flags(arguments[1:]) == _mlproject_flags(entry_point)
-        assert [d["task_key"] for d in task.get("depends_on", [])] == list(upstream)
-        for name in upstream:
-            flag = f"--{name.replace('_', '-')}-run-id"
-            value = arguments[arguments.index(flag) + 1]
-            assert value == f"{{{{tasks.{name}.values.run_id}}}}"
+def test_the_databricks_job_is_one_task_that_runs_main_with_its_mlproject_flags():
+    arguments = _task_arguments()
+    assert arguments[0] == "main"
+    assert [argument for argument in arguments if argument.startswith("--")] == MAIN_FLAGS
+    assert arguments[arguments.index("--env-manager") + 1] == "local"
 
 
 def test_databricks_registers_to_unity_catalog_with_a_three_level_name():
-    arguments = next(t for t in _job()["tasks"] if t["task_key"] == "register")[
-        "spark_python_task"
-    ]["parameters"]
-    assert arguments[arguments.index("--registry-uri") + 1] == "databricks-uc"
-    name = arguments[arguments.index("--registered-model-name") + 1]
-    assert name == "${var.catalog}.${var.schema}.phi3_mini_4k_instruct_chat"
+    arguments = _task_arguments()
+    overrides = arguments[arguments.index("--overrides") + 1]
+    assert overrides == (
+        "register=unity-catalog "
+        "register.registered_model_name=${var.catalog}.${var.schema}.phi3_mini_4k_instruct_chat"
+    )
     assert {"catalog", "schema"} <= set(_bundle()["variables"])
 
 
@@ -96,7 +55,7 @@ def test_the_bundle_job_validates_with_databricks_bundles():
     from databricks.bundles.jobs import Job
 
     job = Job.from_dict(_job())
-    assert [task.task_key for task in job.tasks] == list(PIPELINE_STEPS)
+    assert [task.task_key for task in job.tasks] == ["main"]
 
 
 def test_the_bundle_job_refuses_a_misspelt_field_so_the_check_can_fail():
@@ -131,14 +90,14 @@ def test_the_azure_ml_job_validates_with_azure_ai_ml():
 
     job = load_job(PROJECT_DIR / AZUREML_JOB)
     assert job.type == "command"
-    assert set(job.inputs) == set(load_entry_points()["main"])
+    assert set(job.inputs) == {field.name for field in fields_of(MainParameters)}
     assert (
         job.environment.conda_file["dependencies"]
         == yaml.safe_load((PROJECT_DIR / "conda.yaml").read_text())["dependencies"]
     )
     command = job.command.split(" && ")[-1]
     assert command.startswith("python -m steps.main ")
-    assert _flags(command.split()) == _mlproject_flags("main")
+    assert [word for word in command.split() if word.startswith("--")] == MAIN_FLAGS
 
 
 def test_the_azure_ml_loader_refuses_a_bad_job_so_the_check_can_fail(tmp_path):
@@ -157,17 +116,13 @@ def test_the_azure_ml_loader_refuses_a_bad_job_so_the_check_can_fail(tmp_path):
     assert "Unknown field." in str(refused.value)
 
 
-def test_the_databricks_task_script_runs_the_same_step_code(tmp_path):
+def test_the_databricks_task_script_runs_an_entry_point_module(tmp_path):
     import mlflow
 
-    arguments = next(t for t in _job()["tasks"] if t["task_key"] == "fetch_model")[
-        "spark_python_task"
-    ]["parameters"]
-    assert arguments[0] == "fetch_model"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     completed = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "databricks" / "run_step.py"), "fetch_model",
-         "--model-name", "tiny", "--source", "synthetic", "--vocab-size", "1024",
+         "--name", "tiny", "--source", "synthetic", "--vocab-size", "1024",
          "--hidden-size", "64", "--intermediate-size", "128", "--num-hidden-layers", "2",
          "--num-attention-heads", "4", "--num-key-value-heads", "4",
          "--max-position-embeddings", "512"],
@@ -177,7 +132,6 @@ def test_the_databricks_task_script_runs_the_same_step_code(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     run = mlflow.MlflowClient(tracking_uri).search_runs(["0"])[0]
     assert run.info.status == "FINISHED"
-    assert f"fetch_model: run {run.info.run_id}" in completed.stderr
     assert run.data.tags["llm_packager.model_name"] == "tiny"
 
 

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import mlflow
 import pytest
 
-from steps.evaluate import EvaluateRequest, evaluate
+from llm_packager.metrics import parse_gate
+from llm_packager.specs import EvaluateParameters, RegisterParameters
+from steps.evaluate import evaluate
 from steps.log_onnx import REFERENCE_PROMPT_REQUEST
-from steps.register import RegisterRequest, register
+from steps.register import register
 
 from .support import project_environment
 
@@ -34,12 +36,13 @@ def registered(logged_models) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(experiment_id=runs["experiment_id"]) as evaluation:
-            evaluate(EvaluateRequest(
-                log_transformers_run_id=runs["log_transformers"], log_onnx_run_id=runs["log_onnx"],
-                limit=2, max_tokens=4, ttft_requests=1, gate="exact_match>=0"),
+            evaluate(EvaluateParameters(
+                candidate_run_ids=(runs["log_transformers"], runs["log_onnx"]),
+                limit=2, max_tokens=4, ttft_requests=1, gate=parse_gate("exact_match>=0")),
                 evaluation.info.run_id)  # fmt: skip
         with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
-            register(RegisterRequest(evaluation.info.run_id, NAME), run.info.run_id)
+            register(RegisterParameters(evaluate_run_id=evaluation.info.run_id,
+                                        registered_model_name=NAME), run.info.run_id)  # fmt: skip
     finally:
         mlflow.set_tracking_uri(previous)
     return uri

@@ -1,0 +1,84 @@
+"""Every closed set of choices the pipeline accepts, defined once.
+
+The config schema, the step parameters, the command-line parsers and the library code all use
+these enumerations, so a new choice is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ModelSource(Enum):
+    """Where fetch_model gets the model folder."""
+
+    hub = "hub"
+    local = "local"
+    synthetic = "synthetic"
+
+
+class OnnxSource(Enum):
+    """Where log_onnx gets the ONNX model."""
+
+    prebuilt = "prebuilt"
+    build = "build"
+
+
+class OnnxPrecision(Enum):
+    """Weight precision of an ONNX build."""
+
+    int4 = "int4"
+    int8 = "int8"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ExecutionProvider(Enum):
+    """The onnxruntime execution provider an ONNX model is built for."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Device(Enum):
+    """Where torch runs the transformers model."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TorchDtype(Enum):
+    """The dtype the transformers model loads with; ``auto`` keeps the stored one."""
+
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Runtime(Enum):
+    """What runs a candidate model; each log step logs candidates of one runtime."""
+
+    transformers = "transformers"
+    onnx = "onnx"
+
+
+class GateDirection(Enum):
+    """Whether a gate metric must stay above (higher) or below (lower) its threshold."""
+
+    higher = "higher"
+    lower = "lower"
+
+
+class RecommendationPolicy(Enum):
+    """How evaluate picks the candidate to ship among those that passed the gate."""
+
+    fastest_passed = "fastest_passed"
+    best_quality_passed = "best_quality_passed"
+    smallest_passed = "smallest_passed"
+
+
+def choice_names(enumeration: type[Enum]) -> str:
+    """``a, b or c``: the values of an enumeration, for messages and help texts."""
+    values = [member.value for member in enumeration]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"

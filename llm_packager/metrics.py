@@ -1,0 +1,143 @@
+"""The metrics evaluate measures for every candidate, and the gate rules that judge them.
+
+A gate is a list of rules, ``metric`` ``>=`` or ``<=`` a threshold. It is written in conf/ as
+``{metric: {threshold: x, direction: higher|lower}}`` and passed to the evaluate step as the text
+``metric>=x,metric<=y`` (sorted, so equal gates give equal parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from llm_packager.choices import GateDirection
+
+QUALITY_METRICS = ("exact_match", "contains_reference", "token_f1")
+# Measured against the reference candidate; the reference agrees with itself (1.0).
+AGREEMENT_METRICS = ("identical_rate", "token_agreement")
+# Every per-candidate metric the evaluate step measures, and so every metric a gate may name.
+MODEL_METRICS = (
+    *QUALITY_METRICS,
+    *AGREEMENT_METRICS,
+    "decode_tokens_per_s",
+    "ttft_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "load_seconds",
+    "peak_rss_load_mib",
+    "peak_rss_generate_mib",
+    "model_size_bytes",
+    "model_size_mib",
+)
+_OPERATORS = {">=": GateDirection.higher, "<=": GateDirection.lower}
+
+
+@dataclass
+class GateThreshold:
+    """One gate rule as written in conf/ (the config schema's shape)."""
+
+    threshold: float = MISSING
+    direction: GateDirection = MISSING
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """``metric`` must be ``direction`` (higher: at least; lower: at most) ``threshold``."""
+
+    metric: str
+    threshold: float
+    direction: GateDirection
+
+    def check(self, metrics: dict[str, float]) -> str | None:
+        """None if the rule holds, else the reason it does not."""
+        if self.metric not in metrics:
+            return f"{self.metric} was not measured"
+        value = metrics[self.metric]
+        if self.direction == GateDirection.higher and value < self.threshold:
+            return f"{self.metric} {value:.4g} < {self.threshold:g}"
+        if self.direction == GateDirection.lower and value > self.threshold:
+            return f"{self.metric} {value:.4g} > {self.threshold:g}"
+        return None
+
+
+class GateError(ValueError):
+    """A gate rule that cannot be parsed or names an unknown metric."""
+
+
+def parse_gate(text: str) -> tuple[GateRule, ...]:
+    """Parse ``metric>=value,metric<=value`` (empty: no rule).
+
+    Raises:
+        GateError: naming a rule that is not ``metric>=number`` or ``metric<=number``, or an
+            unknown metric.
+    """
+    rules = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if not part:
+            continue
+        operator = next((op for op in _OPERATORS if op in part), None)
+        metric, _, value = part.partition(operator) if operator else (part, "", "")
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise GateError(f"gate rule '{part}' is not metric>=number or metric<=number") from None
+        if metric.strip() not in MODEL_METRICS:
+            raise GateError(f"gate rule '{part}': unknown metric '{metric.strip()}'")
+        rules.append(GateRule(metric.strip(), threshold, _OPERATORS[operator]))
+    return tuple(rules)
+
+
+def format_gate(rules: tuple[GateRule, ...]) -> str:
+    """The inverse of `parse_gate`, sorted by metric so equal gates give equal strings."""
+    symbols = {direction: operator for operator, direction in _OPERATORS.items()}
+    return ",".join(
+        f"{rule.metric}{symbols[rule.direction]}{rule.threshold:g}"
+        for rule in sorted(rules, key=lambda rule: rule.metric)
+    )
+
+
+def gate_from_config(gate: dict) -> tuple[GateRule, ...]:
+    """Rules from the conf/ shape ``{metric: {threshold, direction}}``.
+
+    Raises:
+        GateError: an unknown metric.
+    """
+    rules = []
+    for metric, rule in gate.items():
+        if metric not in MODEL_METRICS:
+            raise GateError(f"unknown metric '{metric}'; known: {', '.join(MODEL_METRICS)}")
+        rules.append(GateRule(str(metric), float(rule.threshold), GateDirection(rule.direction)))
+    return tuple(sorted(rules, key=lambda rule: rule.metric))
+
+
+def gate_to_config(rules: tuple[GateRule, ...]) -> dict[str, GateThreshold]:
+    """The conf/ shape of a gate, the inverse of `gate_from_config`."""
+    return {rule.metric: GateThreshold(rule.threshold, rule.direction) for rule in rules}
+
+
+PASSED = "passed"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's verdict on one candidate: passed, or rejected with the reasons."""
+
+    status: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Whether the candidate met every rule of the gate."""
+        return self.status == PASSED
+
+    def explanation(self) -> str:
+        """The reasons in one line, or that every threshold was met."""
+        return "; ".join(self.reasons) or "all thresholds met"
+
+
+def apply_gate(rules: tuple[GateRule, ...], metrics: dict[str, float]) -> Verdict:
+    """Passed, or rejected with one reason per rule that does not hold."""
+    reasons = tuple(reason for rule in rules if (reason := rule.check(metrics)) is not None)
+    return Verdict(REJECTED if reasons else PASSED, reasons)

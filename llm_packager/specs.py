@@ -1,0 +1,194 @@
+"""The parameters of every entry point, each declared once.
+
+A step's parameters are one frozen dataclass here. ``config`` fields are read from the step's conf/
+section by the same name (``onnx.max_tokens_cap`` is ``LogOnnxParameters.max_tokens_cap``);
+``upstream`` fields are the run ids ``main`` passes on; ``computed`` fields are set by ``main``.
+MLproject, the command-line parsers, the config schema and the README tables are all derived from
+these classes (``llm_packager.parameters``); ``python -m llm_packager.generate`` rewrites the
+generated files after a change here. See docs/architecture.md, "Adding a parameter".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llm_packager.choices import (
+    Device,
+    ExecutionProvider,
+    ModelSource,
+    OnnxPrecision,
+    OnnxSource,
+    RecommendationPolicy,
+    TorchDtype,
+)
+from llm_packager.metrics import (
+    GateRule,
+    GateThreshold,
+    format_gate,
+    gate_from_config,
+    gate_to_config,
+    parse_gate,
+)
+from llm_packager.parameters import Codec, computed, parameter, upstream
+
+GATE = Codec(
+    "string", format_gate, parse_gate, dict[str, GateThreshold], gate_from_config,
+    gate_to_config, expects="metric>=x,metric<=y",
+)  # fmt: skip
+_SYNTHETIC = "synthetic model only (0 otherwise): "
+
+
+@dataclass(frozen=True, kw_only=True)
+class MainParameters:
+    """Run the LLM packaging pipeline: compose the config, then run or reuse each step."""
+
+    model: str = parameter("the conf/model choice, e.g. tiny-random-phi3", "phi3-mini-4k-instruct")
+    steps: str = parameter("all, or a comma list of steps to run", "all")
+    overrides: str = parameter("Hydra overrides as one string; none means none", "")
+    force: str = parameter("none, all, or a comma list of steps to rerun though reusable", "none")
+    env_manager: str = parameter(
+        "env manager for the step runs: auto (the one main runs under), local, virtualenv, uv "
+        "or conda",
+        "auto",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchModelParameters:
+    """Fetch a Hugging Face model folder and log it with a checksum manifest."""
+
+    name: str = parameter("the model's name, tagged on the runs", "custom")
+    source: ModelSource = parameter("where the model folder comes from", ModelSource.hub)
+    repo_id: str = parameter("Hugging Face repository (source hub)", "")
+    revision: str = parameter("the Hub commit, 40 hex characters (source hub)", "")
+    allow_unpinned_revision: bool = parameter("accept a branch or tag as revision", False)
+    allow_patterns: tuple[str, ...] = parameter("globs of the Hub files to fetch (empty: all)", ())
+    local_dir: str = parameter("a model folder in Hugging Face layout (source local)", "")
+    vocab_size: int = parameter(_SYNTHETIC + "vocabulary size", 0)
+    hidden_size: int = parameter(_SYNTHETIC + "hidden size", 0)
+    intermediate_size: int = parameter(_SYNTHETIC + "MLP size", 0)
+    num_hidden_layers: int = parameter(_SYNTHETIC + "decoder layers", 0)
+    num_attention_heads: int = parameter(_SYNTHETIC + "attention heads", 0)
+    num_key_value_heads: int = parameter(_SYNTHETIC + "key/value heads", 0)
+    max_position_embeddings: int = parameter(_SYNTHETIC + "context length", 0)
+    seed: int = parameter("synthetic model only: seed of its random weights", 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParameters:
+    """Generation defaults baked into a logged chat model; a request's own values win."""
+
+    max_new_tokens: int = parameter("default answer length in new tokens", 64)
+    do_sample: bool = parameter("sample by default; false decodes greedily", False)
+    temperature: float = parameter("sampling temperature, used only when sampling", 1.0)
+    top_p: float = parameter("nucleus sampling mass, used only when sampling", 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogTransformersParameters(GenerationParameters):
+    """Log the fetched model as an MLflow transformers chat model (llm/v1/chat)."""
+
+    fetch_model_run_id: str = upstream("the fetch_model run whose model is logged", "fetch_model")
+    candidate: str = computed("this model's name among the evaluated candidates", "transformers")
+    save_pretrained: bool = parameter(
+        "copy the weights into the model; false logs a Hub model by reference", True
+    )
+    device: Device = parameter("where the step loads and checks the model", Device.cpu)
+    dtype: TorchDtype = parameter(
+        "the dtype the logged model loads with (auto: as stored)", TorchDtype.auto
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogOnnxParameters(GenerationParameters):
+    """Log an ONNX build of the fetched model as a pyfunc chat model on onnxruntime-genai."""
+
+    fetch_model_run_id: str = upstream("the fetch_model run to build from and compare with",
+                                       "fetch_model")  # fmt: skip
+    candidate: str = computed("this model's name among the evaluated candidates", "onnx")
+    source: OnnxSource = parameter("a published ONNX folder, or a build of ours", OnnxSource.build)
+    repo_id: str = parameter("Hugging Face repository of the published build (prebuilt)", "")
+    revision: str = parameter("its commit, 40 hex characters (prebuilt)", "")
+    subfolder: str = parameter("the folder of the build inside the repository (prebuilt)", "")
+    allow_patterns: tuple[str, ...] = parameter("globs of the files to fetch (prebuilt)", ())
+    precision: OnnxPrecision = parameter("weight precision", OnnxPrecision.int4)
+    execution_provider: ExecutionProvider = parameter(
+        "the onnxruntime execution provider", ExecutionProvider.cpu
+    )
+    extra_options: dict[str, str] = parameter("model builder --extra_options (build)", {})
+    max_tokens_cap: int = parameter("the largest max_tokens a request may ask for", 1024)
+    max_batch_size: int = parameter("rows of one request generated together as one batch", 8)
+    intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
+    agreement_tokens: int = parameter(
+        "new tokens per prompt for the greedy agreement check with transformers; 0 skips it", 16
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateParameters:
+    """Compare the logged candidate models on quality, agreement, speed and memory."""
+
+    candidate_run_ids: tuple[str, ...] = upstream(
+        "the log runs whose models are compared", "log_transformers", "log_onnx"
+    )
+    reference: str = parameter(
+        "the candidate every other one is compared with for agreement", "transformers"
+    )
+    dataset: str = parameter(
+        "JSONL evaluation set: a project path, an absolute path or an MLflow artifact URI",
+        "data/eval_set.jsonl",
+    )
+    dataset_sha256: str = computed("the evaluation set's expected sha256 (empty: unchecked)", "")
+    limit: int = parameter("evaluate the first N prompts only (0: all)", 0)
+    max_tokens: int = parameter("new tokens per answer, greedy", 32)
+    batch_size: int = parameter("requests per predict call", 1)
+    ttft_requests: int = parameter("1-token requests timed for time to first token", 5)
+    gate: tuple[GateRule, ...] = parameter(
+        "thresholds every candidate must meet to pass", (), codec=GATE
+    )
+    recommendation: RecommendationPolicy = parameter(
+        "how the candidate to ship is picked among those that passed",
+        RecommendationPolicy.fastest_passed,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterParameters:
+    """Register the evaluated winner in the Model Registry under an alias, past the gate only."""
+
+    evaluate_run_id: str = upstream("the evaluate run whose recommendation is registered",
+                                    "evaluate")  # fmt: skip
+    registered_model_name: str = parameter("the registered model to add a version to")
+    alias: str = parameter("alias of the recommended candidate's version", "champion")
+    challenger_alias: str = parameter(
+        "alias of the runner-up's version if it passed too (empty: never set)", "challenger"
+    )
+    allow_unvalidated: bool = parameter(
+        "register the policy's pick even if no candidate passed (tagged)", False
+    )
+    registry_uri: str = parameter(
+        "where to register (empty: the tracking server's registry; databricks-uc: Unity Catalog)",
+        "",
+    )
+
+
+@dataclass(frozen=True)
+class StepDefinition:
+    """An entry point: its parameters and the conf/ section its ``config`` fields come from."""
+
+    entry_point: str
+    parameters: type
+    section: str | None
+
+
+MAIN = StepDefinition("main", MainParameters, None)
+# In run order; each step's upstream fields name the steps it follows.
+PIPELINE = (
+    StepDefinition("fetch_model", FetchModelParameters, "model"),
+    StepDefinition("log_transformers", LogTransformersParameters, "transformers"),
+    StepDefinition("log_onnx", LogOnnxParameters, "onnx"),
+    StepDefinition("evaluate", EvaluateParameters, "evaluate"),
+    StepDefinition("register", RegisterParameters, "register"),
+)
+STEP_NAMES = tuple(step.entry_point for step in PIPELINE)
+ENTRY_POINTS = {step.entry_point: step for step in (MAIN, *PIPELINE)}
