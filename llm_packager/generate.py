@@ -100,7 +100,7 @@ def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
         MLPROJECT: render_mlproject(),
         README: render_readme((project_dir / README).read_text()),
         DATABRICKS_BUNDLE: as_yaml(
-            databricks_bundle(compose_config(model, "register=unity-catalog"), model, "")
+            databricks_bundle(compose_config(model, "register=unity-catalog"))
         ),
         DATABRICKS_CLUSTER_SPEC: json.dumps(databricks_cluster_spec(), indent=2) + "\n",
         AZUREML_JOB: as_yaml(azureml_job(cfg, model, "")),

@@ -51,22 +51,24 @@ def main_arguments(values: dict[str, str]) -> list[str]:
     return argv[3:]
 
 
-def databricks_bundle(cfg: DictConfig, model: str, overrides: str) -> dict[str, object]:
-    """The Asset Bundle: one job whose one task runs ``main`` on a single-node cluster."""
-    # Unity Catalog wants a three-level name; the catalog and schema are bundle variables.
-    uc_name = str(cfg.register.registered_model_name).rsplit(".", 1)[-1]
+def databricks_bundle(cfg: DictConfig) -> dict[str, object]:
+    """The Asset Bundle: one job whose one task runs ``main`` on a single-node cluster. The model
+    and where Unity Catalog keeps it are bundle variables (``--var`` at deploy time)."""
     register = (
-        f"register=unity-catalog "
-        f"register.registered_model_name=${{var.catalog}}.${{var.schema}}.{uc_name}"
+        "register=unity-catalog register.registered_model_name="
+        "${var.catalog}.${var.schema}.${var.registered_model}"
     )
     values = as_mlflow_parameters(
-        MainParameters(
-            model=model, overrides=f"{register} {overrides}".strip(), env_manager="local"
-        )
+        MainParameters(model="${var.model}", overrides=register, env_manager="local")
     )
     return {
         "bundle": {"name": "llm-packager"},
         "variables": {
+            "model": {"description": "The conf/model choice to package", "default": cfg.model.name},
+            "registered_model": {
+                "description": "The model's name in Unity Catalog (letters, digits, _)",
+                "default": str(cfg.register.registered_model_name).rsplit(".", 1)[-1],
+            },
             "catalog": {"description": "Unity Catalog catalog for the model", "default": "main"},
             "schema": {"description": "Unity Catalog schema for the model", "default": "default"},
             "experiment": {
@@ -82,7 +84,7 @@ def databricks_bundle(cfg: DictConfig, model: str, overrides: str) -> dict[str, 
         "resources": {
             "jobs": {
                 "llm_packager_pipeline": {
-                    "name": f"llm-packager: {cfg.model.name}",
+                    "name": "llm-packager: ${var.model}",
                     "description": f"{GENERATED} Config: {_config_summary(cfg)}.",
                     "max_concurrent_runs": 1,
                     "job_clusters": [
@@ -167,6 +169,6 @@ def azureml_job(cfg: DictConfig, model: str, overrides: str) -> dict[str, object
 
 def _config_summary(cfg: DictConfig) -> str:
     return (
-        f"model={cfg.model.name}, onnx={cfg.onnx.source.value}/"
+        f"by default model={cfg.model.name}, onnx={cfg.onnx.source.value}/"
         f"{cfg.onnx.execution_provider.value}, register to Unity Catalog"
     )

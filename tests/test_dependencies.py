@@ -1,4 +1,4 @@
-"""conda.yaml and the pip lock (requirements.txt) must pin the same versions."""
+"""conda.yaml and the pip locks: what running the pipeline needs, pinned once and in agreement."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import yaml
 
 from llm_packager.project import PROJECT_DIR
 
-REQUIRED = {"mlflow", "transformers", "torch", "onnxruntime-genai", "numpy", "pandas",
-            "hydra-core", "pytest"}  # fmt: skip
+# What running the pipeline imports; the test tools are pinned in the dev lock only.
+RUNTIME = {"mlflow", "transformers", "torch", "onnxruntime-genai", "numpy", "pandas", "hydra-core"}
+TEST_TOOLS = {"pytest", "ruff", "azure-ai-ml", "databricks-bundles"}
 
 
 def _canonical(name: str) -> str:
@@ -21,7 +22,7 @@ def _pins(lines: list[str]) -> dict[str, str]:
     pins = {}
     for line in lines:
         line = line.split("#", 1)[0].strip()
-        if not line:
+        if not line or line.startswith("-r "):
             continue
         name, separator, version = line.partition("==")
         assert separator, f"not pinned with ==: {line}"
@@ -38,8 +39,8 @@ def _conda_pip_pins() -> dict[str, str]:
     return _pins(pip_section["pip"])
 
 
-def _lock_pins() -> dict[str, str]:
-    return _pins((PROJECT_DIR / "requirements.txt").read_text().splitlines())
+def _lock_pins(name: str = "requirements.txt") -> dict[str, str]:
+    return _pins((PROJECT_DIR / name).read_text().splitlines())
 
 
 def test_every_conda_pin_matches_the_lock():
@@ -52,9 +53,18 @@ def test_every_conda_pin_matches_the_lock():
     assert mismatched == {}
 
 
-def test_required_packages_are_pinned_in_both():
-    assert set(_conda_pip_pins()) >= REQUIRED
-    assert set(_lock_pins()) >= REQUIRED
+def test_the_runtime_packages_are_pinned_in_both_and_the_test_tools_in_neither():
+    assert set(_conda_pip_pins()) >= RUNTIME
+    assert set(_lock_pins()) >= RUNTIME
+    assert not TEST_TOOLS & (set(_conda_pip_pins()) | set(_lock_pins()))
+
+
+def test_the_dev_lock_adds_the_test_tools_to_the_runtime_lock_without_repinning_it():
+    text = (PROJECT_DIR / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in text.splitlines()
+    dev = _lock_pins("requirements-dev.txt")
+    assert set(dev) >= TEST_TOOLS
+    assert not set(dev) & set(_lock_pins())
 
 
 def test_python_version_agrees_with_the_running_interpreter():

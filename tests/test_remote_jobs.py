@@ -46,9 +46,12 @@ def test_databricks_registers_to_unity_catalog_with_a_three_level_name():
     overrides = arguments[arguments.index("--overrides") + 1]
     assert overrides == (
         "register=unity-catalog "
-        "register.registered_model_name=${var.catalog}.${var.schema}.phi3_mini_4k_instruct_chat"
+        "register.registered_model_name=${var.catalog}.${var.schema}.${var.registered_model}"
     )
-    assert {"catalog", "schema"} <= set(_bundle()["variables"])
+    variables = _bundle()["variables"]
+    assert {"catalog", "schema", "model"} <= set(variables)
+    assert variables["registered_model"]["default"] == "phi3_mini_4k_instruct_chat"
+    assert arguments[arguments.index("--model") + 1] == "${var.model}"
 
 
 def test_the_bundle_job_validates_with_databricks_bundles():
