@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 FINISH_REASONS = ("stop", "length")
@@ -58,3 +62,53 @@ def check_chat_completion(completion: Any, *, max_tokens: int | None = None) -> 
             usage["completion_tokens"] <= max_tokens,
             f"usage.completion_tokens {usage['completion_tokens']} exceeds max_tokens {max_tokens}",
         )
+
+
+# Answers to the load-back check stay short: it proves the model answers, not how well.
+CHECK_MAX_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class LoadBackCheck:
+    """A logged model, downloaded and loaded as a server would load it, and its answers."""
+
+    size_bytes: int
+    load_seconds: float
+    answers: list[Any]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A logged model loaded as a server would load it, with its size and load time."""
+
+    model: Any
+    size_bytes: int
+    load_seconds: float
+
+
+def load_logged_model(model_uri: str, scratch: Path) -> LoadedModel:
+    """Download a logged model by its URI into ``scratch`` and load it with ``mlflow.pyfunc``,
+    timing the load (not the download)."""
+    import mlflow
+
+    from llm_packager.manifest import folder_bytes
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(scratch)))
+    started = time.perf_counter()
+    model = mlflow.pyfunc.load_model(str(local))
+    return LoadedModel(model, folder_bytes(local), time.perf_counter() - started)
+
+
+def load_back_and_answer(model_uri: str, *extra_requests: dict[str, Any]) -> LoadBackCheck:
+    """Download a logged model by its URI, load it with ``mlflow.pyfunc`` and answer
+    `EXAMPLE_CHAT_REQUEST` (checked to be a well-formed chat completion), then ``extra_requests``.
+
+    Raises:
+        MalformedCompletionError: the chat answer is not an OpenAI chat completion.
+    """
+    requests = [{**EXAMPLE_CHAT_REQUEST, "max_tokens": CHECK_MAX_TOKENS}, *extra_requests]
+    with tempfile.TemporaryDirectory(prefix="logged-model-") as scratch:
+        loaded = load_logged_model(model_uri, Path(scratch))
+        answers = [loaded.model.predict(request)[0] for request in requests]
+    check_chat_completion(answers[0], max_tokens=CHECK_MAX_TOKENS)
+    return LoadBackCheck(loaded.size_bytes, loaded.load_seconds, answers)

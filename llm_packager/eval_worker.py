@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from llm_packager.chat import load_logged_model
 from llm_packager.evaluation import load_eval_set
-from llm_packager.manifest import folder_bytes
 from llm_packager.third_party import silence_known_warnings
 
 
@@ -39,15 +39,10 @@ def answer_eval_set(
 ) -> dict:  # fmt: skip
     """Load the model, time a few 1-token requests (time to first token), then answer every
     example greedily in batches; return answers, latencies and memory figures."""
-    import mlflow
-
     examples = load_eval_set(eval_set, limit)
     with tempfile.TemporaryDirectory(prefix="eval-model-") as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
-        size = folder_bytes(local)
-        started = time.perf_counter()
-        model = mlflow.pyfunc.load_model(str(local))
-        load_seconds = time.perf_counter() - started
+        loaded = load_logged_model(model_uri, Path(scratch))
+        model, size, load_seconds = loaded.model, loaded.size_bytes, loaded.load_seconds
         rss_after_load = peak_rss_mib()
         first_token = []
         for example in examples[:ttft_requests]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlflow
 
-from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
+from llm_packager.chat import CHECK_MAX_TOKENS, EXAMPLE_CHAT_REQUEST, load_back_and_answer
 from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
@@ -40,7 +40,6 @@ from llm_packager.upstream import FetchedModel, fetched_model
 MODEL_CODE = Path(__file__).resolve().parent.parent / "llm_packager" / "onnx_chat_model.py"
 # Must equal ONNX_ARTIFACT_KEY in the model file, which cannot import this project.
 ONNX_ARTIFACT_KEY = "onnx_model"
-CHECK_MAX_TOKENS = 8
 # The reference sample's request, unchanged: a prompt already in Phi-3's chat format.
 REFERENCE_PROMPT_REQUEST = {
     "prompt": "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
@@ -153,19 +152,16 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
             },
         )
         log_seconds = time.perf_counter() - started
-    with tempfile.TemporaryDirectory(prefix="logged-onnx-") as scratch:
-        local = mlflow.artifacts.download_artifacts(model_info.model_uri, dst_path=scratch)
-        started = time.perf_counter()
-        loaded = mlflow.pyfunc.load_model(local)
-        load_seconds = time.perf_counter() - started
-        chat_answer = loaded.predict({**EXAMPLE_CHAT_REQUEST, "max_tokens": CHECK_MAX_TOKENS})
-        prompt_answer = loaded.predict({**REFERENCE_PROMPT_REQUEST, "max_tokens": CHECK_MAX_TOKENS})
-    check_chat_completion(chat_answer[0], max_tokens=CHECK_MAX_TOKENS)
-    if not isinstance(prompt_answer[0], str):
-        raise ValueError(f"a prompt request must be answered with text, got {prompt_answer[0]!r}")
-    mlflow.log_dict(chat_answer[0], "sample_completion.json")
+    check = load_back_and_answer(
+        model_info.model_uri, {**REFERENCE_PROMPT_REQUEST, "max_tokens": CHECK_MAX_TOKENS}
+    )
+    chat_answer, prompt_answer = check.answers
+    load_seconds = check.load_seconds
+    if not isinstance(prompt_answer, str):
+        raise ValueError(f"a prompt request must be answered with text, got {prompt_answer!r}")
+    mlflow.log_dict(chat_answer, "sample_completion.json")
     mlflow.log_dict(
-        {**REFERENCE_PROMPT_REQUEST, "answer": prompt_answer[0]}, "sample_prompt_answer.json"
+        {**REFERENCE_PROMPT_REQUEST, "answer": prompt_answer}, "sample_prompt_answer.json"
     )
     metrics = {"onnx_size_bytes": size, "load_seconds": load_seconds, "log_seconds": log_seconds}
     if agreement is not None:

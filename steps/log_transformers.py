@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 
-from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
+from llm_packager.chat import EXAMPLE_CHAT_REQUEST, load_back_and_answer
 from llm_packager.choices import Device, Runtime, TorchDtype
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
-from llm_packager.manifest import folder_bytes
 from llm_packager.reuse import announce_model, candidate_tags
 from llm_packager.specs import LogTransformersParameters
 from llm_packager.step_run import run_command_line
 from llm_packager.upstream import FetchedModel, fetched_model
 
-CHECK_MAX_TOKENS = 8
 logger = logging.getLogger(__name__)
 
 
@@ -157,15 +153,9 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
         metadata={"source_model": model_name},
     )
     log_seconds = time.perf_counter() - started
-    with tempfile.TemporaryDirectory(prefix="logged-model-") as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(model_info.model_uri, dst_path=scratch))
-        size = folder_bytes(local)
-        started = time.perf_counter()
-        loaded = mlflow.pyfunc.load_model(str(local))
-        load_seconds = time.perf_counter() - started
-        answer = loaded.predict({**EXAMPLE_CHAT_REQUEST, "max_tokens": CHECK_MAX_TOKENS})
-    check_chat_completion(answer[0], max_tokens=CHECK_MAX_TOKENS)
-    mlflow.log_dict(answer[0], "sample_completion.json")
+    check = load_back_and_answer(model_info.model_uri)
+    size, load_seconds = check.size_bytes, check.load_seconds
+    mlflow.log_dict(check.answers[0], "sample_completion.json")
     mlflow.log_metrics(
         {"model_size_bytes": size, "log_seconds": log_seconds, "load_seconds": load_seconds}
     )

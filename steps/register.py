@@ -31,7 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.exceptions import MlflowException
 
-from llm_packager.chat import EXAMPLE_CHAT_REQUEST, check_chat_completion
+from llm_packager.chat import load_back_and_answer
 from llm_packager.choices import Runtime
 from llm_packager.evaluation_record import CandidateResult, Evaluation
 from llm_packager.registry import check_alias, check_registered_model_name
@@ -47,7 +47,6 @@ FLAVORS = {
 KEY_METRICS = ("exact_match", "token_f1", "decode_tokens_per_s", "latency_p95_s",
                "peak_rss_generate_mib", "model_size_mib")  # fmt: skip
 READY_TIMEOUT_SECONDS = 600
-CHECK_MAX_TOKENS = 8
 logger = logging.getLogger(__name__)
 
 
@@ -195,10 +194,7 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     version = versions[winner.name].version
     # The exact version, not the alias, which a concurrent pipeline may already have moved.
     version_uri = f"models:/{name}/{version}"
-    answer = mlflow.pyfunc.load_model(version_uri).predict(
-        {**EXAMPLE_CHAT_REQUEST, "max_tokens": CHECK_MAX_TOKENS}
-    )
-    check_chat_completion(answer[0], max_tokens=CHECK_MAX_TOKENS)
+    load_back_and_answer(version_uri)
     reason = "registered without passing the gate (allow_unvalidated)" if unvalidated else (
         f"{recommended} passed the gate and was recommended"
     )  # fmt: skip
