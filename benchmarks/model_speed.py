@@ -247,6 +247,7 @@ def _onnx_bytes_per_token(onnx_dir: Path) -> int:
 def prepare_proxy(workdir: Path) -> tuple[Path, Path, Path]:
     import mlflow
 
+    from llm_packager.choices import ExecutionProvider, OnnxPrecision
     from llm_packager.onnx_build import build_onnx_model, chat_signature
     from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
 
@@ -256,7 +257,8 @@ def prepare_proxy(workdir: Path) -> tuple[Path, Path, Path]:
     for name, options in BUILDS.items():
         if not (workdir / name / "genai_config.json").exists():
             build_onnx_model(
-                hf_dir, workdir / name, precision="int4", execution_provider="cpu",
+                hf_dir, workdir / name, precision=OnnxPrecision.int4,
+                execution_provider=ExecutionProvider.cpu,
                 extra_options=options, log_path=workdir / f"{name}-builder.log",
             )  # fmt: skip
     onnx_dir = workdir / "onnx-int4"
