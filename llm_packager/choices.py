@@ -14,6 +14,7 @@ class ModelSource(Enum):
 
     hub = "hub"
     local = "local"
+    gguf = "gguf"
     synthetic = "synthetic"
 
 

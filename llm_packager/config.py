@@ -34,6 +34,8 @@ SYNTHETIC_SIZE_KEYS = (
     "num_key_value_heads",
     "max_position_embeddings",
 )
+# What the synthetic model is (llm_packager.synthetic).
+SYNTHETIC_ARCHITECTURE = "Phi3ForCausalLM"
 TRANSFORMERS_CANDIDATE = "transformers"
 ONNX_CANDIDATE = "onnx"
 _VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -123,7 +125,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.source=hub (model.source is {cfg.model.source.value})"
         )
     for name, section in onnx_candidates(cfg).items():
-        _validate_onnx(section, "onnx" if name == ONNX_CANDIDATE else f"onnx.variants.{name}")
+        prefix = "onnx" if name == ONNX_CANDIDATE else f"onnx.variants.{name}"
+        _validate_onnx(section, prefix)
+        if section.source == OnnxSource.build and cfg.model.architecture:
+            _validate_buildable(cfg.model.architecture, prefix)
     _validate_evaluate(cfg.evaluate, candidate_names(cfg))
     register = cfg.register
     try:
@@ -139,6 +144,10 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _validate_model(model: DictConfig) -> None:
     synthetic = model.source == ModelSource.synthetic
+    if model.source != ModelSource.gguf:
+        for key in ("gguf_file", "gguf_package", "gguf_sha256"):
+            if model[key]:
+                raise ConfigError(f"model.{key} is only used when model.source=gguf")
     for key in SYNTHETIC_SIZE_KEYS:
         if synthetic and model[key] < 1:
             raise ConfigError(f"model.{key} must be set when model.source=synthetic")
@@ -165,6 +174,54 @@ def _validate_model(model: DictConfig) -> None:
             raise ConfigError(f"model.local_dir: {error}") from error
         # The step may run elsewhere (another folder, another process): pass an absolute path.
         model.local_dir = str(folder)
+    if model.source == ModelSource.gguf:
+        _validate_gguf(model)
+    _validate_architecture(model)
+
+
+def _validate_gguf(model: DictConfig) -> None:
+    from llm_packager.gguf_source import GgufError, check_gguf_architecture
+
+    if not model.gguf_file:
+        raise ConfigError("model.gguf_file must be set when model.source=gguf")
+    if model.gguf_package:
+        if not re.fullmatch(r"[0-9a-f]{64}", model.gguf_sha256):
+            raise ConfigError(
+                "model.gguf_sha256 must be the 64-hex sha256 of the GGUF file when "
+                "model.gguf_package is set (a packaged file is always checked)"
+            )
+        if "==" not in model.gguf_package:
+            raise ConfigError(
+                f"model.gguf_package '{model.gguf_package}' is not pinned: write name==version"
+            )
+        return
+    path = Path(model.gguf_file).expanduser().resolve()
+    try:
+        architecture = check_gguf_architecture(path)
+    except GgufError as error:
+        raise ConfigError(f"model.gguf_file: {error}") from error
+    model.gguf_file = str(path)
+    if model.architecture and model.architecture != architecture:
+        raise ConfigError(
+            f"model.architecture is {model.architecture}, but {path.name} holds a {architecture}"
+        )
+    model.architecture = architecture
+
+
+def _validate_architecture(model: DictConfig) -> None:
+    """Fill in the architecture where the config can know it before anything is fetched."""
+    from llm_packager.onnx_build import hf_architecture
+
+    known = None
+    if model.source == ModelSource.synthetic:
+        known = SYNTHETIC_ARCHITECTURE
+    elif model.source == ModelSource.local:
+        known = hf_architecture(Path(model.local_dir)) or None
+    if known is None:
+        return
+    if model.architecture and model.architecture != known:
+        raise ConfigError(f"model.architecture is {model.architecture}, but the model is {known}")
+    model.architecture = known
 
 
 def onnx_candidates(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -199,6 +256,19 @@ def onnx_candidates(cfg: DictConfig) -> dict[str, DictConfig]:
             merged, [key for key in merged if key != "variants"]
         )
     return candidates
+
+
+def _validate_buildable(architecture: str, prefix: str) -> None:
+    from llm_packager.onnx_build import UnsupportedArchitectureError, check_builder_supports
+
+    try:
+        check_builder_supports(architecture)
+    except UnsupportedArchitectureError as error:
+        raise ConfigError(
+            f"{prefix}.source=build: {error}. Use an ONNX build made for this model "
+            f"({prefix}.source=prebuilt with its repo_id, revision and subfolder), or leave "
+            "log_onnx out of -P steps"
+        ) from error
 
 
 def candidate_names(cfg: DictConfig) -> list[str]:

@@ -231,6 +231,7 @@ def judge(
     reference: str,
     rules: tuple[GateRule, ...],
     policy: RecommendationPolicy,
+    max_quality_drop: float = 1.0,
 ) -> Judgement:
     """Score each candidate's answers, measure its agreement with the reference candidate (if it
     was evaluated; the reference agrees with itself), apply the gate, and pick by the policy.
@@ -239,8 +240,10 @@ def judge(
         results: each candidate's worker output (``llm_packager.eval_worker``), by name.
         examples: the evaluation set the answers belong to, in the same order.
         reference: the candidate the others are compared with.
-        rules: the gate.
+        rules: the gate's absolute rules.
         policy: how to pick among the candidates that passed.
+        max_quality_drop: the relative rule: how far a candidate's quality may fall below the
+            reference's (1: no limit). The reference itself is judged by the absolute rules.
     """
     scores = {
         name: [score_answer(answer["answer"], example.reference)
@@ -257,6 +260,12 @@ def judge(
                 if name == reference
                 else agreement(reference_answers, answers)
             )
-    verdicts = {name: apply_gate(rules, figures) for name, figures in metrics.items()}
+    verdicts = {
+        name: apply_gate(
+            rules, figures, max_quality_drop=max_quality_drop,
+            reference=metrics[reference] if reference in metrics and name != reference else None,
+        )
+        for name, figures in metrics.items()
+    }  # fmt: skip
     ranking = rank(policy, {name: metrics[name] for name in metrics if verdicts[name].passed})
     return Judgement(scores, metrics, verdicts, ranking[0] if ranking else None)

@@ -137,7 +137,34 @@ class Verdict:
         return "; ".join(self.reasons) or "all thresholds met"
 
 
-def apply_gate(rules: tuple[GateRule, ...], metrics: dict[str, float]) -> Verdict:
-    """Passed, or rejected with one reason per rule that does not hold."""
-    reasons = tuple(reason for rule in rules if (reason := rule.check(metrics)) is not None)
-    return Verdict(REJECTED if reasons else PASSED, reasons)
+def quality_drops(
+    metrics: dict[str, float], reference: dict[str, float], max_drop: float
+) -> list[str]:
+    """The relative rule: one reason per quality metric on which a candidate falls more than
+    ``max_drop`` below the reference candidate on the same prompts."""
+    reasons = []
+    for metric in QUALITY_METRICS:
+        drop = reference[metric] - metrics[metric]
+        # A tolerance, so that equal scores computed in another order never count as a drop.
+        if drop > max_drop + 1e-9:
+            reasons.append(
+                f"{metric} {metrics[metric]:.4g} is {drop:.4g} below the reference's "
+                f"{reference[metric]:.4g} (at most {max_drop:g} allowed)"
+            )
+    return reasons
+
+
+def apply_gate(
+    rules: tuple[GateRule, ...],
+    metrics: dict[str, float],
+    *,
+    reference: dict[str, float] | None = None,
+    max_quality_drop: float = 1.0,
+) -> Verdict:
+    """Passed, or rejected with one reason per absolute rule that does not hold and, given the
+    reference candidate's metrics, per quality metric that fell more than ``max_quality_drop``
+    below the reference's (quality lies in [0, 1], so 1 sets no limit)."""
+    reasons = [reason for rule in rules if (reason := rule.check(metrics)) is not None]
+    if reference is not None:
+        reasons += quality_drops(metrics, reference, max_quality_drop)
+    return Verdict(REJECTED if reasons else PASSED, tuple(reasons))

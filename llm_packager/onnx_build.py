@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -29,6 +33,87 @@ logger = logging.getLogger(__name__)
 
 class OnnxBuildError(RuntimeError):
     """The model builder failed; the message carries the end of its output."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The onnxruntime-genai model builder cannot build this model architecture."""
+
+
+@functools.cache
+def builder_architectures() -> frozenset[str]:
+    """The transformers architectures the installed model builder knows.
+
+    The builder picks its model class in a chain of ``config.architectures[0] == "<name>"``
+    tests and exposes no list, so the names are read from its source (without importing it,
+    which loads torch and onnx).
+    """
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    tree = ast.parse(Path(spec.origin).read_text())
+    return frozenset(
+        node.comparators[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and isinstance(node.left, ast.Subscript)
+        and "architectures" in ast.unparse(node.left)
+        and isinstance(node.comparators[0], ast.Constant)
+        and isinstance(node.comparators[0].value, str)
+    )
+
+
+def check_builder_supports(architecture: str) -> None:
+    """Refuse an architecture the model builder cannot build, naming what it can.
+
+    Raises:
+        UnsupportedArchitectureError: naming the architecture and the builder's version.
+    """
+    known = builder_architectures()
+    if architecture not in known:
+        import importlib.metadata
+
+        version = importlib.metadata.version("onnxruntime-genai")
+        raise UnsupportedArchitectureError(
+            f"the onnxruntime-genai {version} model builder cannot build {architecture}; it "
+            f"builds {', '.join(sorted(known))}"
+        )
+
+
+class PrebuiltMismatchError(ValueError):
+    """A published ONNX build was made for another model than the one fetched."""
+
+
+def check_prebuilt_matches(onnx_folder: Path, hf_folder: Path) -> None:
+    """Refuse an ONNX build whose genai_config.json describes another model than the fetched
+    config.json: another model type, vocabulary, hidden size or number of layers.
+
+    Raises:
+        PrebuiltMismatchError: naming every field that differs.
+    """
+    genai = json.loads((onnx_folder / "genai_config.json").read_text())["model"]
+    config = json.loads((hf_folder / "config.json").read_text())
+    decoder = genai.get("decoder", {})
+    pairs = {
+        "model type": (genai.get("type"), config.get("model_type")),
+        "vocab_size": (genai.get("vocab_size"), config.get("vocab_size")),
+        "hidden_size": (decoder.get("hidden_size"), config.get("hidden_size")),
+        "num_hidden_layers": (decoder.get("num_hidden_layers"), config.get("num_hidden_layers")),
+    }
+    if differences := [
+        f"{name} {built} (ONNX) vs {fetched} (fetched)"
+        for name, (built, fetched) in pairs.items()
+        if built != fetched
+    ]:
+        raise PrebuiltMismatchError(
+            f"The published ONNX build in {onnx_folder.name} is for another model: "
+            f"{'; '.join(differences)}. Build one from the fetched weights with onnx=build"
+        )
+
+
+def hf_architecture(hf_folder: Path) -> str:
+    """``architectures[0]`` of a Hugging Face folder's config.json ("" when it names none)."""
+    config = json.loads((hf_folder / "config.json").read_text())
+    return (config.get("architectures") or [""])[0]
 
 
 def builder_command(

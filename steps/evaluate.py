@@ -3,7 +3,8 @@
 Reads: `EvaluateParameters` (``llm_packager/specs.py``, or ``--help``): the upstream log runs
 (any number; each names its candidate in the tag ``llm_packager.candidate``), the reference
 candidate agreement is measured against, the evaluation set and its expected sha256, generation
-settings (greedy), the gate and the recommendation policy.
+settings (greedy), the gate (absolute thresholds, and the largest quality drop allowed below the
+reference) and the recommendation policy.
 
 Writes (on its own run):
     ``evaluation.json``, the typed contract register reads (``llm_packager.evaluation_record``):
@@ -144,7 +145,8 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
     results = {name: _answer(name, uri, run, eval_set, request)
                for name, _, uri, run in candidates}  # fmt: skip
     judgement = judge(results, examples, reference=request.reference, rules=request.gate,
-                      policy=request.recommendation)  # fmt: skip
+                      policy=request.recommendation,
+                      max_quality_drop=request.max_quality_drop)  # fmt: skip
     notes = []
     if random_weights:
         notes.append(RANDOM_WEIGHTS_WARNING)
@@ -219,6 +221,7 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
         "batch size": request.batch_size,
         "requests timed for time to first token": request.ttft_requests,
         "gate": format_gate(request.gate) or "(none)",
+        "largest quality drop allowed below the reference": request.max_quality_drop,
         "reference candidate": request.reference,
         **{f"{c.name} model": c.model_uri for c in evaluation.candidates},
     }  # fmt: skip

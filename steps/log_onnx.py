@@ -31,7 +31,15 @@ from llm_packager.chat import CHECK_MAX_TOKENS, EXAMPLE_CHAT_REQUEST, load_back_
 from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
-from llm_packager.onnx_build import RUNTIME_DISTRIBUTIONS, build_onnx_model, chat_signature
+from llm_packager.onnx_build import (
+    RUNTIME_DISTRIBUTIONS,
+    build_onnx_model,
+    chat_signature,
+    check_builder_supports,
+    check_prebuilt_matches,
+    hf_architecture,
+)
+from llm_packager.parity import chat_prompt_text
 from llm_packager.reuse import announce_model, candidate_tags
 from llm_packager.specs import LogOnnxParameters
 from llm_packager.step_run import LOG_ARTIFACT_DIR, run_command_line
@@ -41,10 +49,6 @@ MODEL_CODE = Path(__file__).resolve().parent.parent / "llm_packager" / "onnx_cha
 # Must equal ONNX_ARTIFACT_KEY in the model file, which cannot import this project.
 ONNX_ARTIFACT_KEY = "onnx_model"
 # The reference sample's request, unchanged: a prompt already in Phi-3's chat format.
-REFERENCE_PROMPT_REQUEST = {
-    "prompt": "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
-    "<|end|><|assistant|>"
-}
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +70,11 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
         mlflow.set_tags({"onnx.repo_id": request.repo_id, "onnx.resolved_commit": snapshot.commit})
         folder = snapshot.folder / request.subfolder
         check_model_files(folder)
+        # A published build is for one model: never package it as another one.
+        check_prebuilt_matches(folder, fetched.folder)
         return folder
+    # Checked again on the fetched files: the config may not have known the architecture.
+    check_builder_supports(hf_architecture(fetched.folder))
     log_path = scratch / "onnx_builder.log"
     try:
         return build_onnx_model(
@@ -119,6 +127,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
     model_name = fetched.tags.get(
         "hf.repo_id", fetched.tags.get("llm_packager.model_name", "model")
     )
+    sample_prompt = chat_prompt_text(fetched.folder)
     with tempfile.TemporaryDirectory(prefix="log-onnx-") as scratch:
         onnx_folder = _onnx_folder(request, fetched, Path(scratch))
         check_model_files(onnx_folder)
@@ -153,16 +162,14 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         )
         log_seconds = time.perf_counter() - started
     check = load_back_and_answer(
-        model_info.model_uri, {**REFERENCE_PROMPT_REQUEST, "max_tokens": CHECK_MAX_TOKENS}
+        model_info.model_uri, {"prompt": sample_prompt, "max_tokens": CHECK_MAX_TOKENS}
     )
     chat_answer, prompt_answer = check.answers
     load_seconds = check.load_seconds
     if not isinstance(prompt_answer, str):
         raise ValueError(f"a prompt request must be answered with text, got {prompt_answer!r}")
     mlflow.log_dict(chat_answer, "sample_completion.json")
-    mlflow.log_dict(
-        {**REFERENCE_PROMPT_REQUEST, "answer": prompt_answer}, "sample_prompt_answer.json"
-    )
+    mlflow.log_dict({"prompt": sample_prompt, "answer": prompt_answer}, "sample_prompt_answer.json")
     metrics = {"onnx_size_bytes": size, "load_seconds": load_seconds, "log_seconds": log_seconds}
     if agreement is not None:
         metrics["greedy_token_agreement"] = agreement

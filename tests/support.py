@@ -8,10 +8,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from llm_packager.choices import ModelSource
 from llm_packager.project import PROJECT_DIR
 from llm_packager.specs import FetchModelParameters
 from llm_packager.synthetic import SyntheticPhi3Spec
+
+# The reference sample's request, unchanged: a prompt already in Phi-3's chat format (the tiny
+# model is a Phi-3, so it is served as the sample served Phi-3-mini).
+REFERENCE_PROMPT_REQUEST = {
+    "prompt": "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
+    "<|end|><|assistant|>"
+}
+# The real trained model the tests use, as its conf/ file declares it.
+_SMOLLM2 = yaml.safe_load(
+    (PROJECT_DIR / "conf" / "model" / "smollm2-135m-instruct.yaml").read_text()
+)
+SMOLLM2_PACKAGE = _SMOLLM2["gguf_package"]
+SMOLLM2_WHEEL_FILE = _SMOLLM2["gguf_file"]
+SMOLLM2_GGUF_SHA256 = _SMOLLM2["gguf_sha256"]
+# The pipeline's own GGUF cache: the file is verified by its sha256 on every use.
+GGUF_CACHE = Path.home() / ".cache" / "llm_packager" / "gguf"
 
 TINY_SPEC = SyntheticPhi3Spec(
     vocab_size=1024,

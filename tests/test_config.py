@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,10 @@ def test_unknown_source_is_named():
 
 
 def test_unknown_model_choice_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"available: phi3-mini-4k-instruct, tiny-random-phi3$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"available: phi3-mini-4k-instruct, smollm2-135m-instruct, tiny-random-phi3$",
+    ):
         compose_config("tiny", "")
 
 
@@ -158,3 +162,30 @@ def test_synthetic_sizes_are_required_for_synthetic_and_refused_otherwise():
         ConfigError, match=r"^model\.vocab_size is only used when model\.source=synthetic$"
     ):
         validate_config(cfg)
+
+
+def test_an_architecture_the_builder_cannot_build_is_refused_at_config_time(
+    tmp_path, tiny_model_dir
+):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "encoder")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["BertForMaskedLM"]}))
+    local = f"model.source=local model.local_dir={folder} model.architecture=''"
+    with pytest.raises(
+        ConfigError,
+        match=r"^onnx\.source=build: the onnxruntime-genai \S+ model builder cannot build "
+        r"BertForMaskedLM; it builds .*LlamaForCausalLM.* Use an ONNX build made for this model",
+    ):
+        compose_config("phi3-mini-4k-instruct", f"{local} onnx=build")
+    with pytest.raises(ConfigError, match=r"^model\.architecture is LlamaForCausalLM, but the "
+                                          r"model is BertForMaskedLM$"):  # fmt: skip
+        compose_config("phi3-mini-4k-instruct",
+                       f"{local} model.architecture=LlamaForCausalLM")  # fmt: skip
+
+
+def test_the_published_onnx_build_belongs_to_phi3_and_other_models_get_a_build():
+    assert compose_config("phi3-mini-4k-instruct", "").onnx.source.value == "prebuilt"
+    for model in ("tiny-random-phi3", "smollm2-135m-instruct"):
+        assert compose_config(model, "").onnx.source.value == "build"

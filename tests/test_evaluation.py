@@ -193,3 +193,11 @@ def test_a_third_candidate_is_judged_against_the_reference_like_the_others():
     assert [name for name, v in judgement.verdicts.items() if v.passed] == [
         "transformers", "onnx-int8"
     ]  # fmt: skip
+
+
+def test_held_out_facts_are_not_in_the_evaluation_set():
+    evaluated = load_eval_set(PROJECT_DIR / "data" / "eval_set.jsonl")
+    held_out = load_eval_set(PROJECT_DIR / "data" / "heldout_facts.jsonl")
+    assert len(held_out) == 12
+    assert not {e.prompt for e in evaluated} & {fact.prompt for fact in held_out}
+    assert not {e.reference.lower() for e in evaluated} & {f.reference.lower() for f in held_out}

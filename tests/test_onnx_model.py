@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +24,9 @@ from llm_packager.parity import (
 )
 from llm_packager.specs import LogOnnxParameters
 from steps.fetch_model import fetch_model
-from steps.log_onnx import REFERENCE_PROMPT_REQUEST, log_onnx
+from steps.log_onnx import log_onnx
 
-from .support import local_fetch_parameters, project_environment
+from .support import REFERENCE_PROMPT_REQUEST, local_fetch_parameters, project_environment
 
 PARITY_TOKENS = 20
 CAP = 64
@@ -296,3 +297,20 @@ def test_prebuilt_source_offline_names_the_fix(local_tracking, tiny_model_dir):
         pytest.raises(HubUnreachableError, match="model=tiny-random-phi3"),
     ):
         log_onnx(request, run.info.run_id)
+
+
+def test_a_published_build_for_another_model_is_refused(tiny_model_dir, fp32_onnx, tmp_path):
+    from llm_packager.onnx_build import PrebuiltMismatchError, check_prebuilt_matches
+
+    check_prebuilt_matches(fp32_onnx, tiny_model_dir)
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
+    config = json.loads((other / "config.json").read_text())
+    config |= {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        PrebuiltMismatchError,
+        match=r"is for another model: model type phi3 \(ONNX\) vs llama \(fetched\); vocab_size "
+        r"1024 \(ONNX\) vs 49152 \(fetched\); hidden_size 64 \(ONNX\) vs 576 \(fetched\)\. Build "
+        r"one from the fetched weights with onnx=build$",
+    ):
+        check_prebuilt_matches(fp32_onnx, other)

@@ -69,7 +69,8 @@ def test_structured_parameters_round_trip_through_their_text():
     [
         (["--num-hidden-layers", "three"], "argument --num-hidden-layers: expected an integer, "
                                            "got 'three'"),
-        (["--source", "ftp"], "argument --source: 'ftp' is not one of hub, local or synthetic"),
+        (["--source", "ftp"], "argument --source: 'ftp' is not one of hub, local, gguf or "
+                              "synthetic"),
         (["--allow-unpinned-revision", "yes"], "argument --allow-unpinned-revision: expected true "
                                                "or false, got 'yes'"),
         (["--colour", "red"], "unrecognized arguments: --colour red"),

@@ -17,10 +17,9 @@ import pytest
 from llm_packager.metrics import parse_gate
 from llm_packager.specs import EvaluateParameters, RegisterParameters
 from steps.evaluate import evaluate
-from steps.log_onnx import REFERENCE_PROMPT_REQUEST
 from steps.register import register
 
-from .support import project_environment
+from .support import REFERENCE_PROMPT_REQUEST, project_environment
 
 pytestmark = pytest.mark.slow
 

