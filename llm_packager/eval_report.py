@@ -123,6 +123,32 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
 
 
+def _against_reference(evaluation: Evaluation) -> str:
+    """Each candidate's quality, speed and size next to the reference candidate's: the change in
+    each quality metric (what the gate's relative rule judges), and the speed-up and size ratio."""
+    if not evaluation.reference:
+        return "<p>The reference candidate was not evaluated.</p>"
+    reference = evaluation.candidate(evaluation.reference).metrics
+    header = "".join(f"<th>{html.escape(m)} change</th>" for m in QUALITY_METRICS)
+    rows = []
+    for candidate in evaluation.candidates:
+        metrics = candidate.metrics
+        changes = "".join(f"<td>{metrics[m] - reference[m]:+.3f}</td>" for m in QUALITY_METRICS)
+        speed = metrics["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+        size = metrics["model_size_bytes"] / reference["model_size_bytes"]
+        rows.append(
+            f"<tr><td>{html.escape(candidate.name)}</td>{changes}"
+            f"<td>{metrics['identical_rate']:.0%}</td><td>{speed:.2f}x</td><td>{size:.2f}x</td>"
+            f"<td>{html.escape(candidate.verdict.status)}</td></tr>"
+        )
+    return (
+        f"<p>Reference: <b>{html.escape(evaluation.reference)}</b>. Quality changes are the "
+        "candidate's score minus the reference's on the same prompts.</p>"
+        f"<table><tr><th>candidate</th>{header}<th>identical answers</th><th>decode speed</th>"
+        f"<th>size</th><th>gate</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def html_report(
     *,
     evaluation: Evaluation,
@@ -165,6 +191,7 @@ def html_report(
         else "Agreement was not measured: the reference candidate was not evaluated."
     )
     title = "Model comparison: " + ", ".join(evaluation.names())
+    against = _against_reference(evaluation)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -180,6 +207,8 @@ img {{ max-width: 100%; }}
 <h2>Verdict</h2>
 <p>Recommended model: {chosen}</p>
 <table><tr><th>candidate</th><th>runtime</th><th>gate</th><th>reasons</th></tr>{verdict_rows}</table>
+<h2>Against the reference</h2>
+{against}
 <h2>Figures</h2>
 <p>{agreement}</p>
 {comparison.to_html(float_format=lambda value: f"{value:.4g}")}

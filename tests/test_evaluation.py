@@ -201,3 +201,20 @@ def test_held_out_facts_are_not_in_the_evaluation_set():
     assert len(held_out) == 12
     assert not {e.prompt for e in evaluated} & {fact.prompt for fact in held_out}
     assert not {e.reference.lower() for e in evaluated} & {f.reference.lower() for f in held_out}
+
+
+def test_the_relative_rule_names_the_metric_both_values_and_the_drop():
+    document, examples = _golden()
+    fastest = RecommendationPolicy.fastest_passed
+    judgement = judge(document["workers"], examples, reference="transformers", rules=(),
+                      policy=fastest, max_quality_drop=0.05)  # fmt: skip
+    assert judgement.verdicts["transformers"].passed  # the reference is judged absolutely only
+    assert judgement.verdicts["onnx"].reasons == (
+        "exact_match 0.3333 is 0.1667 below the reference's 0.5 (at most 0.05 allowed)",
+        "contains_reference 0.6667 is 0.08333 below the reference's 0.75 (at most 0.05 allowed)",
+        "token_f1 0.5556 is 0.06944 below the reference's 0.625 (at most 0.05 allowed)",
+    )
+    assert judgement.recommended == "transformers"
+    lenient = judge(document["workers"], examples, reference="transformers", rules=(),
+                    policy=fastest, max_quality_drop=0.17)  # fmt: skip
+    assert lenient.verdicts["onnx"].passed and lenient.recommended == "onnx"
