@@ -57,6 +57,22 @@ class TorchDtype(Enum):
     bfloat16 = "bfloat16"
 
 
+class LoggedModels(Enum):
+    """Whether to log models as MLflow 3 LoggedModels: ``auto`` asks the tracking server once."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class ModelStore(Enum):
+    """Where a log step puts its model: a LoggedModel (``models:/<id>``), or the run's artifacts
+    (``runs:/<run id>/chat_model``) for tracking servers without the LoggedModel API."""
+
+    logged_models = "logged_models"
+    run_artifacts = "run_artifacts"
+
+
 class Runtime(Enum):
     """What runs a candidate model; each log step logs candidates of one runtime."""
 

@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from llm_packager.choices import LoggedModels
 from llm_packager.parameters import config_schema_fields
 from llm_packager.specs import PIPELINE
 
@@ -27,6 +28,19 @@ SCHEMA_NAME = "pipeline_schema"
 PIPELINE_KEYS: dict[str, list[tuple[str, Any, dataclasses.Field]]] = {
     "onnx": [("variants", dict[str, Any], dataclasses.field(default_factory=dict))],
 }
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """How the pipeline uses the tracking server (read by main, not a step's parameters)."""
+
+    # auto asks the server once whether it has MLflow 3's LoggedModel API (Azure ML's has not);
+    # off logs models as run artifacts (llm_packager.model_store).
+    logged_models: LoggedModels = LoggedModels.auto
+
+
+# Sections main reads itself, beside the steps' sections.
+PIPELINE_SECTIONS: dict[str, type] = {"tracking": TrackingConfig}
 
 
 def _section_schema(section: str, spec: type, *, open_mappings: bool = False) -> type:
@@ -43,7 +57,7 @@ def _pipeline_schema(*, open_mappings: bool = False) -> tuple[dict[str, type], t
     sections = {
         step.section: _section_schema(step.section, step.parameters, open_mappings=open_mappings)
         for step in PIPELINE
-    }
+    } | PIPELINE_SECTIONS
     pipeline = dataclasses.make_dataclass(
         "PipelineConfig",
         [(name, schema, dataclasses.field(default_factory=schema))

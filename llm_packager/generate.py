@@ -9,7 +9,6 @@ the same check, so a stale file fails the tests).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import textwrap
@@ -81,13 +80,15 @@ def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
     """Every generated file's content, by path relative to the project."""
     from llm_packager.config import compose_config
     from llm_packager.remote_jobs import (
+        AZUREML_ENVIRONMENT,
         AZUREML_JOB,
+        AZUREML_LOCK,
+        AZUREML_OWN_SERVER_JOB,
         DATABRICKS_BUNDLE,
-        DATABRICKS_CLUSTER_SPEC,
         GENERATED,
+        azureml_environment,
         azureml_job,
         databricks_bundle,
-        databricks_cluster_spec,
     )
 
     model = "phi3-mini-4k-instruct"
@@ -102,8 +103,9 @@ def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
         DATABRICKS_BUNDLE: as_yaml(
             databricks_bundle(compose_config(model, "register=unity-catalog"))
         ),
-        DATABRICKS_CLUSTER_SPEC: json.dumps(databricks_cluster_spec(), indent=2) + "\n",
         AZUREML_JOB: as_yaml(azureml_job(cfg, model, "")),
+        AZUREML_OWN_SERVER_JOB: as_yaml(azureml_job(cfg, model, "", own_server=True)),
+        AZUREML_ENVIRONMENT: as_yaml(azureml_environment(project_dir / AZUREML_LOCK)),
     }
 
 

@@ -20,10 +20,12 @@ from mlflow.types.schema import ColSpec, Schema
 from llm_packager.choices import ExecutionProvider, OnnxPrecision
 
 # The pip distributions that run a model built for each execution provider: the CUDA packages
-# replace the CPU ones (they install the same Python modules).
+# replace the CPU ones (they install the same Python modules). onnxruntime-gpu 1.31 is built for
+# CUDA 13; its extras install the CUDA and cuDNN libraries it loads (nvidia-* wheels), so a
+# served CUDA model needs only the NVIDIA driver (580 or newer) on the machine.
 RUNTIME_DISTRIBUTIONS = {
     ExecutionProvider.cpu: ("onnxruntime-genai", "onnxruntime"),
-    ExecutionProvider.cuda: ("onnxruntime-genai-cuda", "onnxruntime-gpu"),
+    ExecutionProvider.cuda: ("onnxruntime-genai-cuda", "onnxruntime-gpu[cuda,cudnn]"),
 }
 PROMPT_FIELD = "prompt"
 _LOG_TAIL_LINES = 30

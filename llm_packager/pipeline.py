@@ -24,7 +24,9 @@ from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from llm_packager.choices import ModelStore
 from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
+from llm_packager.model_store import MODEL_STORE_TAG, resolve_model_store
 from llm_packager.parameters import (
     ROLE_UPSTREAM,
     as_mlflow_parameters,
@@ -128,20 +130,21 @@ def resolve_env_manager(requested: str) -> str:
     return "local"
 
 
-def _step_runs(step: StepDefinition, cfg: DictConfig) -> list[PlannedStep]:
+def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list[PlannedStep]:
     if step.entry_point == "log_onnx":
         return [
             PlannedStep(
                 step.entry_point if name == ONNX_CANDIDATE
                 else f"{step.entry_point}:{name.removeprefix(ONNX_CANDIDATE + '-')}",
                 step,
-                {**config_values(step.parameters, section), "candidate": name},
+                {**config_values(step.parameters, section), "candidate": name,
+                 "model_store": store},
             )
             for name, section in onnx_candidates(cfg).items()
         ]  # fmt: skip
     values = config_values(step.parameters, cfg[step.section])
     if step.entry_point == "log_transformers":
-        values["candidate"] = TRANSFORMERS_CANDIDATE
+        values |= {"candidate": TRANSFORMERS_CANDIDATE, "model_store": store}
     if step.entry_point == "evaluate":
         from llm_packager.evaluation import file_sha256, resolve_eval_set
 
@@ -151,13 +154,18 @@ def _step_runs(step: StepDefinition, cfg: DictConfig) -> list[PlannedStep]:
     return [PlannedStep(step.entry_point, step, values)]
 
 
-def plan_pipeline(cfg: DictConfig, steps: list[str] | None = None) -> list[PlannedStep]:
-    """The step runs a config asks for, in run order, limited to the ``steps`` selected."""
+def plan_pipeline(
+    cfg: DictConfig,
+    steps: list[str] | None = None,
+    store: ModelStore = ModelStore.logged_models,
+) -> list[PlannedStep]:
+    """The step runs a config asks for, in run order, limited to the ``steps`` selected; the log
+    steps put their models in ``store``."""
     return [
         planned
         for step in PIPELINE
         if steps is None or step.entry_point in steps
-        for planned in _step_runs(step, cfg)
+        for planned in _step_runs(step, cfg, store)
     ]
 
 
@@ -244,7 +252,10 @@ def run_pipeline(
     """
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    for planned in plan_pipeline(cfg, steps):
+    store = resolve_model_store(cfg.tracking.logged_models, client, experiment_id)
+    client.set_tag(parent_run_id, MODEL_STORE_TAG, store.value)
+    logger.info("Models are logged as %s", store.value)
+    for planned in plan_pipeline(cfg, steps, store):
         entry_point = planned.definition.entry_point
         upstream = _upstream_values(planned, outcomes)
         values = planned.definition.parameters(**planned.values, **upstream)

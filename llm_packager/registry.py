@@ -70,3 +70,22 @@ def check_alias(alias: str) -> None:
 
 def _uc_safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", part) or "model"
+
+
+def existing_version(versions: list, model_uri: str, run_id: str):
+    """The registered version that already holds a logged model, or None.
+
+    A version is matched by the model's id or URI where the registry reports them, and otherwise
+    by the run that logged it: Unity Catalog's ``search_model_versions`` gives no ``model_id`` and
+    a storage path as ``source``, and a run of a log step logs exactly one model. The oldest match
+    wins, so every rerun lands on the same version.
+    """
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    matches = [
+        version
+        for version in versions
+        if (model_id and getattr(version, "model_id", None) == model_id)
+        or version.source == model_uri
+        or (run_id and version.run_id == run_id)
+    ]
+    return min(matches, key=lambda version: int(version.version), default=None)

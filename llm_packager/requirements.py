@@ -9,8 +9,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 
-def pinned(*distributions: str) -> list[str]:
-    """``name==version`` for each installed distribution.
+def pinned(*requirements: str) -> list[str]:
+    """``name==version`` (extras kept, as in ``name[extra]==version``) for each installed
+    distribution.
 
     A local version label (``2.13.0+cpu``) is dropped: the package index serves only the public
     version, and the label only names the build of this machine's wheel.
@@ -19,10 +20,11 @@ def pinned(*distributions: str) -> list[str]:
         PackageNotFoundError: a distribution is not installed, naming it.
     """
     pins = []
-    for distribution in distributions:
+    for requirement in requirements:
+        distribution = requirement.split("[", 1)[0]
         try:
             installed = version(distribution)
         except PackageNotFoundError as error:
             raise PackageNotFoundError(f"{distribution} is not installed") from error
-        pins.append(f"{distribution}=={installed.split('+', 1)[0]}")
+        pins.append(f"{requirement}=={installed.split('+', 1)[0]}")
     return pins

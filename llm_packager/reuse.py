@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from mlflow.entities import LoggedModelStatus, Run
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import Runtime
@@ -71,12 +72,17 @@ def announced_outputs(run: Run) -> dict[str, str]:
 
 
 def _artifact_exists(client: MlflowClient, run_id: str, path: str) -> bool:
+    # The run's own artifact repository, not MlflowClient.list_artifacts: for a path below the
+    # root, MLflow 3 also searches the run's LoggedModels, which a server without that API
+    # (Azure ML's) answers with 404.
+    repository = get_artifact_repository(
+        client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
+    )
     parent = posixpath.dirname(path) or None
-    listing = client.list_artifacts(run_id, parent)
-    match = next((info for info in listing if info.path == path), None)
+    match = next((info for info in repository.list_artifacts(parent) if info.path == path), None)
     if match is None:
         return False
-    return not match.is_dir or bool(client.list_artifacts(run_id, path))
+    return not match.is_dir or bool(repository.list_artifacts(path))
 
 
 def output_exists(client: MlflowClient, uri: str) -> bool:

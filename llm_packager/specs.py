@@ -16,6 +16,7 @@ from llm_packager.choices import (
     Device,
     ExecutionProvider,
     ModelSource,
+    ModelStore,
     OnnxPrecision,
     OnnxSource,
     RecommendationPolicy,
@@ -100,6 +101,9 @@ class LogTransformersParameters(GenerationParameters):
 
     fetch_model_run_id: str = upstream("the fetch_model run whose model is logged", "fetch_model")
     candidate: str = computed("this model's name among the evaluated candidates", "transformers")
+    model_store: ModelStore = computed(
+        "where the model goes: a LoggedModel, or the run's artifacts", ModelStore.logged_models
+    )
     save_pretrained: bool = parameter(
         "copy the weights into the model; false logs a Hub model by reference", True
     )
@@ -116,6 +120,9 @@ class LogOnnxParameters(GenerationParameters):
     fetch_model_run_id: str = upstream("the fetch_model run to build from and compare with",
                                        "fetch_model")  # fmt: skip
     candidate: str = computed("this model's name among the evaluated candidates", "onnx")
+    model_store: ModelStore = computed(
+        "where the model goes: a LoggedModel, or the run's artifacts", ModelStore.logged_models
+    )
     source: OnnxSource = parameter("a published ONNX folder, or a build of ours", OnnxSource.build)
     repo_id: str = parameter("Hugging Face repository of the published build (prebuilt)", "")
     revision: str = parameter("its commit, 40 hex characters (prebuilt)", "")

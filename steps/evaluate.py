@@ -200,12 +200,17 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
             f"{candidate.name}.validation_status": candidate.verdict.status,
             f"{candidate.name}.validation_reasons": candidate.verdict.explanation(),
         })  # fmt: skip
+        verdict_tags = {
+            "validation_status": candidate.verdict.status,
+            "validation_reasons": candidate.verdict.explanation(),
+            "evaluation_run_id": run_id,
+        }
         if candidate.model_uri.startswith("models:/m-"):
-            client.set_logged_model_tags(candidate.model_uri.removeprefix("models:/"), {
-                "validation_status": candidate.verdict.status,
-                "validation_reasons": candidate.verdict.explanation(),
-                "evaluation_run_id": run_id,
-            })  # fmt: skip
+            client.set_logged_model_tags(candidate.model_uri.removeprefix("models:/"), verdict_tags)
+        else:
+            # A model logged as run artifacts has no LoggedModel: its run carries the verdict.
+            for key, value in verdict_tags.items():
+                client.set_tag(candidate.run_id, f"llm_packager.{key}", value)
     recommended = evaluation.recommendation.candidate
     mlflow.set_tags({
         "recommended_candidate": recommended or "none",

@@ -31,6 +31,7 @@ from llm_packager.chat import CHECK_MAX_TOKENS, EXAMPLE_CHAT_REQUEST, load_back_
 from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
+from llm_packager.model_store import log_chat_model
 from llm_packager.onnx_build import (
     RUNTIME_DISTRIBUTIONS,
     build_onnx_model,
@@ -135,8 +136,10 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         mlflow.log_params({"onnxruntime_genai_version": onnxruntime_genai.__version__})
         agreement = _agreement(request, fetched, onnx_folder)
         started = time.perf_counter()
-        model_info = mlflow.pyfunc.log_model(
-            name="chat_model",
+        model_uri = log_chat_model(
+            mlflow.pyfunc,
+            request.model_store,
+            run_id,
             python_model=str(MODEL_CODE),
             artifacts={ONNX_ARTIFACT_KEY: str(onnx_folder)},
             model_config={
@@ -162,7 +165,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         )
         log_seconds = time.perf_counter() - started
     check = load_back_and_answer(
-        model_info.model_uri, {"prompt": sample_prompt, "max_tokens": CHECK_MAX_TOKENS}
+        model_uri, {"prompt": sample_prompt, "max_tokens": CHECK_MAX_TOKENS}
     )
     chat_answer, prompt_answer = check.answers
     load_seconds = check.load_seconds
@@ -174,12 +177,12 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
     if agreement is not None:
         metrics["greedy_token_agreement"] = agreement
     mlflow.log_metrics(metrics)
-    announce_model(mlflow.MlflowClient(), run_id, model_info.model_uri)
+    announce_model(mlflow.MlflowClient(), run_id, model_uri)
     logger.info(
         "Logged %s: ONNX %d bytes, loads in %.2f s, greedy agreement %s",
-        model_info.model_uri, size, load_seconds, agreement,
+        model_uri, size, load_seconds, agreement,
     )  # fmt: skip
-    return LogOnnxResult(model_info.model_uri, size, load_seconds, agreement)
+    return LogOnnxResult(model_uri, size, load_seconds, agreement)
 
 
 if __name__ == "__main__":

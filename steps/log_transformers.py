@@ -28,6 +28,7 @@ import mlflow
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, load_back_and_answer
 from llm_packager.choices import Device, Runtime, TorchDtype
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
+from llm_packager.model_store import log_chat_model
 from llm_packager.reuse import announce_model, candidate_tags
 from llm_packager.specs import LogTransformersParameters
 from llm_packager.step_run import run_command_line
@@ -139,9 +140,11 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     )
     readme = fetched.folder / "README.md"
     started = time.perf_counter()
-    model_info = mlflow.transformers.log_model(
-        pipeline,
-        name="chat_model",
+    model_uri = log_chat_model(
+        mlflow.transformers,
+        request.model_store,
+        run_id,
+        transformers_model=pipeline,
         task="llm/v1/chat",
         model_config=_model_config(request),
         save_pretrained=request.save_pretrained,
@@ -153,18 +156,18 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
         metadata={"source_model": model_name},
     )
     log_seconds = time.perf_counter() - started
-    check = load_back_and_answer(model_info.model_uri)
+    check = load_back_and_answer(model_uri)
     size, load_seconds = check.size_bytes, check.load_seconds
     mlflow.log_dict(check.answers[0], "sample_completion.json")
     mlflow.log_metrics(
         {"model_size_bytes": size, "log_seconds": log_seconds, "load_seconds": load_seconds}
     )
-    announce_model(mlflow.MlflowClient(), run_id, model_info.model_uri)
+    announce_model(mlflow.MlflowClient(), run_id, model_uri)
     logger.info(
         "Logged %s (%d bytes) in %.1f s; loads in %.2f s",
-        model_info.model_uri, size, log_seconds, load_seconds,
+        model_uri, size, log_seconds, load_seconds,
     )  # fmt: skip
-    return LogTransformersResult(model_info.model_uri, size, log_seconds, load_seconds)
+    return LogTransformersResult(model_uri, size, log_seconds, load_seconds)
 
 
 def _offline_hub_for_local_weights(request: LogTransformersParameters) -> None:

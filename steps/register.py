@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from llm_packager.chat import load_back_and_answer
 from llm_packager.choices import Runtime
 from llm_packager.evaluation_record import CandidateResult, Evaluation
-from llm_packager.registry import check_alias, check_registered_model_name
+from llm_packager.registry import check_alias, check_registered_model_name, existing_version
 from llm_packager.reuse import announce_outputs
 from llm_packager.specs import RegisterParameters
 from llm_packager.step_run import SUMMARY_TAG, run_command_line
@@ -72,18 +72,13 @@ def _wait_until_ready(client, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def _version_for(client, name: str, model_uri: str) -> ModelVersion:
-    """The existing version of this LoggedModel, or a new one; READY either way."""
-    model_id = model_uri.removeprefix("models:/")
-    try:
-        existing = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        existing = []
-    for version in existing:
-        if version.model_id == model_id or version.source == model_uri:
-            logger.info("%s version %s already holds %s", name, version.version, model_uri)
-            return _wait_until_ready(client, version)
-    return _wait_until_ready(client, mlflow.register_model(model_uri, name))
+def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
+    """The existing version of this candidate's model, or a new one; READY either way."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    if version := existing_version(versions, candidate.model_uri, candidate.run_id):
+        logger.info("%s version %s already holds %s", name, version.version, candidate.model_uri)
+        return _wait_until_ready(client, version)
+    return _wait_until_ready(client, mlflow.register_model(candidate.model_uri, name))
 
 
 def _lineage(client, evaluation: Evaluation, candidate: CandidateResult,
@@ -173,7 +168,7 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     runner_up = next((c for c in evaluation.ranked() if c.model_uri != winner.model_uri), None)
     chosen = [winner] + ([runner_up] if runner_up and request.challenger_alias else [])
     name = request.registered_model_name
-    versions = {c.name: _version_for(client, name, c.model_uri) for c in chosen}
+    versions = {c.name: _version_for(client, name, c) for c in chosen}
     for candidate in chosen:
         lineage = _lineage(client, evaluation, candidate, request.evaluate_run_id, run_id)
         if unvalidated and candidate is winner:

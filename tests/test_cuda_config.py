@@ -12,6 +12,7 @@ from llm_packager.choices import Device, ExecutionProvider, OnnxPrecision, Torch
 from llm_packager.config import compose_config
 from llm_packager.onnx_build import RUNTIME_DISTRIBUTIONS, build_onnx_model, builder_command
 from llm_packager.parameters import config_values
+from llm_packager.project import PROJECT_DIR
 from llm_packager.specs import LogOnnxParameters, LogTransformersParameters
 from steps.log_onnx import log_onnx
 from steps.log_transformers import log_transformers
@@ -67,12 +68,12 @@ def test_cuda_transformers_config_loads_on_the_gpu_in_half_precision():
 def test_a_cuda_model_requires_the_cuda_runtime_packages():
     assert RUNTIME_DISTRIBUTIONS[ExecutionProvider.cuda] == (
         "onnxruntime-genai-cuda",
-        "onnxruntime-gpu",
+        "onnxruntime-gpu[cuda,cudnn]",
     )
     assert RUNTIME_DISTRIBUTIONS[ExecutionProvider.cpu] == ("onnxruntime-genai", "onnxruntime")
     cuda_pins = {
         line.split("==")[0]
-        for line in Path("requirements-cuda.txt").read_text().splitlines()
+        for line in (PROJECT_DIR / "requirements-cuda.txt").read_text().splitlines()
         if line and not line.startswith("#")
     }
     assert set(RUNTIME_DISTRIBUTIONS[ExecutionProvider.cuda]) <= cuda_pins

@@ -96,3 +96,35 @@ def test_the_register_step_refuses_a_bad_name_before_touching_the_registry(local
     with pytest.raises(RegistryNameError) as refused:
         register(request, run_id="unused")
     assert "'tiny-chat' in 'main.default.tiny-chat'" in str(refused.value)
+
+
+def _version(number: int, *, source: str, run_id: str, model_id: str | None = None):
+    from mlflow.entities.model_registry import ModelVersion
+
+    return ModelVersion(name="main.default.m", version=str(number), creation_timestamp=0,
+                        source=source, run_id=run_id, model_id=model_id)  # fmt: skip
+
+
+def test_an_existing_version_is_found_in_unity_catalog_shaped_results():
+    from llm_packager.registry import existing_version
+
+    # What Unity Catalog's search_model_versions returns: no model_id, and a storage path as the
+    # source, so neither identifies the logged model; the run that logged it does.
+    versions = [
+        _version(1, source="dbfs:/databricks/mlflow-tracking/1/aaa/artifacts", run_id="aaa"),
+        _version(2, source="dbfs:/databricks/mlflow-tracking/1/bbb/artifacts", run_id="bbb"),
+    ]
+    found = existing_version(versions, "models:/m-0123456789abcdef0123456789abcdef", "bbb")
+    assert found.version == "2"
+    assert existing_version(versions, "models:/m-0123456789abcdef0123456789abcdef", "ccc") is None
+
+
+def test_the_oldest_of_duplicate_versions_is_the_one_reused():
+    from llm_packager.registry import existing_version
+
+    uri = "models:/m-0123456789abcdef0123456789abcdef"
+    versions = [_version(5, source=uri, run_id="r"), _version(3, source=uri, run_id="r")]
+    assert existing_version(versions, uri, "r").version == "3"
+    by_id = [_version(7, source="s3://bucket/x", run_id="other",
+                      model_id="m-0123456789abcdef0123456789abcdef")]  # fmt: skip
+    assert existing_version(by_id, uri, "r").version == "7"

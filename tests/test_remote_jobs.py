@@ -3,7 +3,6 @@ the ``main`` entry point with exactly the arguments MLproject declares."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,12 @@ import yaml
 
 from llm_packager.parameters import fields_of
 from llm_packager.project import PROJECT_DIR
-from llm_packager.remote_jobs import AZUREML_JOB, DATABRICKS_BUNDLE, DATABRICKS_CLUSTER_SPEC
+from llm_packager.remote_jobs import (
+    AZUREML_JOB,
+    AZUREML_LOCK,
+    AZUREML_OWN_SERVER_JOB,
+    DATABRICKS_BUNDLE,
+)
 from llm_packager.specs import MainParameters
 
 from .support import project_environment
@@ -77,30 +81,61 @@ def test_the_bundle_uses_only_variables_it_declares():
     assert used <= declared
 
 
-def test_the_classic_cluster_spec_validates_and_runs_an_mlflow_projects_runtime():
-    from databricks.bundles.jobs import ClusterSpec
+def test_no_task_parameter_or_environment_value_is_empty():
+    # The Terraform deployment engine panics on "" in a task parameter
+    # (terraform-provider-databricks#2154); nothing generated may be empty.
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
 
-    spec = json.loads((PROJECT_DIR / DATABRICKS_CLUSTER_SPEC).read_text())
-    cluster = ClusterSpec.from_dict(spec["new_cluster"])
-    # MLflow Projects' Databricks backend is not supported on DBR 13 and later.
-    assert int(cluster.spark_version.split(".")[0]) <= 12
-    assert cluster.num_workers == 0
-    assert cluster.spark_env_vars["HF_TOKEN"].startswith("{{secrets/")
+    assert "" not in list(strings(_job()))
+    assert all(_task_arguments())
 
 
-def test_the_azure_ml_job_validates_with_azure_ai_ml():
+def test_the_job_runs_on_a_runtime_without_its_own_torch_and_logs_to_the_workspace():
+    cluster = _job()["job_clusters"][0]["new_cluster"]
+    # The standard runtime: no preinstalled torch or torchvision to mix with ours.
+    assert "-ml-" not in cluster["spark_version"] and cluster["spark_version"].startswith("15.4")
+    assert cluster["spark_env_vars"]["MLFLOW_TRACKING_URI"] == "databricks"
+    # No secret scope the user may not have: a Hub token is optional (README).
+    assert "secrets/" not in (PROJECT_DIR / DATABRICKS_BUNDLE).read_text()
+    assert _bundle()["bundle"]["databricks_cli_version"].startswith(">=")
+
+
+def test_the_azure_ml_job_validates_and_builds_its_environment_from_the_azure_lock():
     from azure.ai.ml import load_job
 
     job = load_job(PROJECT_DIR / AZUREML_JOB)
     assert job.type == "command"
     assert set(job.inputs) == {field.name for field in fields_of(MainParameters)}
+    pins = [line for line in (PROJECT_DIR / AZUREML_LOCK).read_text().splitlines()
+            if line and not line.startswith("#")]  # fmt: skip
+    assert job.environment.conda_file["dependencies"] == ["python=3.11", "pip", {"pip": pins}]
+    assert "azureml-mlflow==1.62.0.post6" in pins
+    # Installed when the environment is built, never at job start.
+    assert "pip install" not in job.command
+    assert job.command.startswith("python -m steps.main ")
+    assert [word for word in job.command.split() if word.startswith("--")] == MAIN_FLAGS
+
+
+def test_the_own_server_job_runs_on_the_main_lock_and_logs_where_it_is_told():
+    from azure.ai.ml import load_job
+
+    job = load_job(PROJECT_DIR / AZUREML_OWN_SERVER_JOB)
+    assert set(job.inputs) == {"tracking_uri", *(f.name for f in fields_of(MainParameters))}
+    assert job.command.startswith(
+        "MLFLOW_TRACKING_URI=${{inputs.tracking_uri}} python -m steps.main"
+    )
     assert (
         job.environment.conda_file["dependencies"]
         == yaml.safe_load((PROJECT_DIR / "conda.yaml").read_text())["dependencies"]
     )
-    command = job.command.split(" && ")[-1]
-    assert command.startswith("python -m steps.main ")
-    assert [word for word in command.split() if word.startswith("--")] == MAIN_FLAGS
 
 
 def test_the_azure_ml_loader_refuses_a_bad_job_so_the_check_can_fail(tmp_path):

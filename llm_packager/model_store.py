@@ -1,0 +1,72 @@
+"""Where a log step puts its model: a LoggedModel, or plain run artifacts.
+
+MLflow 3's ``log_model`` always creates a LoggedModel through ``/api/2.0/mlflow/logged-models``.
+Some tracking servers have no such API: Azure ML's answers 404 to every call under it. There the
+log steps save the model locally and log the folder as run artifacts under a fixed path
+(``chat_model``), and hand on ``runs:/<run id>/chat_model``, which ``mlflow.pyfunc.load_model``
+loads and ``mlflow.register_model`` registers like any model. ``tracking.logged_models: auto``
+asks the server once, before any step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from llm_packager.choices import LoggedModels, ModelStore
+
+# The artifact path of every logged chat model, in both stores.
+MODEL_ARTIFACT_PATH = "chat_model"
+MODEL_STORE_TAG = "llm_packager.model_store"
+
+logger = logging.getLogger(__name__)
+
+
+def server_has_logged_models(client: MlflowClient, experiment_id: str) -> bool:
+    """Ask the tracking server once whether it serves the LoggedModel API.
+
+    Raises:
+        MlflowException: any failure other than the API being absent (404).
+    """
+    try:
+        client.search_logged_models(experiment_ids=[experiment_id], max_results=1)
+    except MlflowException as error:
+        if error.get_http_status_code() == 404 or error.error_code == "ENDPOINT_NOT_FOUND":
+            logger.info("The tracking server has no LoggedModel API (%s)", error.message[:200])
+            return False
+        raise
+    return True
+
+
+def resolve_model_store(mode: LoggedModels, client: MlflowClient, experiment_id: str) -> ModelStore:
+    """The store the log steps use: as configured, or, for ``auto``, as the server allows."""
+    if mode == LoggedModels.on:
+        return ModelStore.logged_models
+    if mode == LoggedModels.off or not server_has_logged_models(client, experiment_id):
+        return ModelStore.run_artifacts
+    return ModelStore.logged_models
+
+
+def log_chat_model(flavor: ModuleType, store: ModelStore, run_id: str, **options: Any) -> str:
+    """Log a model with ``flavor`` (``mlflow.transformers``, ``mlflow.pyfunc``) in ``store``.
+
+    ``options`` are the flavor's ``log_model``/``save_model`` arguments, less the name or path.
+
+    Returns:
+        The model's URI: ``models:/<id>`` or ``runs:/<run id>/chat_model``.
+    """
+    mlflow.set_tag(MODEL_STORE_TAG, store.value)
+    if store == ModelStore.logged_models:
+        return flavor.log_model(name=MODEL_ARTIFACT_PATH, **options).model_uri
+    with tempfile.TemporaryDirectory(prefix="chat-model-") as scratch:
+        folder = Path(scratch) / MODEL_ARTIFACT_PATH
+        flavor.save_model(path=str(folder), **options)
+        mlflow.log_artifacts(str(folder), MODEL_ARTIFACT_PATH)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"

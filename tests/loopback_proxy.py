@@ -1,0 +1,83 @@
+"""A reverse proxy on loopback in front of a real `mlflow server`, for tests.
+
+It passes every request through unchanged, except paths under a refused prefix, which it answers
+404 the way Azure ML's tracking server answers `/api/2.0/mlflow/logged-models*`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+LOGGED_MODELS_PREFIX = "/api/2.0/mlflow/logged-models"
+_CHUNK = 1 << 20
+# Hop-by-hop headers describe one connection, not the message: never forwarded.
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-authorization", "proxy-authenticate"}  # fmt: skip
+
+
+def _handler(target: str, refused: tuple[str, ...], seen: list[str]) -> type:
+    upstream = urlparse(target)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            # Read first, refused or not: an unread body would corrupt the next request on a
+            # kept-alive connection.
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            if self.path.startswith(refused):
+                body = b"<html><body><h1>404 Not Found</h1></body></html>"
+                self.send_response(404)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=600)
+            try:
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in _HOP_BY_HOP | {"content-length"}:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                for start in range(0, len(payload), _CHUNK):
+                    self.wfile.write(payload[start : start + _CHUNK])
+            finally:
+                connection.close()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+        def log_message(self, *arguments) -> None:
+            return None
+
+    return Handler
+
+
+@contextmanager
+def reverse_proxy(
+    target: str, refused: tuple[str, ...] = (LOGGED_MODELS_PREFIX,)
+) -> Iterator[tuple[str, list[str]]]:
+    """Serve a proxy to ``target`` on a free loopback port; yield its URL and the request lines
+    it saw (so a test can check what the client asked for)."""
+    seen: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(target, refused, seen))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
