@@ -3,7 +3,9 @@ bytes one cold run writes to the artifact store.
 
 Each repeat uses a fresh folder and an empty model cache, and either the embedded SQLite store
 with local artifacts that a new user gets (``--store embedded``) or a fresh ``mlflow server`` on
-loopback with artifacts served through it (``--store server``). It runs
+loopback with artifacts served through it (``--store server``), or that server with models logged
+as run artifacts, as on a server without the LoggedModel API (``--store server-run-artifacts``).
+It runs
 ``mlflow run <project> -e main -P model=tiny-random-phi3`` once (cold: every step runs) and
 again (warm: every step is reused). A step's wall time, as main sees it, is split with the
 timing tags that ``main`` and ``run_step`` leave on the step's run:
@@ -18,7 +20,7 @@ Everything except ``work`` is overhead. Storage: every file under the artifact r
 run, grouped by the run or LoggedModel that wrote it, divided by the fetched model's bytes plus the
 ONNX model's bytes.
 
-Usage: ``python -m benchmarks.pipeline [--repeats 3] [--store embedded|server]``
+Usage: ``python -m benchmarks.pipeline [--repeats 3] [--store STORE]`` (a key of ``STORES``)
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ from llm_packager.specs import STEP_NAMES
 from llm_packager.step_run import STEP_TIMING_TAG
 
 STEPS = STEP_NAMES
+# Each store: whether it is a fresh `mlflow server` (else the embedded SQLite store), and the
+# overrides main runs with. server-run-artifacts logs models as run artifacts, as on a tracking
+# server without MLflow 3's LoggedModel API (Azure ML's).
+STORES = {
+    "embedded": (False, ""),
+    "server": (True, ""),
+    "server-run-artifacts": (True, "tracking.logged_models=off"),
+}
 PHASES = ("before_process", "start_up", "work", "after_work")
 
 
@@ -63,7 +73,7 @@ def tracking_server(folder: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
-def _run_main(workdir: Path, cache: Path, tracking_uri: str | None) -> float:
+def _run_main(workdir: Path, cache: Path, tracking_uri: str | None, overrides: str) -> float:
     environment = {**os.environ, "LLM_PACKAGER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     # Unset: the embedded store in workdir, as a new user gets it.
     environment.pop("MLFLOW_TRACKING_URI", None)
@@ -72,7 +82,8 @@ def _run_main(workdir: Path, cache: Path, tracking_uri: str | None) -> float:
     environment.pop("MLFLOW_RUN_ID", None)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "main",
-               "--env-manager", "local", "-P", "model=tiny-random-phi3"]  # fmt: skip
+               "--env-manager", "local", "-P", "model=tiny-random-phi3",
+               "-P", f"overrides={overrides or 'none'}"]  # fmt: skip
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=workdir, env=environment, capture_output=True,
                                text=True)  # fmt: skip
@@ -141,10 +152,11 @@ def _storage(client, experiment, artifact_root: Path) -> dict[str, object]:
 def _one_repeat(scratch: Path, store: str) -> dict[str, object]:
     workdir, cache = scratch / "work", scratch / "cache"
     workdir.mkdir()
+    server, overrides = STORES[store]
     with contextlib.ExitStack() as stack:
-        tracking_uri = stack.enter_context(tracking_server(scratch)) if store == "server" else None
-        cold = _run_main(workdir, cache, tracking_uri)
-        warm = _run_main(workdir, cache, tracking_uri)
+        tracking_uri = stack.enter_context(tracking_server(scratch)) if server else None
+        cold = _run_main(workdir, cache, tracking_uri, overrides)
+        warm = _run_main(workdir, cache, tracking_uri, overrides)
         return _account(scratch, workdir, tracking_uri, cold, warm)
 
 
@@ -247,7 +259,7 @@ def markdown(figures: dict[str, object]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--store", choices=("embedded", "server"), default="embedded")
+    parser.add_argument("--store", choices=tuple(STORES), default="embedded")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     arguments = parser.parse_args()
     figures = measure(arguments.repeats, arguments.store)

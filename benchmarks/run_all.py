@@ -22,7 +22,8 @@ from pathlib import Path
 from benchmarks import model_speed, pipeline, serving
 from benchmarks.common import PROJECT_DIR, machine_description
 
-FULL = {"new_tokens": 64, "repeats": 5, "pipeline_repeats": 3, "stores": ("embedded", "server"),
+FULL = {"new_tokens": 64, "repeats": 5, "pipeline_repeats": 3,
+        "stores": ("embedded", "server", "server-run-artifacts"),
         "requests_per_client": 4, "serving_repeats": 3}  # fmt: skip
 QUICK = {"new_tokens": 32, "repeats": 2, "pipeline_repeats": 1, "stores": ("embedded",),
          "requests_per_client": 2, "serving_repeats": 1}  # fmt: skip
