@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_packager.errors import UserError
+
 FINISH_REASONS = ("stop", "length")
 EXAMPLE_CHAT_REQUEST: dict[str, Any] = {
     "messages": [{"role": "user", "content": "What is the capital of Spain?"}]
 }
 
 
-class MalformedCompletionError(ValueError):
+class MalformedCompletionError(UserError, ValueError):
     """A model answered with something that is not an OpenAI chat completion."""
 
 

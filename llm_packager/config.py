@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm_packager import config_schema
 from llm_packager.choices import ModelSource, OnnxSource
+from llm_packager.errors import UserError
 from llm_packager.hub import UnpinnedRevisionError, require_pinned_revision
 from llm_packager.manifest import ModelFilesError, check_model_files
 from llm_packager.metrics import MODEL_METRICS
@@ -41,7 +42,7 @@ ONNX_CANDIDATE = "onnx"
 _VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The composed configuration is invalid; the message is one line naming the key."""
 
 
@@ -130,6 +131,11 @@ def validate_config(cfg: DictConfig) -> None:
         if section.source == OnnxSource.build and cfg.model.architecture:
             _validate_buildable(cfg.model.architecture, prefix)
     _validate_evaluate(cfg.evaluate, candidate_names(cfg))
+    if cfg.tracking.server_timeout_s < 10:
+        raise ConfigError(
+            "tracking.server_timeout_s must be at least 10 (seconds an MLflow call may wait for "
+            "the tracking server, retries included)"
+        )
     register = cfg.register
     try:
         check_registered_model_name(register.registered_model_name, register.registry_uri)
@@ -312,6 +318,8 @@ def _validate_evaluate(evaluate: DictConfig, candidates: list[str]) -> None:
     for key in ("limit", "ttft_requests"):
         if evaluate[key] < 0:
             raise ConfigError(f"evaluate.{key} must be 0 or more")
+    if evaluate.worker_timeout_s < 1:
+        raise ConfigError("evaluate.worker_timeout_s must be at least 1")
     for metric in evaluate.gate:
         if metric not in MODEL_METRICS:
             raise ConfigError(

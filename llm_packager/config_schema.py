@@ -37,6 +37,9 @@ class TrackingConfig:
     # auto asks the server once whether it has MLflow 3's LoggedModel API (Azure ML's has not);
     # off logs models as run artifacts (llm_packager.model_store).
     logged_models: LoggedModels = LoggedModels.auto
+    # How long one MLflow call may wait for a tracking server that does not answer, retries
+    # included, before main and its steps give up and say so (llm_packager.errors).
+    server_timeout_s: int = 300
 
 
 # Sections main reads itself, beside the steps' sections.

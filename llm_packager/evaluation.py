@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_packager.choices import RecommendationPolicy
+from llm_packager.errors import UserError
 from llm_packager.metrics import (
     AGREEMENT_METRICS,
     QUALITY_METRICS,
@@ -29,7 +30,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-class EvalSetError(ValueError):
+class EvalSetError(UserError, ValueError):
     """The evaluation set is missing or malformed; the message names the file and line."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_packager.choices import RecommendationPolicy, Runtime
+from llm_packager.errors import UserError
 from llm_packager.evaluation import rank
 from llm_packager.metrics import PASSED, REJECTED, Verdict
 
@@ -23,7 +24,7 @@ EVALUATION_FILE = "evaluation.json"
 SCHEMA_VERSION = 1
 
 
-class EvaluationRecordError(ValueError):
+class EvaluationRecordError(UserError, ValueError):
     """An evaluation.json that is missing or does not match the contract; names the field."""
 
 

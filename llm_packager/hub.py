@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from llm_packager.errors import UserError
 from llm_packager.manifest import ModelFilesError, sha256_of_file
 
 _COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}")
@@ -28,11 +29,11 @@ OFFLINE_FIX = (
 )
 
 
-class HubUnreachableError(ConnectionError):
+class HubUnreachableError(UserError, ConnectionError):
     """The Hugging Face Hub cannot be reached and the snapshot is not in the local cache."""
 
 
-class UnpinnedRevisionError(ValueError):
+class UnpinnedRevisionError(UserError, ValueError):
     """A branch or tag name was given where a commit is required."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from llm_packager.errors import UserError
+
 MANIFEST_FILE_NAME = "manifest.json"
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 # Real LFS pointers are ~130 bytes; anything bigger than this cannot be one.
@@ -25,7 +27,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".bin", ".pt", ".gguf
 _HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
-class ModelFilesError(ValueError):
+class ModelFilesError(UserError, ValueError):
     """A model folder is missing, incomplete, or holds files that are not real model files."""
 
 
@@ -47,7 +49,8 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_files(folder: Path) -> list[Path]:
+def model_files(folder: Path) -> list[Path]:
+    """Every file of a model folder, sorted, leaving out hidden files and folders."""
     return sorted(
         path
         for path in folder.rglob("*")
@@ -65,7 +68,7 @@ def check_model_files(folder: Path) -> None:
     """
     if not folder.is_dir():
         raise ModelFilesError(f"Model folder not found: {folder}")
-    files = _model_files(folder)
+    files = model_files(folder)
     if not files:
         raise ModelFilesError(f"Model folder is empty: {folder}")
     for path in files:
@@ -132,7 +135,7 @@ def count_safetensors_parameters(folder: Path) -> int:
 def build_manifest(folder: Path, *, show_progress: bool = True) -> list[ManifestEntry]:
     """Check a model folder and list every file with its size and sha256."""
     check_model_files(folder)
-    files = _model_files(folder)
+    files = model_files(folder)
     entries = []
     total_bytes = sum(path.stat().st_size for path in files)
     with tqdm(
@@ -173,7 +176,7 @@ def verify_manifest(folder: Path, entries: Iterable[ManifestEntry]) -> None:
         ModelFilesError: naming the first missing, extra, resized or changed file.
     """
     expected = {entry.path: entry for entry in entries}
-    present = {path.relative_to(folder).as_posix() for path in _model_files(folder)}
+    present = {path.relative_to(folder).as_posix() for path in model_files(folder)}
     if missing := sorted(set(expected) - present):
         raise ModelFilesError(f"{folder} is missing {len(missing)} file(s), first: {missing[0]}")
     if extra := sorted(present - set(expected)):

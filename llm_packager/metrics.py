@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from llm_packager.choices import GateDirection
+from llm_packager.errors import UserError
 
 QUALITY_METRICS = ("exact_match", "contains_reference", "token_f1")
 # Measured against the reference candidate; the reference agrees with itself (1.0).
@@ -61,7 +62,7 @@ class GateRule:
         return None
 
 
-class GateError(ValueError):
+class GateError(UserError, ValueError):
     """A gate rule that cannot be parsed or names an unknown metric."""
 
 

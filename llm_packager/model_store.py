@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import mlflow
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -70,3 +71,18 @@ def log_chat_model(flavor: ModuleType, store: ModelStore, run_id: str, **options
         flavor.save_model(path=str(folder), **options)
         mlflow.log_artifacts(str(folder), MODEL_ARTIFACT_PATH)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def fail_abandoned_models(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the LoggedModels left PENDING by a run that ended (a step killed while it was
+    logging): nothing would ever finish them, and no step uses a model that is not READY."""
+    abandoned = []
+    for model in client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string="status = 'PENDING'"
+    ):
+        if model.source_run_id and client.get_run(model.source_run_id).info.status != "RUNNING":
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            abandoned.append(model.model_id)
+            logger.warning("Marked LoggedModel %s FAILED: its run %s ended before it was "
+                           "logged", model.model_id, model.source_run_id)  # fmt: skip
+    return abandoned

@@ -18,6 +18,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from llm_packager.choices import ExecutionProvider, OnnxPrecision
+from llm_packager.errors import UserError
 
 # The pip distributions that run a model built for each execution provider: the CUDA packages
 # replace the CPU ones (they install the same Python modules). onnxruntime-gpu 1.31 is built for
@@ -33,11 +34,11 @@ _LOG_TAIL_LINES = 30
 logger = logging.getLogger(__name__)
 
 
-class OnnxBuildError(RuntimeError):
+class OnnxBuildError(UserError, RuntimeError):
     """The model builder failed; the message carries the end of its output."""
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """The onnxruntime-genai model builder cannot build this model architecture."""
 
 
@@ -81,7 +82,7 @@ def check_builder_supports(architecture: str) -> None:
         )
 
 
-class PrebuiltMismatchError(ValueError):
+class PrebuiltMismatchError(UserError, ValueError):
     """A published ONNX build was made for another model than the one fetched."""
 
 

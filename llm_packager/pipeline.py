@@ -24,9 +24,15 @@ from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from llm_packager.choices import ModelStore
+from llm_packager.choices import ModelSource, ModelStore
 from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
-from llm_packager.model_store import MODEL_STORE_TAG, resolve_model_store
+from llm_packager.errors import UserError
+from llm_packager.hub import is_commit
+from llm_packager.model_store import (
+    MODEL_STORE_TAG,
+    fail_abandoned_models,
+    resolve_model_store,
+)
 from llm_packager.parameters import (
     ROLE_UPSTREAM,
     as_mlflow_parameters,
@@ -43,7 +49,7 @@ from llm_packager.reuse import (
     reuse_key,
 )
 from llm_packager.specs import PIPELINE, STEP_NAMES, StepDefinition
-from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, StepError, log_artifact_uri
+from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, fail_orphaned_runs, log_artifact_uri
 
 # When main launched a step and when the launch returned (epoch seconds); with the step's own
 # timing tag this splits its wall time (benchmarks/pipeline.py).
@@ -53,22 +59,24 @@ ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 logger = logging.getLogger(__name__)
 
 
-class SelectionError(StepError, ValueError):
+class SelectionError(UserError, ValueError):
     """An unknown step name, force value or env manager."""
 
 
-class StepFailedError(StepError):
+class StepFailedError(UserError):
     """A step run failed; the message names the step, its run and its log."""
 
 
 @dataclass(frozen=True)
 class PlannedStep:
     """One step run the config asks for: its name (the entry point, or ``log_onnx:<variant>``
-    for an ONNX variant) and its parameter values, upstream run ids aside."""
+    for an ONNX variant), its parameter values, upstream run ids aside, and whether an earlier
+    run may stand in for it (not when its inputs can change under the same parameters)."""
 
     name: str
     definition: StepDefinition
     values: dict[str, Any]
+    reusable: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list
     values = config_values(step.parameters, cfg[step.section])
     if step.entry_point == "log_transformers":
         values |= {"candidate": TRANSFORMERS_CANDIDATE, "model_store": store}
+    if step.entry_point == "fetch_model":
+        return [_fetch_run(step, values)]
     if step.entry_point == "evaluate":
         from llm_packager.evaluation import file_sha256, resolve_eval_set
 
@@ -152,6 +162,20 @@ def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list
         # evaluations (and the step checks the file it reads is the one hashed here).
         values["dataset_sha256"] = file_sha256(resolve_eval_set(values["dataset"]))
     return [PlannedStep(step.entry_point, step, values)]
+
+
+def _fetch_run(step: StepDefinition, values: dict[str, Any]) -> PlannedStep:
+    from llm_packager.content_hash import content_digest
+
+    source = values["source"]
+    values["content_sha256"] = ""
+    if source == ModelSource.local:
+        values["content_sha256"] = content_digest(Path(values["local_dir"]))
+    elif source == ModelSource.gguf and not values["gguf_package"]:
+        values["content_sha256"] = content_digest(Path(values["gguf_file"]))
+    # A branch or tag can move to another commit while the parameters stay the same.
+    pinned = source != ModelSource.hub or is_commit(values["revision"])
+    return PlannedStep(step.entry_point, step, values, reusable=pinned)
 
 
 def plan_pipeline(
@@ -252,7 +276,10 @@ def run_pipeline(
     """
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
+    fail_orphaned_runs(client, experiment_id)
     store = resolve_model_store(cfg.tracking.logged_models, client, experiment_id)
+    if store == ModelStore.logged_models:
+        fail_abandoned_models(client, experiment_id)
     client.set_tag(parent_run_id, MODEL_STORE_TAG, store.value)
     logger.info("Models are logged as %s", store.value)
     for planned in plan_pipeline(cfg, steps, store):
@@ -266,16 +293,17 @@ def run_pipeline(
             if outcome.run_id in {run for ids in upstream.values() for run in _as_tuple(ids)}
         }
         key = reuse_key(entry_point, parameters, code_version, upstream_runs)
-        previous = None if entry_point in forced else find_reusable_run(client, experiment_id, key)
+        previous = None
+        if entry_point not in forced and planned.reusable:
+            previous = find_reusable_run(client, experiment_id, key)
         if previous is not None:
             logger.info("%s: reusing run %s", planned.name, previous.info.run_id)
             outcomes.append(StepOutcome(entry_point, planned.name, previous.info.run_id, True))
         else:
-            logger.info(
-                "%s: running (%s)",
-                planned.name,
-                "forced" if entry_point in forced else "no reusable run",
-            )
+            why = "forced" if entry_point in forced else "no reusable run"
+            if not planned.reusable:
+                why = "an unpinned revision may have moved, so it is fetched again"
+            logger.info("%s: running (%s)", planned.name, why)
             launched = time.time()
             run_id = _launch(
                 client, planned, parameters, env_manager=env_manager,

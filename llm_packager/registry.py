@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import re
 
+from llm_packager.errors import UserError
+
 UNITY_CATALOG_SCHEME = "databricks-uc"
 _UC_PART = re.compile(r"[A-Za-z0-9_]+")
 _ALIAS = re.compile(r"[\w-]+")
 _VERSION_LIKE = re.compile(r"[vV]\d+")
 
 
-class RegistryNameError(ValueError):
+class RegistryNameError(UserError, ValueError):
     """A registered model name or alias the target registry would refuse."""
 
 

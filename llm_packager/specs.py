@@ -59,6 +59,11 @@ class FetchModelParameters:
     """Fetch a Hugging Face model folder and log it with a checksum manifest."""
 
     name: str = parameter("the model's name, tagged on the runs", "custom")
+    content_sha256: str = computed(
+        "digest of the files on disk (source local, or a GGUF file on disk): new weights at the "
+        "same path are a new input",
+        "",
+    )
     source: ModelSource = parameter("where the model folder comes from", ModelSource.hub)
     repo_id: str = parameter("Hugging Face repository (source hub)", "")
     revision: str = parameter("the Hub commit, 40 hex characters (source hub)", "")
@@ -160,6 +165,10 @@ class EvaluateParameters:
     max_tokens: int = parameter("new tokens per answer, greedy", 32)
     batch_size: int = parameter("requests per predict call", 1)
     ttft_requests: int = parameter("1-token requests timed for time to first token", 5)
+    worker_timeout_s: int = parameter(
+        "seconds one candidate may take to load and answer the whole set before it counts as hung",
+        3600,
+    )
     gate: tuple[GateRule, ...] = parameter(
         "thresholds every candidate must meet to pass", (), codec=GATE
     )

@@ -1,9 +1,10 @@
 """The shared life cycle of one step run: open the run, do the work, keep the log, set the status.
 
-Every step's command-line part calls `run_step`. The step's log is written to a file and logged
-as an artifact of its run whatever happens, so a failure on a remote machine can still be read;
-the error is also tagged on the run in one line, so `main` can say why a step failed. The process
-exit code follows the outcome, because MLflow Projects sets the run status from it.
+Every step's command-line part calls `run_step`. The step's log is written to a local file and
+logged as an artifact of its run whatever happens, so a failure on a remote machine can still be
+read; the error is also tagged on the run in one line, so `main` can say why a step failed. When
+the tracking server is gone, the log stays on disk and its path is printed. The process exit code
+follows the outcome, because MLflow Projects sets the run status from it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import gc
 import json
 import logging
 import os
+import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 import mlflow
 import psutil
 
+from llm_packager.errors import UserError, is_server_unreachable, one_line
 from llm_packager.third_party import silence_known_warnings
 
 LOG_ARTIFACT_DIR = "logs"
@@ -31,14 +33,12 @@ SUMMARY_TAG = "llm_packager.summary"
 # When the step's process started and when its own work started and finished (epoch seconds), so
 # the pipeline benchmark can split a step's wall time into start-up, work and bookkeeping.
 STEP_TIMING_TAG = "llm_packager.timing.step"
+HOST_TAG = "llm_packager.host"
+PID_TAG = "llm_packager.pid"
+# Internal exit code of run_step: failed, and the tracking server cannot be told (exits with 1).
+EXIT_SERVER_UNREACHABLE = 3
 
 
-class StepError(Exception):
-    """A failure whose message says all a user needs; reported without a traceback."""
-
-
-# Failures a user can fix from the message alone: reported in one line, without a traceback.
-EXPECTED_ERRORS = (StepError, ValueError, ConnectionError, FileNotFoundError)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger(__name__)
@@ -65,51 +65,94 @@ def exit_process(exit_code: int) -> NoReturn:
 
     With torch and transformers loaded, tearing down the modules' objects at exit takes about
     0.7 s per step on this machine. Freezing the garbage collector first skips the collection of
-    everything already allocated; atexit handlers (MLflow's flushes) still run.
+    everything already allocated; atexit handlers (MLflow's flushes) still run, except after the
+    tracking server stopped answering: MLflow's handler would end the run there, and wait through
+    every retry again for a server that is gone.
     """
     gc.freeze()
+    if exit_code == EXIT_SERVER_UNREACHABLE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     sys.exit(exit_code)
+
+
+def local_log_folder() -> Path:
+    """Where step logs are written first: kept there when they cannot reach the tracking server."""
+    from llm_packager.upstream import cache_root
+
+    return cache_root() / "logs"
+
+
+def _record_outcome(entry_point: str, status: str, message: str | None, timing: dict,
+                    log_path: Path) -> bool:  # fmt: skip
+    """Tag the outcome, upload the log and end the run; False if the server did not take it."""
+    try:
+        if message is not None:
+            mlflow.set_tag(ERROR_TAG, message[:4000])
+        mlflow.set_tag(STEP_TIMING_TAG, json.dumps(timing))
+        mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
+        mlflow.end_run(status=status)
+    except Exception as error:  # the outcome must never hide the failure that caused it
+        logger.error(
+            "%s: could not record the outcome on the tracking server (%s)",
+            entry_point, one_line(error) or f"{type(error).__name__}: {error}",
+        )  # fmt: skip
+        return False
+    return True
 
 
 def run_step(entry_point: str, work: Callable[[str], None]) -> int:
     """Run ``work(run_id)`` inside the step's MLflow run.
 
     Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed; run directly
-    with ``python -m steps.<name>``, a new run is started.
+    with ``python -m steps.<name>``, a new run is started. A failure the user can fix is told in
+    one line (``llm_packager.errors``); any other keeps its traceback in the step log. The log is
+    written on local disk first and uploaded as the run's artifact; when the tracking server cannot
+    take it, it stays on disk and the path is printed.
 
     Returns:
         The process exit code: 0 when the work finished, 1 when it raised.
     """
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, force=True)
     silence_known_warnings()
-    with tempfile.TemporaryDirectory(prefix=f"{entry_point}-log-") as log_dir:
-        log_path = Path(log_dir) / f"{entry_point}.log"
-        file_handler = logging.FileHandler(log_path)
-        file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-        logging.getLogger().addHandler(file_handler)
-        run = mlflow.start_run()
-        run_id = run.info.run_id
-        status = "FINISHED"
-        timing = {"process_started": _process_started(), "work_started": time.time()}
-        try:
-            logger.info("%s: run %s", entry_point, run_id)
-            work(run_id)
-        except EXPECTED_ERRORS as error:
-            status = "FAILED"
-            logger.error("%s failed: %s", entry_point, error)
-            mlflow.set_tag(ERROR_TAG, " ".join(str(error).split())[:4000])
-        except Exception as error:
-            status = "FAILED"
-            logger.exception("%s failed with an unexpected error", entry_point)
-            mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:4000])
-        finally:
-            timing["work_finished"] = time.time()
-            mlflow.set_tag(STEP_TIMING_TAG, json.dumps(timing))
-            file_handler.flush()
-            logging.getLogger().removeHandler(file_handler)
-            file_handler.close()
-            mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
-            mlflow.end_run(status=status)
+    log_folder = local_log_folder()
+    log_folder.mkdir(parents=True, exist_ok=True)
+    log_path = log_folder / f"{entry_point}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.getLogger().addHandler(file_handler)
+    timing = {"process_started": _process_started(), "work_started": time.time()}
+    status, message, reachable = "FINISHED", None, True
+    try:
+        run_id = mlflow.start_run().info.run_id
+        # Who runs it: a run left RUNNING by a process that is gone is found by these.
+        mlflow.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+        logger.info("%s: run %s", entry_point, run_id)
+        work(run_id)
+    except Exception as error:
+        status = "FAILED"
+        message = one_line(error)
+        reachable = not is_server_unreachable(error)
+        if isinstance(error, UserError):
+            logger.error("%s failed: %s", entry_point, message)
+        else:
+            # Not deliberate: the traceback goes to the log even when the message says it all.
+            logger.error("%s failed: %s", entry_point, message or "an unexpected error",
+                         exc_info=error)  # fmt: skip
+            message = message or f"{type(error).__name__}: {error}"
+    finally:
+        timing["work_finished"] = time.time()
+        file_handler.flush()
+        recorded = reachable and _record_outcome(entry_point, status, message, timing, log_path)
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
+    if recorded:
+        log_path.unlink(missing_ok=True)
+    else:
+        print(f"{entry_point}: the step log is kept at {log_path}", file=sys.stderr)
+    if not recorded:
+        return EXIT_SERVER_UNREACHABLE
     return 0 if status == "FINISHED" else 1
 
 
@@ -130,3 +173,35 @@ def run_command_line(
     if prepare is not None:
         prepare(parameters)
     exit_process(run_step(entry_point, lambda run_id: work(parameters, run_id)))
+
+
+def fail_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Mark FAILED the runs of this machine left RUNNING by a process that is gone (killed, or cut
+    off from the tracking server), so no run stays RUNNING for ever; return their ids.
+
+    A run counts as orphaned when the process that tagged it (``llm_packager.pid`` on this
+    host) no longer exists, or the pid now belongs to a process started after the run.
+    """
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    orphaned = []
+    for run in running:
+        pid = int(run.data.tags.get(PID_TAG, "0"))
+        try:
+            alive = psutil.Process(pid).create_time() <= run.info.start_time / 1000 + 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            alive = False
+        if alive:
+            continue
+        client.set_tag(
+            run.info.run_id, ERROR_TAG,
+            f"orphaned: process {pid} on {host} ended without finishing this run",
+        )  # fmt: skip
+        client.set_terminated(run.info.run_id, status="FAILED")
+        orphaned.append(run.info.run_id)
+        logger.warning("Marked run %s FAILED: its process %d is gone", run.info.run_id, pid)
+    return orphaned

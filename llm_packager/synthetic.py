@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_packager.errors import InvalidParametersError
+
 # Phi-3's own special tokens, in Phi-3's order, so prompts look the same as for the real model.
 UNKNOWN_TOKEN = "<unk>"
 BEGIN_TOKEN = "<s>"
@@ -75,19 +77,21 @@ class SyntheticPhi3Spec:
         """Raise ValueError naming the first size that cannot make a Phi-3."""
         for name, value in vars(self).items():
             if name != "seed" and value < 1:
-                raise ValueError(f"synthetic model: {name} must be a positive integer, got {value}")
+                raise InvalidParametersError(
+                    f"synthetic model: {name} must be a positive integer, got {value}"
+                )
         if self.vocab_size < len(SPECIAL_TOKENS) + 256:
-            raise ValueError(
+            raise InvalidParametersError(
                 f"synthetic model: vocab_size must be at least {len(SPECIAL_TOKENS) + 256} "
                 f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), got {self.vocab_size}"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise InvalidParametersError(
                 f"synthetic model: hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise InvalidParametersError(
                 f"synthetic model: num_attention_heads ({self.num_attention_heads}) must be "
                 f"divisible by num_key_value_heads ({self.num_key_value_heads})"
             )
@@ -144,7 +148,7 @@ def build_tokenizer(vocab_size: int):
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer)
     if tokenizer.get_vocab_size() != vocab_size:
-        raise ValueError(
+        raise InvalidParametersError(
             f"synthetic tokenizer learnt {tokenizer.get_vocab_size()} tokens, not {vocab_size}; "
             "the training text is too small for this vocab_size"
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from llm_packager.errors import is_server_unreachable
 from llm_packager.manifest import (
     MANIFEST_FILE_NAME,
     ManifestEntry,
@@ -26,6 +27,7 @@ from llm_packager.manifest import (
     read_manifest,
     verify_manifest,
 )
+from llm_packager.staging import remove_abandoned_staging, staging_folder
 
 MODEL_ARTIFACT_DIR = "hf_model"
 _CACHE_ENV = "LLM_PACKAGER_CACHE"
@@ -61,7 +63,11 @@ def cache_root() -> Path:
 def _download(uri: str, destination: Path, what: str, run_id: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(destination)))
-    except (MlflowException, OSError) as error:
+    except (MlflowException, FileNotFoundError) as error:
+        # Only a missing artifact is fixed by fetching again; a server that is gone, a full
+        # disk or a permission error are told as what they are (llm_packager.errors).
+        if is_server_unreachable(error):
+            raise
         raise ModelFilesError(
             f"Upstream fetch_model run {run_id} has no usable {what} ({error}); "
             "rerun it with -P force=fetch_model"
@@ -95,8 +101,8 @@ def fetched_model(run_id: str) -> FetchedModel:
         except ModelFilesError as error:
             logger.warning("Cached copy %s is not intact (%s); downloading again", cached, error)
             shutil.rmtree(cached)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cached.parent))
+    remove_abandoned_staging(cached.parent)
+    staging = staging_folder(cached.parent)
     try:
         folder = _download(f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", staging, "hf_model", run_id)
         try:

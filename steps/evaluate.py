@@ -33,6 +33,7 @@ import mlflow
 import pandas as pd
 
 from llm_packager.choices import Runtime
+from llm_packager.errors import InvalidParametersError, UserError
 from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING, write_report
 from llm_packager.evaluation import (
     EvalExample,
@@ -56,7 +57,7 @@ from llm_packager.step_run import run_command_line
 logger = logging.getLogger(__name__)
 
 
-class ModelUnusableError(ValueError):
+class ModelUnusableError(UserError, ValueError):
     """An upstream model could not be loaded or did not answer."""
 
 
@@ -77,9 +78,9 @@ def _candidates(request: EvaluateParameters) -> list[tuple[str, Runtime, str, st
         candidates.append((tags[CANDIDATE_TAG], Runtime(tags[RUNTIME_TAG]), uri, run_id))
     names = [name for name, *_ in candidates]
     if duplicated := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(f"two candidate runs are both named '{duplicated[0]}'")
+        raise InvalidParametersError(f"two candidate runs are both named '{duplicated[0]}'")
     if not candidates:
-        raise ValueError("evaluate needs at least one candidate run")
+        raise InvalidParametersError("evaluate needs at least one candidate run")
     return candidates
 
 
@@ -103,10 +104,21 @@ def _answer(name: str, uri: str, run_id: str, eval_set: Path,
             "--output", str(output),
         ]  # fmt: skip
         # Progress goes to the console; the output is kept to explain a failure.
-        completed = subprocess.run(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},
-        )  # fmt: skip
+        try:
+            completed = subprocess.run(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},
+                timeout=request.worker_timeout_s,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as error:
+            # subprocess.run has killed the worker; its output so far tells how far it got.
+            tail = (error.output or b"").decode(errors="replace") if isinstance(
+                error.output, bytes) else (error.output or "")  # fmt: skip
+            raise ModelUnusableError(
+                f"The {name} model {uri} (run {run_id}) did not answer the evaluation set within "
+                f"{request.worker_timeout_s} s (evaluate.worker_timeout_s); it was stopped. Last "
+                f"output: {' | '.join(tail.splitlines()[-3:])[-500:]}"
+            ) from error
         if completed.returncode != 0 or not output.exists():
             tail = " | ".join(line for line in completed.stdout.splitlines()[-8:] if line.strip())
             raise ModelUnusableError(

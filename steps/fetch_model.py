@@ -26,6 +26,8 @@ from pathlib import Path
 import mlflow
 
 from llm_packager.choices import ModelSource
+from llm_packager.content_hash import content_digest
+from llm_packager.errors import InvalidParametersError
 from llm_packager.gguf_source import convert_gguf, packaged_gguf
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import (
@@ -78,7 +80,7 @@ def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, di
         }
     if request.source == ModelSource.local:
         if not request.local_dir:
-            raise ValueError("source=local needs local_dir")
+            raise InvalidParametersError("source=local needs local_dir")
         return Path(request.local_dir).expanduser(), {"local_dir": request.local_dir}
     if request.source == ModelSource.gguf:
         return _from_gguf(request, scratch)
@@ -88,7 +90,7 @@ def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, di
 
 def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str]]:
     if not request.gguf_file:
-        raise ValueError("source=gguf needs gguf_file")
+        raise InvalidParametersError("source=gguf needs gguf_file")
     if request.gguf_package:
         path = packaged_gguf(
             request.gguf_package, request.gguf_file, request.gguf_sha256, cache_root() / "gguf"
@@ -101,6 +103,19 @@ def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict
     if request.gguf_package:
         provenance["gguf.package"] = request.gguf_package
     return folder, provenance
+
+
+def _check_unchanged(request: FetchModelParameters) -> None:
+    """The files on disk must still be those main planned with (their digest is in the key)."""
+    if not request.content_sha256:
+        return
+    path = request.local_dir if request.source == ModelSource.local else request.gguf_file
+    found = content_digest(Path(path))
+    if found != request.content_sha256:
+        raise ModelFilesError(
+            f"The files at {path} changed after main looked at them (content digest {found}, "
+            f"expected {request.content_sha256}); run main again"
+        )
 
 
 def _check_architecture(request: FetchModelParameters, folder: Path) -> None:
@@ -117,6 +132,7 @@ def fetch_model(request: FetchModelParameters, run_id: str) -> FetchResult:
     with tempfile.TemporaryDirectory(prefix="fetch-model-") as scratch:
         folder, provenance = _materialise(request, Path(scratch))
         _check_architecture(request, folder)
+        _check_unchanged(request)
         entries = build_manifest(folder)
         manifest_path = write_manifest(entries, Path(scratch) / MANIFEST_FILE_NAME)
         size = total_bytes(entries)

@@ -27,8 +27,14 @@ from pathlib import Path
 
 import mlflow
 
-from llm_packager.chat import CHECK_MAX_TOKENS, EXAMPLE_CHAT_REQUEST, load_back_and_answer
+from llm_packager.chat import (
+    CHECK_MAX_TOKENS,
+    EXAMPLE_CHAT_REQUEST,
+    MalformedCompletionError,
+    load_back_and_answer,
+)
 from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
+from llm_packager.errors import InvalidParametersError
 from llm_packager.hub import download_pinned_snapshot
 from llm_packager.manifest import check_model_files, folder_bytes
 from llm_packager.model_store import log_chat_model
@@ -118,7 +124,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         request.execution_provider == ExecutionProvider.cuda
         and not onnxruntime_genai.is_cuda_available()
     ):
-        raise ValueError(
+        raise InvalidParametersError(
             "onnx.execution_provider=cuda needs a GPU and onnxruntime-genai-cuda in place of "
             f"onnxruntime-genai (installed: onnxruntime-genai {onnxruntime_genai.__version__}, no "
             "CUDA); see README, 'Run on a GPU', or use a CPU onnx choice"
@@ -170,7 +176,9 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
     chat_answer, prompt_answer = check.answers
     load_seconds = check.load_seconds
     if not isinstance(prompt_answer, str):
-        raise ValueError(f"a prompt request must be answered with text, got {prompt_answer!r}")
+        raise MalformedCompletionError(
+            f"a prompt request must be answered with text, got {prompt_answer!r}"
+        )
     mlflow.log_dict(chat_answer, "sample_completion.json")
     mlflow.log_dict({"prompt": sample_prompt, "answer": prompt_answer}, "sample_prompt_answer.json")
     metrics = {"onnx_size_bytes": size, "load_seconds": load_seconds, "log_seconds": log_seconds}

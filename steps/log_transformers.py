@@ -27,6 +27,7 @@ import mlflow
 
 from llm_packager.chat import EXAMPLE_CHAT_REQUEST, load_back_and_answer
 from llm_packager.choices import Device, Runtime, TorchDtype
+from llm_packager.errors import InvalidParametersError, UserError
 from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
 from llm_packager.model_store import log_chat_model
 from llm_packager.reuse import announce_model, candidate_tags
@@ -37,7 +38,7 @@ from llm_packager.upstream import FetchedModel, fetched_model
 logger = logging.getLogger(__name__)
 
 
-class ChatTemplateMissingError(ValueError):
+class ChatTemplateMissingError(UserError, ValueError):
     """The tokenizer cannot turn chat messages into a prompt."""
 
 
@@ -67,7 +68,7 @@ def _torch_dtype(request: LogTransformersParameters):
     import torch
 
     if request.device == Device.cuda and not torch.cuda.is_available():
-        raise ValueError(
+        raise InvalidParametersError(
             "transformers.device=cuda, but torch sees no CUDA GPU here (torch "
             f"{torch.__version__}); run on a GPU machine with a CUDA build of torch (see README, "
             "'Run on a GPU'), or drop transformers=cuda"
@@ -84,7 +85,7 @@ def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
     repo_id = fetched.tags.get("hf.repo_id")
     commit = fetched.tags.get("hf.resolved_commit")
     if not repo_id or not commit:
-        raise ValueError(
+        raise InvalidParametersError(
             f"save_pretrained=false needs a model fetched from the Hub; fetch_model run {run_id} "
             "has no hf.repo_id / hf.resolved_commit tags"
         )
@@ -99,7 +100,7 @@ def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
     # when that is not the commit we fetched and verified.
     latest = HfApi().model_info(repo_id).sha
     if latest != commit:
-        raise ValueError(
+        raise InvalidParametersError(
             f"{repo_id} has moved on to {latest}, but the fetched model is {commit}; a reference "
             "would load different weights. Keep transformers.save_pretrained=true."
         )

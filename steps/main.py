@@ -25,6 +25,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from llm_packager.config import ConfigError, compose_config, config_as_yaml, config_hash
+from llm_packager.errors import bound_tracking_retries, is_server_unreachable
 from llm_packager.parameters import parse_arguments
 from llm_packager.pipeline import (
     SelectionError,
@@ -71,19 +72,14 @@ def run_main(
             parent_run_id=run_id,
             outcomes=outcomes,
         )
-    finally:
+    except Exception as error:
         # Recorded even when a step failed: run_pipeline appends each step run as it ends, so
-        # the record shows how far the pipeline got.
-        mlflow.set_tags(
-            {
-                "llm_packager.steps_ran": ",".join(o.name for o in outcomes if not o.reused),
-                "llm_packager.steps_reused": ",".join(o.name for o in outcomes if o.reused),
-            }
-        )
-        mlflow.log_dict(
-            {o.name: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
-            "pipeline_steps.json",
-        )
+        # the record shows how far the pipeline got. Not when the server is gone: every call
+        # would wait through MLflow's retries again.
+        if not is_server_unreachable(error):
+            _record_progress(outcomes)
+        raise
+    _record_progress(outcomes)
     for outcome in outcomes:
         logger.info(
             "%-16s %s run %s",
@@ -92,6 +88,19 @@ def run_main(
             outcome.run_id,
         )
     return outcomes
+
+
+def _record_progress(outcomes: list[StepOutcome]) -> None:
+    mlflow.set_tags(
+        {
+            "llm_packager.steps_ran": ",".join(o.name for o in outcomes if not o.reused),
+            "llm_packager.steps_reused": ",".join(o.name for o in outcomes if o.reused),
+        }
+    )
+    mlflow.log_dict(
+        {o.name: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
+        "pipeline_steps.json",
+    )
 
 
 def _reject(message: str) -> int:
@@ -113,6 +122,10 @@ if __name__ == "__main__":
         manager = resolve_env_manager(arguments.env_manager)
     except (ConfigError, SelectionError) as bad_input:
         sys.exit(_reject(str(bad_input)))
+    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ:
+        # Bound how long any MLflow call waits for a tracking server that is gone, here and in
+        # every step (they inherit the environment); a user's own setting wins.
+        os.environ.update(bound_tracking_retries(config.tracking.server_timeout_s))
     exit_process(
         run_step(
             "main",

@@ -78,7 +78,19 @@ def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
     if version := existing_version(versions, candidate.model_uri, candidate.run_id):
         logger.info("%s version %s already holds %s", name, version.version, candidate.model_uri)
         return _wait_until_ready(client, version)
-    return _wait_until_ready(client, mlflow.register_model(candidate.model_uri, name))
+    created = mlflow.register_model(candidate.model_uri, name)
+    # Two pipelines may both have found no version and both registered one. Version numbers
+    # follow creation order, and the later creator always sees the earlier version here: the
+    # oldest stays, and whoever created a newer duplicate deletes it (no alias points at it yet).
+    oldest = existing_version(client.search_model_versions(f"name = '{name}'"),
+                              candidate.model_uri, candidate.run_id)  # fmt: skip
+    if oldest is not None and oldest.version != created.version:
+        logger.info("%s version %s already holds %s (registered concurrently); removing the "
+                    "duplicate version %s", name, oldest.version, candidate.model_uri,
+                    created.version)  # fmt: skip
+        client.delete_model_version(name, created.version)
+        return _wait_until_ready(client, oldest)
+    return _wait_until_ready(client, created)
 
 
 def _lineage(client, evaluation: Evaluation, candidate: CandidateResult,
