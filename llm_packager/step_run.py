@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -116,9 +117,12 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
     """
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, force=True)
     silence_known_warnings()
-    log_folder = local_log_folder()
+    # A folder per step process, so the file keeps the name the run's artifact has.
+    log_folder = (
+        local_log_folder() / f"{entry_point}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    )
     log_folder.mkdir(parents=True, exist_ok=True)
-    log_path = log_folder / f"{entry_point}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_path = log_folder / f"{entry_point}.log"
     file_handler = logging.FileHandler(log_path)
     file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logging.getLogger().addHandler(file_handler)
@@ -148,7 +152,7 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
     if recorded:
-        log_path.unlink(missing_ok=True)
+        shutil.rmtree(log_folder, ignore_errors=True)
     else:
         print(f"{entry_point}: the step log is kept at {log_path}", file=sys.stderr)
     if not recorded:

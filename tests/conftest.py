@@ -8,11 +8,6 @@ import os
 # model cards or licences. Tests of the Hub path point HF_ENDPOINT at a closed local port instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,61 +21,20 @@ from .support import (
     SMOLLM2_PACKAGE,
     SMOLLM2_WHEEL_FILE,
     TINY_SPEC,
+    MlflowServer,
     TrackingServer,
     tiny_fetch_parameters,
 )
-
-_SERVER_START_SECONDS = 90
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
     """Start `mlflow server` on a free loopback port for the whole session, then stop it."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_loopback_port()
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=root,
-        # The server's job runner (for GenAI scorers, unused here) starts about seven processes
-        # that each import MLflow: seconds of CPU taken from the tests on a 2-core machine.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + _SERVER_START_SECONDS
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield TrackingServer(uri=uri, artifact_root=root / "artifacts")
+        yield server.handle()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

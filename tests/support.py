@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,69 @@ class TrackingServer:
 
     uri: str
     artifact_root: Path
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on a fixed loopback port, with an SQLite store and artifacts in ``root``,
+    that a test can stop and start again on the same port and store (an outage)."""
+
+    START_SECONDS = 90
+
+    def __init__(self, root: Path, artifact_root: Path | None = None) -> None:
+        self.root = root
+        self.artifact_root = artifact_root or root / "artifacts"
+        self.port = free_loopback_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        # The child keeps its own copy of the file descriptor.
+        with (self.root / "server.log").open("a") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server",
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.artifact_root),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                # The server's job runner (for GenAI scorers, unused here) starts about seven
+                # processes that each import MLflow: seconds of CPU taken from the tests.
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )  # fmt: skip
+        deadline = time.monotonic() + self.START_SECONDS
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.root / 'server.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def handle(self) -> TrackingServer:
+        return TrackingServer(uri=self.uri, artifact_root=self.artifact_root)
 
 
 def project_environment(**extra: str) -> dict[str, str]:
