@@ -42,7 +42,12 @@ def is_server_unreachable(error: BaseException) -> bool:
 
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        if isinstance(
+            seen,
+            TrackingServerUnreachableError
+            | requests.exceptions.ConnectionError
+            | requests.exceptions.Timeout,
+        ):
             return True
         # MLflow wraps the requests error in an MlflowException that keeps only its text.
         text = str(seen)

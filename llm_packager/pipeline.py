@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +22,22 @@ from typing import Any
 
 import mlflow
 from mlflow.exceptions import ExecutionException
+from mlflow.projects.backend.loader import load_backend
+from mlflow.projects.utils import (
+    PROJECT_BUILD_IMAGE,
+    PROJECT_DOCKER_ARGS,
+    PROJECT_DOCKER_AUTH,
+    PROJECT_ENV_MANAGER,
+    PROJECT_STORAGE_DIR,
+    PROJECT_SYNCHRONOUS,
+)
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_BACKEND
 from omegaconf import DictConfig
 
 from llm_packager.choices import ModelSource, ModelStore
 from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
-from llm_packager.errors import UserError
+from llm_packager.errors import TrackingServerUnreachableError, UserError
 from llm_packager.hub import is_commit
 from llm_packager.model_store import (
     MODEL_STORE_TAG,
@@ -49,7 +60,13 @@ from llm_packager.reuse import (
     reuse_key,
 )
 from llm_packager.specs import PIPELINE, STEP_NAMES, StepDefinition
-from llm_packager.step_run import ERROR_TAG, SUMMARY_TAG, fail_orphaned_runs, log_artifact_uri
+from llm_packager.step_run import (
+    ERROR_TAG,
+    EXIT_SERVER_UNREACHABLE,
+    SUMMARY_TAG,
+    fail_orphaned_runs,
+    log_artifact_uri,
+)
 
 # When main launched a step and when the launch returned (epoch seconds); with the step's own
 # timing tag this splits its wall time (benchmarks/pipeline.py).
@@ -213,19 +230,6 @@ def _upstream_values(planned: PlannedStep, done: list[StepOutcome]) -> dict[str,
     return values
 
 
-def _failed_child_run_id(client: MlflowClient, parent_run_id: str, entry_point: str) -> str | None:
-    runs = client.search_runs(
-        experiment_ids=[client.get_run(parent_run_id).info.experiment_id],
-        filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-            f"and tags.`mlflow.project.entryPoint` = '{entry_point}'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def _launch(
     client: MlflowClient,
     planned: PlannedStep,
@@ -233,29 +237,63 @@ def _launch(
     *,
     env_manager: str,
     experiment_id: str,
-    parent_run_id: str,
 ) -> str:
     entry_point = planned.definition.entry_point
+    # MLflow's local project backend (its plugin interface) starts the step's process and returns
+    # at once; main waits for it here. mlflow.projects.run(synchronous=True) would ask the server
+    # for the run's status after any exit, and when the step already found the server gone, that
+    # waits through every retry a second time.
+    backend_config = {
+        PROJECT_ENV_MANAGER: env_manager,
+        PROJECT_SYNCHRONOUS: True,
+        PROJECT_DOCKER_ARGS: None,
+        PROJECT_STORAGE_DIR: None,
+        PROJECT_BUILD_IMAGE: False,
+        PROJECT_DOCKER_AUTH: None,
+    }
     try:
-        submitted = mlflow.projects.run(
-            uri=str(PROJECT_DIR),
-            entry_point=entry_point,
-            parameters=parameters,
-            env_manager=env_manager,
-            backend="local",
-            experiment_id=experiment_id,
-            synchronous=True,
-        )
+        submitted = load_backend("local").run(
+            str(PROJECT_DIR), entry_point, parameters, None, backend_config,
+            mlflow.get_tracking_uri(), experiment_id,
+        )  # fmt: skip
     except ExecutionException as error:
-        run_id = _failed_child_run_id(client, parent_run_id, entry_point)
-        if run_id is None:
-            raise StepFailedError(f"Step '{planned.name}' could not start: {error}") from error
-        reason = client.get_run(run_id).data.tags.get(ERROR_TAG, "see its log").rstrip(".")
-        raise StepFailedError(
-            f"Step '{planned.name}' failed (run {run_id}): {reason}. "
-            f"Its log: {log_artifact_uri(run_id, entry_point)}"
-        ) from error
-    return submitted.run_id
+        raise StepFailedError(f"Step '{planned.name}' could not start: {error}") from error
+    run_id = submitted.run_id
+    # As mlflow.projects.run tags it.
+    client.set_tag(run_id, MLFLOW_PROJECT_BACKEND, "local")
+    try:
+        exit_code = submitted.command_proc.wait()
+    except KeyboardInterrupt:
+        submitted.cancel()
+        client.set_terminated(run_id, "KILLED")
+        raise
+    if exit_code == EXIT_SERVER_UNREACHABLE:
+        raise TrackingServerUnreachableError(
+            f"Step '{planned.name}' (run {run_id}) lost the tracking server "
+            f"{mlflow.get_tracking_uri()}: no answer after MLflow's retries. Start it again; a "
+            "rerun reuses every step that finished"
+        )
+    if exit_code == 0:
+        return run_id
+    run = client.get_run(run_id)
+    reason = run.data.tags.get(ERROR_TAG) or _how_it_ended(exit_code)
+    if run.info.status == "RUNNING":
+        # Ended before it could end its own run: killed by a signal (the OOM killer, say).
+        client.set_tag(run_id, ERROR_TAG, reason)
+        client.set_terminated(run_id, "FAILED")
+    raise StepFailedError(
+        f"Step '{planned.name}' failed (run {run_id}): {reason.rstrip('.')}. "
+        f"Its log: {log_artifact_uri(run_id, entry_point)}"
+    )
+
+
+def _how_it_ended(exit_code: int) -> str:
+    # Popen reports a signal as a negative code; a shell in between reports 128 + the signal.
+    number = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
+    try:
+        return f"its process was killed by {signal.Signals(number).name}"
+    except ValueError:
+        return f"its process ended with exit code {exit_code}"
 
 
 def run_pipeline(
@@ -307,7 +345,7 @@ def run_pipeline(
             launched = time.time()
             run_id = _launch(
                 client, planned, parameters, env_manager=env_manager,
-                experiment_id=experiment_id, parent_run_id=parent_run_id,
+                experiment_id=experiment_id,
             )  # fmt: skip
             client.set_tag(
                 run_id,

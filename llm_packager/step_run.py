@@ -36,7 +36,8 @@ SUMMARY_TAG = "llm_packager.summary"
 STEP_TIMING_TAG = "llm_packager.timing.step"
 HOST_TAG = "llm_packager.host"
 PID_TAG = "llm_packager.pid"
-# Internal exit code of run_step: failed, and the tracking server cannot be told (exits with 1).
+# Exit code of a step that failed and could not tell the tracking server: main, which launched
+# it, then knows not to ask the server about the run.
 EXIT_SERVER_UNREACHABLE = 3
 
 
@@ -74,7 +75,7 @@ def exit_process(exit_code: int) -> NoReturn:
     if exit_code == EXIT_SERVER_UNREACHABLE:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(EXIT_SERVER_UNREACHABLE)
     sys.exit(exit_code)
 
 
@@ -113,7 +114,8 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
     take it, it stays on disk and the path is printed.
 
     Returns:
-        The process exit code: 0 when the work finished, 1 when it raised.
+        The process exit code: 0 when the work finished, 1 when it raised, and
+        `EXIT_SERVER_UNREACHABLE` when the outcome could not be recorded.
     """
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, force=True)
     silence_known_warnings()

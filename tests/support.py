@@ -137,22 +137,41 @@ def project_environment(**extra: str) -> dict[str, str]:
     return environment
 
 
-def mlflow_run_main(
-    working_dir: Path, *parameters: str, **environment: str
-) -> subprocess.CompletedProcess[str]:
-    """Run `mlflow run <project> -e main --env-manager local -P ...` as a user would."""
+def _mlflow_run_main_command(parameters: tuple[str, ...]) -> list[str]:
     command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "main"]
     command += ["--env-manager", "local"]
     for parameter in parameters:
         command += ["-P", parameter]
+    return command
+
+
+def mlflow_run_main(
+    working_dir: Path, *parameters: str, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `mlflow run <project> -e main --env-manager local -P ...` as a user would."""
     return subprocess.run(
-        command,
+        _mlflow_run_main_command(parameters),
         cwd=working_dir,
         env=project_environment(**environment),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def start_mlflow_run_main(
+    working_dir: Path, output: Path, *parameters: str, **environment: str
+) -> subprocess.Popen:
+    """Start `mlflow run ... -e main` in the background, its output going to the file ``output``."""
+    with output.open("a") as stream:
+        return subprocess.Popen(
+            _mlflow_run_main_command(parameters),
+            cwd=working_dir,
+            env=project_environment(**environment),
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def runs_of(client, experiment_name: str, entry_point: str) -> list:
