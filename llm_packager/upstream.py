@@ -93,6 +93,8 @@ def fetched_model(run_id: str) -> FetchedModel:
         manifest_bytes = manifest_path.read_bytes()
         manifest = read_manifest(manifest_path)
     cached = cache_root() / "models" / hashlib.sha256(manifest_bytes).hexdigest()
+    # Before the cache is read: a staging folder is never a cache entry, but it holds disk.
+    remove_abandoned_staging(cached.parent)
     if cached.is_dir():
         try:
             verify_manifest(cached, manifest)
@@ -101,7 +103,6 @@ def fetched_model(run_id: str) -> FetchedModel:
         except ModelFilesError as error:
             logger.warning("Cached copy %s is not intact (%s); downloading again", cached, error)
             shutil.rmtree(cached)
-    remove_abandoned_staging(cached.parent)
     staging = staging_folder(cached.parent)
     try:
         folder = _download(f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", staging, "hf_model", run_id)
