@@ -178,3 +178,18 @@ def test_changed_eval_set_is_detected(logged_models_tracking):
     _, runs = logged_models_tracking
     with pytest.raises(EvalSetError, match=r"changed: sha256 .* expected 0+; rerun main"):
         _evaluate(runs, dataset_sha256="0" * 64)
+
+
+def test_a_model_that_never_answers_is_stopped_and_named(logged_models_tracking):
+    _, runs = logged_models_tracking
+    with mlflow.start_run(experiment_id=runs["experiment_id"]):
+        hanging = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PROJECT_DIR / "tests" / "data" / "hanging_chat_model.py")
+        )
+    stuck = _candidate_run(runs, "stuck", hanging.model_uri)
+    with pytest.raises(
+        ModelUnusableError,
+        match=rf"^The stuck model {hanging.model_uri} \(run {stuck}\) did not answer the "
+        r"evaluation set within 20 s \(evaluate\.worker_timeout_s\); it was stopped\.",
+    ):
+        _evaluate(runs, (runs["log_onnx"], stuck), worker_timeout_s=20)
