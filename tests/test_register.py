@@ -14,8 +14,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from llm_packager.evaluation_record import Evaluation, EvaluationRecordError
-from llm_packager.metrics import parse_gate
+from llm_packager.choices import RecommendationPolicy, Runtime
+from llm_packager.evaluation_record import (
+    EVALUATION_FILE,
+    CandidateResult,
+    Evaluation,
+    EvaluationRecordError,
+    Recommendation,
+)
+from llm_packager.metrics import PASSED, REJECTED, Verdict, parse_gate
 from llm_packager.project import PROJECT_DIR
 from llm_packager.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
 from llm_packager.specs import EvaluateParameters, RegisterParameters
@@ -167,3 +174,75 @@ def test_an_evaluate_run_without_its_contract_is_refused(logged_models_tracking)
     with pytest.raises(EvaluationRecordError, match=rf"^evaluate run {empty.info.run_id} has no "
                                                     r"evaluation\.json"):  # fmt: skip
         _register(runs, empty.info.run_id, "contract-test")
+
+
+# Hand-made figures in which each policy picks a different model: transformers is the better and
+# bigger one, ONNX the faster and smaller one.
+_FIGURES = {
+    "transformers": {"token_f1": 0.6, "exact_match": 0.5, "decode_tokens_per_s": 10.0,
+                     "latency_p95_s": 2.0, "model_size_bytes": 500e6, "model_size_mib": 476.8},
+    "onnx": {"token_f1": 0.4, "exact_match": 0.3, "decode_tokens_per_s": 90.0,
+             "latency_p95_s": 0.5, "model_size_bytes": 100e6, "model_size_mib": 95.4},
+}  # fmt: skip
+_POLICY_PICKS = {
+    RecommendationPolicy.fastest_passed: ("onnx", "transformers"),
+    RecommendationPolicy.best_quality_passed: ("transformers", "onnx"),
+    RecommendationPolicy.smallest_passed: ("onnx", "transformers"),
+}
+
+
+def _hand_made_evaluation(client, runs, policy: RecommendationPolicy, passed: bool) -> str:
+    """An evaluate run whose evaluation.json holds `_FIGURES` for the logged tiny models, both
+    passed or both rejected, recommending what evaluate's own ranking picks."""
+    verdict = Verdict(PASSED) if passed else Verdict(REJECTED, ("exact_match 0.3 < 0.9",))
+    candidates = tuple(
+        CandidateResult(
+            name=name, runtime=Runtime(name), run_id=runs[f"log_{name}"], verdict=verdict,
+            model_uri=client.get_run(runs[f"log_{name}"]).data.tags[MODEL_URI_TAG],
+            metrics=figures,
+        )
+        for name, figures in _FIGURES.items()
+    )  # fmt: skip
+    recommended = _POLICY_PICKS[policy][0] if passed else None
+    evaluation = Evaluation(
+        candidates=candidates, reference="transformers", random_weights=True,
+        recommendation=Recommendation(policy, recommended, "hand-made for the test"),
+        dataset="hand-made", dataset_sha256="0" * 64,
+    )  # fmt: skip
+    with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
+        mlflow.log_text(evaluation.to_json(), EVALUATION_FILE)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("policy", list(RecommendationPolicy), ids=lambda policy: policy.value)
+def test_every_policy_registers_its_pick_with_and_without_allow_unvalidated(
+    logged_models_tracking, policy
+):
+    client, runs = logged_models_tracking
+    winner, runner_up = _POLICY_PICKS[policy]
+    name = f"policy-{policy.value.replace('_', '-')}"
+    passed = _hand_made_evaluation(client, runs, policy, passed=True)
+    rejected = _hand_made_evaluation(client, runs, policy, passed=False)
+
+    for allow_unvalidated in (False, True):
+        _, result = _register(runs, passed, name, allow_unvalidated=allow_unvalidated)
+        assert (result.status, result.candidate) == ("registered", winner)
+        champion = client.get_model_version_by_alias(name, "champion")
+        challenger = client.get_model_version_by_alias(name, "challenger")
+        assert (champion.tags["candidate"], challenger.tags["candidate"]) == (winner, runner_up)
+        assert champion.tags["recommended_by"] == policy.value
+        assert "registered_unvalidated" not in champion.tags
+
+    aliases = client.get_registered_model(name).aliases
+    _, skipped = _register(runs, rejected, name)
+    assert skipped.status == "skipped"
+    assert client.get_registered_model(name).aliases == aliases
+
+    _, forced = _register(runs, rejected, name, allow_unvalidated=True)
+    # Nothing passed: the policy still picks, among every candidate, and the version says so.
+    assert (forced.status, forced.candidate) == ("registered", winner)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["registered_unvalidated"] == "true"
+    assert champion.tags["validation_status"] == REJECTED
+    assert "challenger" not in client.get_registered_model(name).aliases
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
