@@ -73,13 +73,26 @@ def log_chat_model(flavor: ModuleType, store: ModelStore, run_id: str, **options
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
 
+def pending_models(client: MlflowClient, experiment_id: str) -> list:
+    """The experiment's LoggedModels still PENDING (logging started, never finished)."""
+    # Filtered here, not by the server: MLflow 3.17's SQL store compares the filter's status
+    # name ('PENDING') with the integer it stores, so `status = 'PENDING'` matches nothing.
+    pending, token = [], None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[experiment_id], max_results=1000, page_token=token
+        )
+        pending += [model for model in page if model.status == LoggedModelStatus.PENDING]
+        token = page.token
+        if not token:
+            return pending
+
+
 def fail_abandoned_models(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark FAILED the LoggedModels left PENDING by a run that ended (a step killed while it was
     logging): nothing would ever finish them, and no step uses a model that is not READY."""
     abandoned = []
-    for model in client.search_logged_models(
-        experiment_ids=[experiment_id], filter_string="status = 'PENDING'"
-    ):
+    for model in pending_models(client, experiment_id):
         if model.source_run_id and client.get_run(model.source_run_id).info.status != "RUNNING":
             client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             abandoned.append(model.model_id)
