@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -49,12 +50,31 @@ def is_server_unreachable(error: BaseException) -> bool:
             | requests.exceptions.Timeout,
         ):
             return True
-        # MLflow wraps the requests error in an MlflowException that keeps only its text.
+        # MLflow wraps the requests error in an MlflowException that keeps only its text. A
+        # server that answered 5xx to every retry is reachable: `server_kept_failing` says so.
         text = str(seen)
-        if "API request to" in text and ("Max retries exceeded" in text or "timed out" in text):
+        if (
+            "API request to" in text
+            and ("Max retries exceeded" in text or "timed out" in text)
+            and "error responses" not in text
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+_FAILING_STATUS = re.compile(r"API request to (\S+) failed .*too many (\d{3}) error responses")
+
+
+def server_kept_failing(error: BaseException) -> tuple[str, str] | None:
+    """The URL and HTTP status, if the tracking server answered an error status to every retry
+    of one request (urllib3 then keeps neither the answer's body nor the server's reason)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if match := _FAILING_STATUS.search(str(seen)):
+            return match.group(1), match.group(2)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _server_disk_full(error: BaseException) -> bool:
@@ -76,6 +96,20 @@ def one_line(error: BaseException) -> str | None:
             f"The tracking server {tracking_uri()} cannot be reached (no answer after MLflow's "
             "retries). Start it again, or check MLFLOW_TRACKING_URI; a rerun reuses every step "
             "that finished"
+        )
+    if failing := server_kept_failing(error):
+        url, status = failing
+        if "/mlflow-artifacts/artifacts/" in url:
+            stored = url.split("/mlflow-artifacts/artifacts/", 1)[1]
+            return (
+                f"The tracking server {tracking_uri()} could not store the artifact {stored}: it "
+                f"answered HTTP {status} to every retry. A full or unwritable artifact store is "
+                "the usual cause, and the server's log says which; fix it and rerun (a rerun "
+                "reuses every step that finished)"
+            )
+        return (
+            f"The tracking server {tracking_uri()} answered HTTP {status} to every retry of "
+            f"{url}; the server's log says why"
         )
     if _server_disk_full(error):
         return (

@@ -63,6 +63,7 @@ from llm_packager.specs import PIPELINE, STEP_NAMES, StepDefinition
 from llm_packager.step_run import (
     ERROR_TAG,
     EXIT_SERVER_UNREACHABLE,
+    LOCAL_LOG_TAG,
     SUMMARY_TAG,
     fail_orphaned_runs,
     log_artifact_uri,
@@ -281,9 +282,12 @@ def _launch(
         # Ended before it could end its own run: killed by a signal (the OOM killer, say).
         client.set_tag(run_id, ERROR_TAG, reason)
         client.set_terminated(run_id, "FAILED")
+    where = run.data.tags.get(LOCAL_LOG_TAG)
+    log = (
+        f"{where} (the server did not store it)" if where else log_artifact_uri(run_id, entry_point)
+    )
     raise StepFailedError(
-        f"Step '{planned.name}' failed (run {run_id}): {reason.rstrip('.')}. "
-        f"Its log: {log_artifact_uri(run_id, entry_point)}"
+        f"Step '{planned.name}' failed (run {run_id}): {reason.rstrip('.')}. Its log: {log}"
     )
 
 

@@ -36,6 +36,8 @@ SUMMARY_TAG = "llm_packager.summary"
 STEP_TIMING_TAG = "llm_packager.timing.step"
 HOST_TAG = "llm_packager.host"
 PID_TAG = "llm_packager.pid"
+# Where a step's log stayed (host:path) when the tracking server would not store it.
+LOCAL_LOG_TAG = "llm_packager.local_log"
 # Exit code of a step that failed and could not tell the tracking server: main, which launched
 # it, then knows not to ask the server about the run.
 EXIT_SERVER_UNREACHABLE = 3
@@ -87,21 +89,34 @@ def local_log_folder() -> Path:
 
 
 def _record_outcome(entry_point: str, status: str, message: str | None, timing: dict,
-                    log_path: Path) -> bool:  # fmt: skip
-    """Tag the outcome, upload the log and end the run; False if the server did not take it."""
+                    log_path: Path) -> tuple[bool, bool]:  # fmt: skip
+    """Tag the outcome, upload the log and end the run.
+
+    Returns:
+        Whether the run was ended, and whether the log was uploaded. A log the server would not
+        take (its artifact store full, say) stays on disk, and its path is tagged on the run.
+    """
+    uploaded = True
     try:
         if message is not None:
             mlflow.set_tag(ERROR_TAG, message[:4000])
         mlflow.set_tag(STEP_TIMING_TAG, json.dumps(timing))
-        mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
+        try:
+            mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
+        except Exception as error:  # the run must still end, with the failure that caused it
+            uploaded = False
+            logger.error("%s: could not upload the step log (%s)", entry_point,
+                         one_line(error) or f"{type(error).__name__}: {error}")  # fmt: skip
+            if not is_server_unreachable(error):
+                mlflow.set_tag(LOCAL_LOG_TAG, f"{socket.gethostname()}:{log_path}")
         mlflow.end_run(status=status)
     except Exception as error:  # the outcome must never hide the failure that caused it
         logger.error(
             "%s: could not record the outcome on the tracking server (%s)",
             entry_point, one_line(error) or f"{type(error).__name__}: {error}",
         )  # fmt: skip
-        return False
-    return True
+        return False, False
+    return True, uploaded
 
 
 def run_step(entry_point: str, work: Callable[[str], None]) -> int:
@@ -150,14 +165,18 @@ def run_step(entry_point: str, work: Callable[[str], None]) -> int:
     finally:
         timing["work_finished"] = time.time()
         file_handler.flush()
-        recorded = reachable and _record_outcome(entry_point, status, message, timing, log_path)
+        ended, uploaded = (
+            _record_outcome(entry_point, status, message, timing, log_path)
+            if reachable
+            else (False, False)
+        )
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
-    if recorded:
+    if uploaded:
         shutil.rmtree(log_folder, ignore_errors=True)
     else:
         print(f"{entry_point}: the step log is kept at {log_path}", file=sys.stderr)
-    if not recorded:
+    if not ended:
         return EXIT_SERVER_UNREACHABLE
     return 0 if status == "FINISHED" else 1
 

@@ -25,7 +25,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from llm_packager.config import ConfigError, compose_config, config_as_yaml, config_hash
-from llm_packager.errors import bound_tracking_retries, is_server_unreachable
+from llm_packager.errors import bound_tracking_retries, is_server_unreachable, one_line
 from llm_packager.parameters import parse_arguments
 from llm_packager.pipeline import (
     SelectionError,
@@ -77,7 +77,11 @@ def run_main(
         # the record shows how far the pipeline got. Not when the server is gone: every call
         # would wait through MLflow's retries again.
         if not is_server_unreachable(error):
-            _record_progress(outcomes)
+            try:
+                _record_progress(outcomes)
+            except Exception as recording:  # the step's failure is the one to report
+                logger.error("Could not record the pipeline's progress: %s",
+                             one_line(recording) or recording)  # fmt: skip
         raise
     _record_progress(outcomes)
     for outcome in outcomes:
