@@ -1,0 +1,322 @@
+"""Faults a shared team server sees, reproduced for real: the tracking server going away and
+coming back, a step killed with SIGKILL while it logs a model, two pipelines at once, and an
+artifact store that runs out of space.
+
+Each test starts its own `mlflow server`, which it stops, restarts or starves. The times they
+print (``-s``) are the figures the README's "What happens when…" table quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from llm_packager.model_store import pending_models
+from llm_packager.project import PROJECT_DIR
+from llm_packager.step_run import ERROR_TAG, LOCAL_LOG_TAG, PID_TAG
+from llm_packager.upstream import fetched_model
+
+from .support import MlflowServer, project_environment, runs_of, start_mlflow_run_main
+
+pytestmark = pytest.mark.slow
+
+TINY = "model=tiny-random-phi3"
+LOG_STEPS = "steps=fetch_model,log_transformers,log_onnx"
+
+
+def _wait_for(
+    condition: Callable[[], object],
+    what: str,
+    timeout: float = 300,
+    process: subprocess.Popen | None = None,
+    output: Path | None = None,
+) -> object:
+    """Poll ``condition`` until it gives something true; fail if it times out or ``process``
+    (whose output is in the file ``output``) ends first."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        ended = process is not None and process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            why = f"main ended (exit code {process.returncode})" if ended else f"{timeout:.0f} s"
+            shown = output.read_text()[-3000:] if output else ""
+            raise AssertionError(f"waiting for {what}: {why}\n{shown}")
+        time.sleep(0.2)
+    return found
+
+
+class Experiment:
+    """One experiment on a server the test controls, and `mlflow run` processes writing to it."""
+
+    def __init__(self, server: MlflowServer, workdir: Path) -> None:
+        self.server = server
+        self.name = f"faults-{uuid.uuid4().hex[:8]}"
+        self.client = MlflowClient(tracking_uri=server.uri)
+        self.workdir = workdir
+        self.env = {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": self.name}
+        self._started = 0
+
+    def start(self, *parameters: str) -> tuple[subprocess.Popen, Path]:
+        self._started += 1
+        output = self.workdir / f"main-{self._started}.out"
+        return start_mlflow_run_main(self.workdir, output, *parameters, **self.env), output
+
+    def finish(self, process: subprocess.Popen, output: Path, *, expect_ok: bool = True) -> str:
+        process.wait(timeout=600)
+        text = output.read_text()
+        assert (process.returncode == 0) == expect_ok, text
+        return text
+
+    def runs(self, entry_point: str) -> list:
+        return runs_of(self.client, self.name, entry_point)
+
+    def all_runs(self) -> list:
+        experiment = self.client.get_experiment_by_name(self.name)
+        return self.client.search_runs([experiment.experiment_id], max_results=1000)
+
+    def new_run(self, entry_point: str, known: set[str], started: tuple[subprocess.Popen, Path],
+                *, with_pid: bool = False):  # fmt: skip
+        """Wait for a run of ``entry_point`` not in ``known`` (tagged with its pid if asked) while
+        the main ``started`` runs."""
+
+        def found():
+            for run in self.runs(entry_point):
+                if run.info.run_id not in known and (not with_pid or PID_TAG in run.data.tags):
+                    return run
+            return None
+
+        process, output = started
+        return _wait_for(found, f"a new {entry_point} run", process=process, output=output)
+
+
+@pytest.fixture
+def server(tmp_path) -> MlflowServer:
+    root = tmp_path / "server"
+    root.mkdir()
+    handle = MlflowServer(root).start()
+    yield handle
+    handle.stop()
+
+
+def test_the_tracking_server_going_away_mid_step(tmp_path, server):
+    experiment = Experiment(server, tmp_path)
+
+    # A short outage while log_onnx runs: MLflow's retries ride it out.
+    process, output = experiment.start(TINY, LOG_STEPS)
+    first_onnx = experiment.new_run("log_onnx", set(), (process, output))
+    server.stop()
+    stopped = time.monotonic()
+    time.sleep(20)
+    server.start()
+    print(f"\nshort outage: server away {time.monotonic() - stopped:.1f} s")
+    experiment.finish(process, output)
+    (onnx_run,) = experiment.runs("log_onnx")
+    assert onnx_run.info.run_id == first_onnx.info.run_id
+    assert onnx_run.info.status == "FINISHED"
+    log_path = experiment.client.download_artifacts(onnx_run.info.run_id, "logs/log_onnx.log")
+    step_log = Path(log_path).read_text()
+    assert "Retrying" in step_log, "the outage did not reach the step: nothing was tested"
+
+    # A server that stays away: the step and main give up within tracking.server_timeout_s per
+    # request, say which server in one line, and keep the step's log on local disk.
+    process, output = experiment.start(
+        TINY, LOG_STEPS, "force=log_onnx", "overrides=tracking.server_timeout_s=30"
+    )
+    cut_off = experiment.new_run(
+        "log_onnx", {first_onnx.info.run_id}, (process, output), with_pid=True
+    )
+    main_run = experiment.runs("main")[0]
+    server.stop()
+    stopped = time.monotonic()
+    lost = f"lost the tracking server {server.uri}: no answer after MLflow's retries"
+    _wait_for(lambda: lost in output.read_text(), "main to give up on the server",
+              process=process, output=output)  # fmt: skip
+    gave_up = time.monotonic() - stopped
+    print(f"server gone: main gave up {gave_up:.1f} s after the server stopped")
+    text = output.read_text()
+    assert f"Step 'log_onnx' (run {cut_off.info.run_id}) {lost}" in text
+    kept = re.search(r"log_onnx: the step log is kept at (\S+)", text)
+    assert kept, text
+    assert "Retrying" in Path(kept.group(1)).read_text()
+    # Each request gives up within the 30 s budget; two in turn (the step's, then nothing else
+    # in main) stay well inside 120 s, where MLflow's defaults wait about 4 min per request.
+    assert gave_up < 120
+    # The outer `mlflow run` CLI (MLflow's code, not ours) now retries its own status update with
+    # MLflow's default budget; the README says to set MLFLOW_HTTP_REQUEST_MAX_RETRIES for it.
+    process.kill()
+    process.wait()
+
+    # The server returns: a rerun reuses every finished step and closes the orphaned runs.
+    server.start()
+    process, output = experiment.start(TINY, LOG_STEPS)
+    experiment.finish(process, output)
+    newest_main = experiment.runs("main")[0]
+    assert newest_main.data.tags["llm_packager.steps_reused"] == (
+        "fetch_model,log_transformers,log_onnx"
+    )
+    assert newest_main.data.tags["llm_packager.steps_ran"] == ""
+    assert [run.info.run_id for run in experiment.all_runs() if run.info.status == "RUNNING"] == []
+    for orphan in (cut_off, main_run):
+        closed = experiment.client.get_run(orphan.info.run_id)
+        assert closed.info.status == "FAILED"
+        assert closed.data.tags[ERROR_TAG].startswith("orphaned: process ")
+    assert pending_models(experiment.client, newest_main.info.experiment_id) == []
+
+
+def test_a_step_killed_while_it_logs_its_model(tmp_path, server):
+    experiment = Experiment(server, tmp_path)
+    # Wider than the tiny model, so that logging it takes long enough to be caught in the act.
+    parameters = (
+        TINY, "steps=fetch_model,log_transformers",
+        "overrides=model.hidden_size=512 model.intermediate_size=2048 model.num_hidden_layers=8",
+    )  # fmt: skip
+    process, output = experiment.start(*parameters)
+    victim = experiment.new_run("log_transformers", set(), (process, output), with_pid=True)
+    experiment_id = victim.info.experiment_id
+
+    def pending_model():
+        pending = pending_models(experiment.client, experiment_id)
+        return [model for model in pending if model.source_run_id == victim.info.run_id]
+
+    (half_logged,) = _wait_for(pending_model, "log_transformers to start logging its model",
+                               process=process, output=output)  # fmt: skip
+    os.kill(int(victim.data.tags[PID_TAG]), signal.SIGKILL)
+    text = experiment.finish(process, output, expect_ok=False)
+    assert f"Step 'log_transformers' failed (run {victim.info.run_id}): its process was killed " \
+           "by SIGKILL" in text  # fmt: skip
+    killed = experiment.client.get_run(victim.info.run_id)
+    assert killed.info.status == "FAILED"
+    assert killed.data.tags[ERROR_TAG] == "its process was killed by SIGKILL"
+
+    # What a killed download leaves in the model cache: a staging folder of a process that is
+    # gone (a pid that cannot be running: above the kernel's maximum).
+    models_cache = Path(os.environ["LLM_PACKAGER_CACHE"]) / "models"
+    abandoned = models_cache / ".download-99999999-k1lled"
+    (abandoned / "partial").mkdir(parents=True)
+    (abandoned / "partial" / "model.safetensors").write_bytes(b"half a file")
+
+    process, output = experiment.start(*parameters)
+    experiment.finish(process, output)
+    newest, _ = experiment.runs("log_transformers")
+    assert newest.info.run_id != victim.info.run_id and newest.info.status == "FINISHED"
+    assert experiment.runs("main")[0].data.tags["llm_packager.steps_reused"] == "fetch_model"
+    assert experiment.client.get_logged_model(half_logged.model_id).status == "FAILED"
+    assert newest.data.tags["llm_packager.model_uri"] != f"models:/{half_logged.model_id}"
+    assert not abandoned.exists()
+    assert [entry.name for entry in models_cache.glob(".download-*")] == []
+
+
+def test_two_pipelines_at_once_with_the_same_inputs(tmp_path, server):
+    experiment = Experiment(server, tmp_path)
+    name = f"concurrent-{uuid.uuid4().hex[:6]}"
+    parameters = (TINY, f"overrides=evaluate.limit=4 register.registered_model_name={name}")
+    first, second = experiment.start(*parameters), experiment.start(*parameters)
+    for process, output in (first, second):
+        experiment.finish(process, output)
+
+    versions = experiment.client.search_model_versions(f"name = '{name}'")
+    sources = [version.source for version in versions]
+    assert len(sources) == len(set(sources)), sources
+    champion = experiment.client.get_model_version_by_alias(name, "champion")
+    assert champion.status == "READY"
+    assert champion.source in {run.data.tags["recommended_model_uri"]
+                               for run in experiment.runs("evaluate")}  # fmt: skip
+    cache = Path(os.environ["LLM_PACKAGER_CACHE"]) / "models"
+    assert [entry.name for entry in cache.glob(".download-*")] == []
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        for fetch_run in experiment.runs("fetch_model"):
+            # Verified against its manifest, file by file, from the shared cache.
+            assert fetched_model(fetch_run.info.run_id).folder.is_relative_to(cache)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    # Two register steps on one evaluate run, at once: one version per logged model.
+    evaluate_run = experiment.runs("evaluate")[0]
+    again = f"{name}-again"
+    command = [sys.executable, "-m", "steps.register", "--evaluate-run-id",
+               evaluate_run.info.run_id, "--registered-model-name", again]  # fmt: skip
+    environment = project_environment(**experiment.env)
+    registers = [subprocess.Popen(command, cwd=PROJECT_DIR, env=environment, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(3)]  # fmt: skip
+    for register in registers:
+        out, _ = register.communicate(timeout=300)
+        assert register.returncode == 0, out
+    versions = experiment.client.search_model_versions(f"name = '{again}'")
+    sources = [version.source for version in versions]
+    assert len(sources) == len(set(sources)) == 2, sources  # champion and challenger
+    assert experiment.client.get_model_version_by_alias(again, "champion").status == "READY"
+
+
+@pytest.fixture
+def small_artifact_store(tmp_path):
+    """A 64 MiB tmpfs for the server's artifacts, mounted for the test (needs root)."""
+    mount_point = tmp_path / "artifacts"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)
+
+
+def _fill(filesystem: Path) -> None:
+    with (filesystem / "filler").open("wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 2**20)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_artifact_store_fails_the_step_and_registers_nothing(tmp_path, small_artifact_store):
+    root = tmp_path / "server"
+    root.mkdir()
+    server = MlflowServer(root, artifact_root=small_artifact_store).start()
+    try:
+        experiment = Experiment(server, tmp_path)
+        name = f"disk-{uuid.uuid4().hex[:6]}"
+        parameters = (TINY, f"overrides=evaluate.limit=4 register.registered_model_name={name} "
+                            "tracking.server_timeout_s=30")  # fmt: skip
+        experiment.finish(*experiment.start(*parameters))
+        aliases = experiment.client.get_registered_model(name).aliases
+        versions = len(experiment.client.search_model_versions(f"name = '{name}'"))
+
+        # The store fills up while log_onnx builds its model, before it uploads it.
+        started = experiment.start(*parameters, "force=log_onnx")
+        known = {run.info.run_id for run in experiment.runs("log_onnx")}
+        failed = experiment.new_run("log_onnx", known, started, with_pid=True)
+        _fill(small_artifact_store)
+        began = time.monotonic()
+        text = experiment.finish(*started, expect_ok=False)
+        print(f"\nfull artifact store: main failed {time.monotonic() - began:.1f} s after")
+        failed = experiment.client.get_run(failed.info.run_id)
+        assert failed.info.status == "FAILED"
+        reason = failed.data.tags[ERROR_TAG]
+        assert reason.startswith(
+            f"The tracking server {server.uri} could not store the artifact "
+            f"{failed.info.experiment_id}/{failed.info.run_id}/artifacts/"
+        ), reason
+        assert "answered HTTP 500 to every retry. A full or unwritable artifact store" in reason
+        kept = failed.data.tags[LOCAL_LOG_TAG].split(":", 1)[1]
+        assert "could not store the artifact" in Path(kept).read_text()
+        assert f"Step 'log_onnx' failed (run {failed.info.run_id}): {reason}. Its log: " in text
+        assert f"{kept} (the server did not store it)" in text
+        assert len(experiment.runs("register")) == 1
+        assert experiment.client.get_registered_model(name).aliases == aliases
+        assert len(experiment.client.search_model_versions(f"name = '{name}'")) == versions
+    finally:
+        server.stop()
