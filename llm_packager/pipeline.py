@@ -2,7 +2,7 @@
 
 `plan_pipeline` turns the composed config into step runs: one per step, except ``log_onnx``, which
 runs once per ONNX candidate (the onnx section, then each of ``onnx.variants``). `run_pipeline`
-runs them in order through ``mlflow.projects.run``, each nested under main's run, with its
+runs them in order through MLflow's local project backend, each nested under main's run, with its
 parameters (from the step's spec, ``llm_packager.specs``) and the run ids of the steps it follows.
 Before running one, it looks for a finished run with the same reuse key (``llm_packager.reuse``)
 and takes that instead. See docs/architecture.md.
