@@ -31,6 +31,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from llm_packager.choices import Runtime
 from llm_packager.errors import InvalidParametersError, UserError
@@ -135,7 +136,17 @@ def _log_dataset(examples: list[EvalExample], dataset: str, eval_set: Path) -> p
         # then warns that a local path matches both; either gives the same source.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         source = mlflow.data.from_pandas(frame, source=dataset, name=eval_set.name)
-    mlflow.log_input(source, context="evaluation")
+    try:
+        mlflow.log_input(source, context="evaluation")
+    except MlflowException as error:
+        # The server gets or creates the dataset in two statements, so two evaluations that log
+        # the same set at once can both try to create it; the loser finds it on a second try.
+        # SQLite and PostgreSQL say "unique constraint", MySQL "Duplicate entry".
+        text = str(error).lower()
+        if "unique constraint" not in text and "duplicate entry" not in text:
+            raise
+        logger.info("The evaluation set was logged concurrently by another run; linking again")
+        mlflow.log_input(source, context="evaluation")
     return frame
 
 
