@@ -183,8 +183,12 @@ def test_changed_eval_set_is_detected(logged_models_tracking):
 def test_a_model_that_never_answers_is_stopped_and_named(logged_models_tracking):
     _, runs = logged_models_tracking
     with mlflow.start_run(experiment_id=runs["experiment_id"]):
+        # Requirements given: inferring them would load the model, which hangs for MLflow's
+        # two-minute inference timeout.
         hanging = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PROJECT_DIR / "tests" / "data" / "hanging_chat_model.py")
+            name="model",
+            python_model=str(PROJECT_DIR / "tests" / "data" / "hanging_chat_model.py"),
+            pip_requirements=["mlflow"],
         )
     stuck = _candidate_run(runs, "stuck", hanging.model_uri)
     with pytest.raises(
