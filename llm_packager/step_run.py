@@ -64,6 +64,17 @@ def _process_started() -> float:
         return psutil.Process().create_time()
 
 
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory (VmHWM) and the largest peak of any child process it
+    waited for (the evaluate workers, the model builder), in MiB: how much memory the step needed.
+    """
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"peak_rss_mib": own / 1024, "peak_rss_children_mib": children / 1024}
+
+
 def exit_process(exit_code: int) -> NoReturn:
     """End a step's process with ``exit_code``, without the slow part of interpreter shutdown.
 
@@ -101,6 +112,7 @@ def _record_outcome(entry_point: str, status: str, message: str | None, timing: 
         if message is not None:
             mlflow.set_tag(ERROR_TAG, message[:4000])
         mlflow.set_tag(STEP_TIMING_TAG, json.dumps(timing))
+        mlflow.log_metrics(peak_memory_mib())
         try:
             mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
         except Exception as error:  # the run must still end, with the failure that caused it

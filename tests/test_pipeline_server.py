@@ -71,6 +71,9 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
     assert fetch_run.data.params["source"] == "synthetic"
     assert fetch_run.data.params["num_hidden_layers"] == "2"
     assert fetch_run.data.metrics["model_parameter_count"] > 0
+    # What the step needed: at least the interpreter with torch and MLflow imported.
+    assert fetch_run.data.metrics["peak_rss_mib"] > 100
+    assert "peak_rss_children_mib" in fetch_run.data.metrics
     assert main_run.data.tags["llm_packager.steps_ran"] == "fetch_model"
     assert len(main_run.data.tags["llm_packager.config_hash"]) == 64
     config = Path(client.download_artifacts(main_run.info.run_id, "config.yaml")).read_text()
