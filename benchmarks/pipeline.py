@@ -73,7 +73,9 @@ def tracking_server(folder: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
-def _run_main(workdir: Path, cache: Path, tracking_uri: str | None, overrides: str) -> float:
+def run_main(workdir: Path, cache: Path, tracking_uri: str | None, overrides: str) -> float:
+    """Run ``main`` on the synthetic Phi-3 (sizes from ``overrides``) in ``workdir``; its wall
+    time in seconds."""
     environment = {**os.environ, "LLM_PACKAGER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     # Unset: the embedded store in workdir, as a new user gets it.
     environment.pop("MLFLOW_TRACKING_URI", None)
@@ -155,8 +157,8 @@ def _one_repeat(scratch: Path, store: str) -> dict[str, object]:
     server, overrides = STORES[store]
     with contextlib.ExitStack() as stack:
         tracking_uri = stack.enter_context(tracking_server(scratch)) if server else None
-        cold = _run_main(workdir, cache, tracking_uri, overrides)
-        warm = _run_main(workdir, cache, tracking_uri, overrides)
+        cold = run_main(workdir, cache, tracking_uri, overrides)
+        warm = run_main(workdir, cache, tracking_uri, overrides)
         return _account(scratch, workdir, tracking_uri, cold, warm)
 
 
