@@ -10,8 +10,12 @@ unreachable.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -149,3 +153,29 @@ def bound_tracking_retries(budget_seconds: int) -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
     }
+
+
+def lost_insert_race(error: BaseException) -> bool:
+    """Whether a tracking-server call failed because a concurrent call inserted the same row first.
+
+    MLflow's SQL store upserts tags, aliases and datasets as "select, then insert if missing", so
+    two pipelines writing the same key at once can both try the insert; the loser's write is then
+    safe to repeat, because the row it wanted now exists and is updated instead. SQLite and
+    PostgreSQL say "unique constraint", MySQL "Duplicate entry".
+    """
+    text = str(error).lower()
+    return "unique constraint" in text or "duplicate entry" in text
+
+
+def retry_after_insert_race(what: str, write: Callable[..., object], *args: object) -> None:
+    """Call an idempotent tracking write, ``write(*args)``, once more if a concurrent writer won
+    the insert; ``what`` names the written thing in the log."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        write(*args)
+    except MlflowException as error:
+        if not lost_insert_race(error):
+            raise
+        logger.info("%s was written concurrently by another run; writing again", what)
+        write(*args)

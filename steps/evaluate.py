@@ -31,10 +31,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from llm_packager.choices import Runtime
-from llm_packager.errors import InvalidParametersError, UserError
+from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
 from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING, write_report
 from llm_packager.evaluation import (
     EvalExample,
@@ -136,17 +135,9 @@ def _log_dataset(examples: list[EvalExample], dataset: str, eval_set: Path) -> p
         # then warns that a local path matches both; either gives the same source.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         source = mlflow.data.from_pandas(frame, source=dataset, name=eval_set.name)
-    try:
-        mlflow.log_input(source, context="evaluation")
-    except MlflowException as error:
-        # The server gets or creates the dataset in two statements, so two evaluations that log
-        # the same set at once can both try to create it; the loser finds it on a second try.
-        # SQLite and PostgreSQL say "unique constraint", MySQL "Duplicate entry".
-        text = str(error).lower()
-        if "unique constraint" not in text and "duplicate entry" not in text:
-            raise
-        logger.info("The evaluation set was logged concurrently by another run; linking again")
-        mlflow.log_input(source, context="evaluation")
+    # The server gets or creates the dataset in two statements, so two evaluations that log the
+    # same set at once can both try to create it; the loser finds it on a second try.
+    retry_after_insert_race("The evaluation set", mlflow.log_input, source, "evaluation")
     return frame
 
 

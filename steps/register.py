@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from llm_packager.chat import load_back_and_answer
 from llm_packager.choices import Runtime
+from llm_packager.errors import retry_after_insert_race
 from llm_packager.evaluation_record import CandidateResult, Evaluation
 from llm_packager.registry import check_alias, check_registered_model_name, existing_version
 from llm_packager.reuse import announce_outputs
@@ -186,8 +187,16 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
         if unvalidated and candidate is winner:
             lineage["registered_unvalidated"] = "true"
         version = versions[candidate.name].version
+        # A concurrent pipeline registering the same model writes the same tags on this version.
         for key, value in lineage.items():
-            client.set_model_version_tag(name, version, key, value)
+            retry_after_insert_race(
+                f"Tag {key} of {name} version {version}",
+                client.set_model_version_tag,
+                name,
+                version,
+                key,
+                value,
+            )
         client.update_model_version(name, version,
                                     description=_description(candidate.name, lineage))  # fmt: skip
     aliases = {request.alias: versions[winner.name].version}
@@ -195,7 +204,13 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
         aliases[request.challenger_alias] = versions[runner_up.name].version
     # Aliases move last, once every version they point at is READY and described.
     for alias, alias_version in aliases.items():
-        client.set_registered_model_alias(name, alias, alias_version)
+        retry_after_insert_race(
+            f"Alias @{alias} of {name}",
+            client.set_registered_model_alias,
+            name,
+            alias,
+            alias_version,
+        )
     if request.challenger_alias and not runner_up:
         _remove_alias(client, name, request.challenger_alias)
     version = versions[winner.name].version

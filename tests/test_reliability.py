@@ -22,6 +22,7 @@ from llm_packager.errors import (
     bound_tracking_retries,
     is_server_unreachable,
     one_line,
+    retry_after_insert_race,
 )
 from llm_packager.pipeline import plan_pipeline
 from llm_packager.staging import remove_abandoned_staging, staging_folder
@@ -158,3 +159,32 @@ def test_bounded_tracking_retries_fit_the_budget(budget):
     sleeps = sum(min(factor * 2 ** (attempt - 1), 120) + 1 for attempt in range(2, retries + 1))
     assert sleeps + (retries + 1) * timeout <= budget
     assert retries >= 1 and timeout >= 1
+
+
+# What the tracking server answered when two pipelines tagged the same model version at once.
+_LOST_INSERT = (
+    "BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: model_version_tags.workspace,"
+    " model_version_tags.key, model_version_tags.name, model_version_tags.version"
+)
+
+
+def test_a_write_that_lost_an_insert_race_is_repeated_once_and_other_errors_are_not():
+    calls = []
+
+    def tag(key, value, fails_with):
+        calls.append((key, value))
+        if len(calls) <= len(fails_with):
+            raise MlflowException(fails_with[len(calls) - 1])
+
+    retry_after_insert_race("a tag", tag, "k", "v", [_LOST_INSERT])
+    assert calls == [("k", "v"), ("k", "v")]
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        retry_after_insert_race("a tag", tag, "k", "v", [_LOST_INSERT, _LOST_INSERT])
+    assert len(calls) == 2
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        retry_after_insert_race("a tag", tag, "k", "v", ["RESOURCE_DOES_NOT_EXIST: no version 9"])
+    assert len(calls) == 1
