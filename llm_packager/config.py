@@ -136,6 +136,8 @@ def validate_config(cfg: DictConfig) -> None:
             "tracking.server_timeout_s must be at least 10 (seconds an MLflow call may wait for "
             "the tracking server, retries included)"
         )
+    if cfg.memory.available_mib < 0:
+        raise ConfigError("memory.available_mib must be 0 (measure) or a positive number of MiB")
     register = cfg.register
     try:
         check_registered_model_name(register.registered_model_name, register.registry_uri)
@@ -161,6 +163,8 @@ def _validate_model(model: DictConfig) -> None:
             raise ConfigError(f"model.{key} is only used when model.source=synthetic")
     if model.seed != 0 and not synthetic:
         raise ConfigError("model.seed is only used when model.source=synthetic")
+    if model.weights_dtype != "float32" and not synthetic:
+        raise ConfigError("model.weights_dtype is only used when model.source=synthetic")
     if model.source == ModelSource.hub:
         if not model.repo_id:
             raise ConfigError("model.repo_id must be set when model.source=hub")

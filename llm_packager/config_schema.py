@@ -42,8 +42,19 @@ class TrackingConfig:
     server_timeout_s: int = 300
 
 
+@dataclasses.dataclass
+class MemoryConfig:
+    """What main checks before a step loads a model (llm_packager.memory_budget)."""
+
+    # Refuse a step whose estimated peak memory exceeds what is available, before it starts.
+    refuse_if_short: bool = True
+    # MiB to take as available instead of measuring (0: measure): for a limit the measurement
+    # cannot see, and for tests.
+    available_mib: int = 0
+
+
 # Sections main reads itself, beside the steps' sections.
-PIPELINE_SECTIONS: dict[str, type] = {"tracking": TrackingConfig}
+PIPELINE_SECTIONS: dict[str, type] = {"tracking": TrackingConfig, "memory": MemoryConfig}
 
 
 def _section_schema(section: str, spec: type, *, open_mappings: bool = False) -> type:

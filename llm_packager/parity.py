@@ -45,13 +45,18 @@ def chat_token_ids(hf_folder: Path, chats=PARITY_CHATS) -> list[list[int]]:
 
 
 def greedy_transformers(
-    hf_folder: Path, prompts: list[list[int]], new_tokens: int
+    hf_folder: Path, prompts: list[list[int]], new_tokens: int, dtype: str = "float32"
 ) -> list[list[int]]:
-    """Greedy continuations from the transformers model, up to ``new_tokens`` each."""
+    """Greedy continuations from the transformers model, up to ``new_tokens`` each.
+
+    ``dtype`` is a torch dtype's name, or ``auto`` for the stored one: float32 is the exact
+    reference on CPU, and the stored bfloat16 of a large model needs half its memory.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    loaded_as = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=loaded_as).eval()
     outputs = []
     with torch.inference_mode():
         for ids in prompts:

@@ -39,6 +39,12 @@ from llm_packager.choices import ModelSource, ModelStore
 from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
 from llm_packager.errors import TrackingServerUnreachableError, UserError
 from llm_packager.hub import is_commit
+from llm_packager.memory_budget import (
+    available_memory_mib,
+    check_memory,
+    step_memory,
+    stored_bytes_per_parameter,
+)
 from llm_packager.model_store import (
     MODEL_STORE_TAG,
     fail_abandoned_models,
@@ -346,6 +352,7 @@ def run_pipeline(
             if not planned.reusable:
                 why = "an unpinned revision may have moved, so it is fetched again"
             logger.info("%s: running (%s)", planned.name, why)
+            _check_memory(cfg, client, planned, values, outcomes)
             launched = time.time()
             run_id = _launch(
                 client, planned, parameters, env_manager=env_manager,
@@ -365,6 +372,22 @@ def run_pipeline(
         if summary := client.get_run(outcomes[-1].run_id).data.tags.get(SUMMARY_TAG):
             # Said on the console, not only in a tag: e.g. that no model was registered, and why.
             logger.info("%s: %s", planned.name, summary)
+
+
+def _check_memory(cfg: DictConfig, client: MlflowClient, planned: PlannedStep, values: Any,
+                  outcomes: list[StepOutcome]) -> None:  # fmt: skip
+    """Refuse, before it is launched, a step whose model will not fit in the memory available,
+    estimated from the fetched model's parameter count (llm_packager.memory_budget)."""
+    fetch = next((o for o in outcomes if o.entry_point == "fetch_model"), None)
+    if not cfg.memory.refuse_if_short or fetch is None:
+        return
+    metrics = client.get_run(fetch.run_id).data.metrics
+    if not (parameter_count := int(metrics.get("model_parameter_count", 0))):
+        return
+    stored = stored_bytes_per_parameter(metrics["model_total_bytes"], parameter_count)
+    memory = step_memory(planned.definition.entry_point, values, cfg.transformers.dtype)
+    available = available_memory_mib(cfg.memory.available_mib)
+    check_memory(planned.name, memory, parameter_count, stored, available)
 
 
 def _as_tuple(value: str | tuple[str, ...]) -> tuple[str, ...]:

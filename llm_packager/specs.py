@@ -88,6 +88,10 @@ class FetchModelParameters:
     num_key_value_heads: int = parameter(_SYNTHETIC + "key/value heads", 0)
     max_position_embeddings: int = parameter(_SYNTHETIC + "context length", 0)
     seed: int = parameter("synthetic model only: seed of its random weights", 0)
+    weights_dtype: str = parameter(
+        "synthetic model only: the dtype its weights are stored in (Phi-3-mini's: bfloat16)",
+        "float32",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +147,10 @@ class LogOnnxParameters(GenerationParameters):
     intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
     agreement_tokens: int = parameter(
         "new tokens per prompt for the greedy agreement check with transformers; 0 skips it", 16
+    )
+    agreement_dtype: TorchDtype = parameter(
+        "the dtype transformers runs in for that check (auto: as stored, the least memory)",
+        TorchDtype.auto,
     )
 
 

@@ -58,6 +58,10 @@ llm-packager to run every code path offline. Its answers are noise. Sizes: {spec
 """
 
 
+# The dtypes a synthetic model can be stored in.
+STORED_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class SyntheticPhi3Spec:
     """Sizes of the synthetic model. `max_position_embeddings` doubles as the original context
@@ -72,11 +76,18 @@ class SyntheticPhi3Spec:
     num_key_value_heads: int
     max_position_embeddings: int
     seed: int
+    # As stored on disk; Phi-3-mini's weights are bfloat16, which halves what loads them.
+    weights_dtype: str = "float32"
 
     def validate(self) -> None:
         """Raise ValueError naming the first size that cannot make a Phi-3."""
+        if self.weights_dtype not in STORED_DTYPES:
+            raise InvalidParametersError(
+                f"synthetic model: weights_dtype must be one of {', '.join(STORED_DTYPES)}, got "
+                f"{self.weights_dtype!r}"
+            )
         for name, value in vars(self).items():
-            if name != "seed" and value < 1:
+            if name not in ("seed", "weights_dtype") and value < 1:
                 raise InvalidParametersError(
                     f"synthetic model: {name} must be a positive integer, got {value}"
                 )
@@ -197,7 +208,7 @@ def build_synthetic_phi3(spec: SyntheticPhi3Spec, destination: Path) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
-    model = Phi3ForCausalLM(config).eval()
+    model = Phi3ForCausalLM(config).eval().to(getattr(torch, spec.weights_dtype))
     # Like Phi-3-mini, stop generating at the end of a turn as well as at end of text.
     model.generation_config = GenerationConfig(
         bos_token_id=token_id(BEGIN_TOKEN),

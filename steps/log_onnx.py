@@ -14,7 +14,7 @@ Writes (on its own run):
     ``llm_packager.runtime`` (``onnx``); param ``onnxruntime_genai_version``; artifacts
     ``sample_completion.json``, ``sample_prompt_answer.json`` and ``logs/onnx_builder.log``;
     metrics ``onnx_size_bytes``, ``load_seconds``, ``log_seconds`` and ``greedy_token_agreement``
-    (vs transformers fp32).
+    (vs transformers in ``agreement_dtype``: as stored by default).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def _agreement(
     if request.agreement_tokens == 0 or request.execution_provider != ExecutionProvider.cpu:
         return None
     prompts = chat_token_ids(fetched.folder)
-    reference = greedy_transformers(fetched.folder, prompts, request.agreement_tokens)
+    reference = greedy_transformers(fetched.folder, prompts, request.agreement_tokens,
+                                    request.agreement_dtype.value)  # fmt: skip
     return prefix_agreement(reference, greedy_onnx(onnx_folder, prompts, request.agreement_tokens))
 
 

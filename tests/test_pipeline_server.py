@@ -254,3 +254,24 @@ def test_a_hugging_face_token_the_hub_path_uses_never_reaches_params_tags_or_log
     assert TOKEN_CANARY not in step_log
     assert TOKEN_CANARY not in completed.stdout + completed.stderr
     shutil.rmtree(tmp_path / "hf-home", ignore_errors=True)
+
+
+def test_a_machine_too_small_for_a_step_is_told_before_the_step_starts(pipeline):
+    completed = pipeline.run("model=tiny-random-phi3", "steps=fetch_model,log_transformers",
+                             "overrides=memory.available_mib=1")  # fmt: skip
+    assert completed.returncode != 0
+    output = completed.stdout + completed.stderr
+    assert "log_transformers would need about " in output
+    assert "but 0.0 GiB is available. Cheapest fix: transformers.dtype=bfloat16" in output
+    # Refused before it was launched: no log_transformers run was created, and main says why.
+    assert pipeline.runs("log_transformers") == []
+    main_run = pipeline.runs("main")[0]
+    assert main_run.info.status == "FAILED"
+    assert main_run.data.tags[ERROR_TAG].startswith("log_transformers would need about ")
+
+    # A user who knows better goes on.
+    pipeline.run_ok("model=tiny-random-phi3", "steps=fetch_model,log_transformers",
+                    "overrides=memory.available_mib=1 memory.refuse_if_short=false")  # fmt: skip
+    (logged,) = pipeline.runs("log_transformers")
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics["peak_rss_mib"] > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_packager.manifest import build_manifest
@@ -78,8 +79,18 @@ def test_generation_stops_at_end_of_turn_or_text(tiny_model_dir):
         ({"num_key_value_heads": 3}, "num_attention_heads \\(4\\) must be divisible by"),
         ({"vocab_size": 100}, "vocab_size must be at least 264"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+        ({"weights_dtype": "int8"}, "weights_dtype must be one of float32, bfloat16, float16"),
     ],
 )
 def test_impossible_sizes_are_named(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         build_synthetic_phi3(dataclasses.replace(TINY_SPEC, **change), tmp_path / "bad")
+
+
+def test_weights_are_stored_in_the_dtype_asked_for_at_half_the_size(tmp_path, tiny_model_dir):
+    halved = build_synthetic_phi3(dataclasses.replace(TINY_SPEC, weights_dtype="bfloat16"),
+                                  tmp_path / "bf16")  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(halved, dtype="auto")
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    stored = (halved / "model.safetensors").stat().st_size
+    assert stored < 0.55 * (tiny_model_dir / "model.safetensors").stat().st_size

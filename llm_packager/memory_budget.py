@@ -1,0 +1,177 @@
+"""Whether a step's model fits in this machine's memory, decided before the step loads it.
+
+An OOM kill loses the step's work and explains nothing, so `main` estimates each step's peak
+memory from the fetched model's parameter count before launching it, and refuses in one line
+when the machine does not have it.
+
+A step's peak is a fixed part (Python, torch, onnxruntime, MLflow) plus some copies of the model's
+weights. Both were measured by ``benchmarks/memory.py``: the whole pipeline on synthetic Phi-3
+models of Phi-3-mini's width with 1, 2 and 4 layers, whose parameter counts are linear in the
+layers, so a least-squares line per part gives its copies of the float32 weights (the slope) and
+its fixed part (the intercept). Parts that load the Hugging Face weights scale with the dtype they
+load in; the ONNX parts scale with the parameter count alone (their precision is the build's).
+See README, "Memory each step needs".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_packager.choices import ExecutionProvider, OnnxSource, TorchDtype
+from llm_packager.errors import UserError
+
+MIB = 2**20
+FLOAT32_BYTES = 4
+
+
+class NotEnoughMemoryError(UserError, MemoryError):
+    """A step would need more memory than the machine has available."""
+
+
+@dataclass(frozen=True)
+class MemoryPart:
+    """What one process of a step holds at its peak: ``fixed_mib`` plus ``float32_copies`` of the
+    weights at 4 bytes per parameter, or at the bytes of the dtype it loads in when
+    ``loads_weights_as`` says so."""
+
+    what: str
+    fixed_mib: float
+    float32_copies: float
+    # "stored": the Hugging Face weights in the dtype they are stored in; "transformers": in
+    # transformers.dtype (auto: as stored); "agreement": in onnx.agreement_dtype; "": the ONNX
+    # model, whose size follows the parameter count whatever the weights' dtype.
+    loads_weights_as: str
+    fix: str
+
+
+# Measured by benchmarks/memory.py on this machine (2 cores, 24 GiB; the figures and their fits
+# are in benchmarks/results/memory-float32.json); rerun it and update these after changing what a
+# step loads.
+LOG_TRANSFORMERS = MemoryPart(
+    what="logging the transformers model and loading it back",
+    fixed_mib=570,
+    float32_copies=1.00,
+    loads_weights_as="transformers",
+    fix="transformers.dtype=bfloat16",
+)
+BUILDER = MemoryPart(
+    what="the onnxruntime-genai model builder",
+    fixed_mib=758,
+    float32_copies=2.41,
+    loads_weights_as="stored",
+    fix="onnx=prebuilt (Microsoft's published int4 build, Phi-3 only)",
+)
+AGREEMENT = MemoryPart(
+    what="the agreement check with transformers",
+    fixed_mib=222,
+    float32_copies=1.00,
+    loads_weights_as="agreement",
+    fix="onnx.agreement_tokens=0 (skips the agreement check)",
+)
+ONNX_MODEL = MemoryPart(
+    what="the ONNX model loaded and answering",
+    fixed_mib=237,
+    float32_copies=0.22,
+    loads_weights_as="",
+    fix="a smaller onnx.precision",
+)
+TRANSFORMERS_MODEL = MemoryPart(
+    what="the transformers model loaded and answering",
+    fixed_mib=229,
+    float32_copies=1.00,
+    loads_weights_as="transformers",
+    fix="transformers.dtype=bfloat16",
+)
+
+
+def _dtype_bytes(dtype: TorchDtype, stored_bytes: int) -> int:
+    return stored_bytes if dtype == TorchDtype.auto else (4 if dtype == TorchDtype.float32 else 2)
+
+
+def stored_bytes_per_parameter(total_bytes: float, parameter_count: float) -> int:
+    """2 or 4: the fetched folder's size per parameter (the weights are nearly all of it)."""
+    return 2 if total_bytes / max(parameter_count, 1) < 3 else 4
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """What a step run will load: the parts that apply to it and the dtypes they load in."""
+
+    parts: tuple[MemoryPart, ...]
+    transformers_dtype: TorchDtype = TorchDtype.auto
+    agreement_dtype: TorchDtype = TorchDtype.auto
+
+    def need_mib(self, part: MemoryPart, parameter_count: int, stored_bytes: int) -> float:
+        dtype = {"transformers": self.transformers_dtype, "agreement": self.agreement_dtype,
+                 "stored": TorchDtype.auto}.get(part.loads_weights_as)  # fmt: skip
+        weight_bytes = FLOAT32_BYTES if dtype is None else _dtype_bytes(dtype, stored_bytes)
+        copies = part.float32_copies * weight_bytes / FLOAT32_BYTES
+        return part.fixed_mib + copies * parameter_count * FLOAT32_BYTES / MIB
+
+    def largest(self, parameter_count: int, stored_bytes: int) -> tuple[MemoryPart, float] | None:
+        """The part with the largest need and that need (MiB); None when nothing is loaded."""
+        needs = [(part, self.need_mib(part, parameter_count, stored_bytes)) for part in self.parts]
+        return max(needs, key=lambda pair: pair[1], default=None)
+
+
+def step_memory(entry_point: str, values: object, transformers_dtype: TorchDtype) -> StepMemory:
+    """The parts a step run with parameter ``values`` loads, one process at a time.
+
+    fetch_model is left out: it downloads or copies files in chunks (a GGUF or synthetic model
+    is small enough to convert anywhere the pipeline runs).
+    """
+    if entry_point == "log_transformers":
+        return StepMemory((LOG_TRANSFORMERS,), transformers_dtype=values.dtype)
+    if entry_point == "log_onnx":
+        checks = values.agreement_tokens > 0 and values.execution_provider == ExecutionProvider.cpu
+        parts = (BUILDER,) if values.source == OnnxSource.build else ()
+        parts += (AGREEMENT,) if checks else (ONNX_MODEL,)
+        return StepMemory(parts, agreement_dtype=values.agreement_dtype)
+    if entry_point in ("evaluate", "register"):
+        # evaluate loads each candidate in a worker of its own, one after another; register loads
+        # the one it registers, which is not known before evaluate has run.
+        return StepMemory((TRANSFORMERS_MODEL, ONNX_MODEL), transformers_dtype=transformers_dtype)
+    return StepMemory(())
+
+
+def available_memory_mib(pretend_mib: int = 0) -> float:
+    """Memory this process can still use: the kernel's MemAvailable, or less when a cgroup
+    (a container, a job scheduler) sets a lower limit. ``pretend_mib`` > 0 replaces the
+    measurement (``memory.available_mib``: for tests, and for limits this cannot see)."""
+    if pretend_mib > 0:
+        return float(pretend_mib)
+    available = float("inf")
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) / 1024
+    cgroup = Path("/sys/fs/cgroup")
+    limit, usage = cgroup / "memory.max", cgroup / "memory.current"
+    if limit.is_file() and usage.is_file() and limit.read_text().strip() != "max":
+        left = (int(limit.read_text()) - int(usage.read_text())) / MIB
+        available = min(available, left)
+    if available == float("inf"):  # not Linux: psutil knows
+        import psutil
+
+        available = psutil.virtual_memory().available / MIB
+    return available
+
+
+def check_memory(step: str, memory: StepMemory, parameter_count: int, stored_bytes: int,
+                 available_mib: float) -> None:  # fmt: skip
+    """Refuse a step whose estimated peak exceeds ``available_mib``, in one line.
+
+    Raises:
+        NotEnoughMemoryError: naming the step, the part that does not fit, both figures, and
+            the cheapest fix.
+    """
+    largest = memory.largest(parameter_count, stored_bytes)
+    if largest is None or largest[1] <= available_mib:
+        return
+    part, need = largest
+    raise NotEnoughMemoryError(
+        f"{step} would need about {need / 1024:.1f} GiB for {part.what} of a "
+        f"{parameter_count / 1e9:.2f} B-parameter model, but {available_mib / 1024:.1f} GiB is "
+        f"available. Cheapest fix: {part.fix}, or a machine with more memory; "
+        "overrides=memory.refuse_if_short=false goes on anyway"
+    )
