@@ -7,10 +7,10 @@ when the machine does not have it.
 A step's peak is a fixed part (Python, torch, onnxruntime, MLflow) plus some copies of the model's
 weights. Both were measured by ``benchmarks/memory.py``: the whole pipeline on synthetic Phi-3
 models of Phi-3-mini's width with 1, 2 and 4 layers, whose parameter counts are linear in the
-layers, so a least-squares line per part gives its copies of the float32 weights (the slope) and
-its fixed part (the intercept). Parts that load the Hugging Face weights scale with the dtype they
+layers, so a least-squares line per part gives its copies of the weights (the slope) and its
+fixed part (the intercept). Parts that load the Hugging Face weights scale with the dtype they
 load in; the ONNX parts scale with the parameter count alone (their precision is the build's).
-See README, "Memory each step needs".
+See README, "Memory and disk each step needs for Phi-3-mini".
 """
 
 from __future__ import annotations
@@ -31,55 +31,63 @@ class NotEnoughMemoryError(UserError, MemoryError):
 
 @dataclass(frozen=True)
 class MemoryPart:
-    """What one process of a step holds at its peak: ``fixed_mib`` plus ``float32_copies`` of the
-    weights at 4 bytes per parameter, or at the bytes of the dtype it loads in when
-    ``loads_weights_as`` says so."""
+    """What one process of a step holds at its peak: ``fixed_mib``, plus ``loaded_copies`` of the
+    weights in the dtype it loads them in (``loads_weights_as``), plus ``float32_copies`` of the
+    weights at 4 bytes per parameter whatever their dtype (the ONNX model, whose size follows
+    the parameter count; the builder's float32 working tensors)."""
 
     what: str
     fixed_mib: float
+    loaded_copies: float
     float32_copies: float
     # "stored": the Hugging Face weights in the dtype they are stored in; "transformers": in
-    # transformers.dtype (auto: as stored); "agreement": in onnx.agreement_dtype; "": the ONNX
-    # model, whose size follows the parameter count whatever the weights' dtype.
+    # transformers.dtype (auto: as stored); "agreement": in onnx.agreement_dtype.
     loads_weights_as: str
     fix: str
 
 
-# Measured by benchmarks/memory.py on this machine (2 cores, 24 GiB; the figures and their fits
-# are in benchmarks/results/memory-float32.json); rerun it and update these after changing what a
-# step loads.
+# Measured by benchmarks/memory.py on this machine (2 cores, 24 GiB), with the weights stored in
+# float32 and in bfloat16 (benchmarks/results/memory-float32.json and memory-bfloat16.json): the
+# per-layer slopes of the two runs give the copies (for the builder, 1,042 and 751 MiB per layer
+# solve to 1.35 copies as stored plus 1.06 in float32), and the larger of the two intercepts the
+# fixed part. Rerun it and update these after changing what a step loads.
 LOG_TRANSFORMERS = MemoryPart(
     what="logging the transformers model and loading it back",
     fixed_mib=570,
-    float32_copies=1.00,
+    loaded_copies=1.00,
+    float32_copies=0,
     loads_weights_as="transformers",
     fix="transformers.dtype=bfloat16",
 )
 BUILDER = MemoryPart(
     what="the onnxruntime-genai model builder",
-    fixed_mib=758,
-    float32_copies=2.41,
+    fixed_mib=970,
+    loaded_copies=1.35,
+    float32_copies=1.06,
     loads_weights_as="stored",
     fix="onnx=prebuilt (Microsoft's published int4 build, Phi-3 only)",
 )
 AGREEMENT = MemoryPart(
     what="the agreement check with transformers",
-    fixed_mib=222,
-    float32_copies=1.00,
+    fixed_mib=399,
+    loaded_copies=1.00,
+    float32_copies=0,
     loads_weights_as="agreement",
     fix="onnx.agreement_tokens=0 (skips the agreement check)",
 )
 ONNX_MODEL = MemoryPart(
     what="the ONNX model loaded and answering",
     fixed_mib=237,
+    loaded_copies=0,
     float32_copies=0.22,
     loads_weights_as="",
     fix="a smaller onnx.precision",
 )
 TRANSFORMERS_MODEL = MemoryPart(
     what="the transformers model loaded and answering",
-    fixed_mib=229,
-    float32_copies=1.00,
+    fixed_mib=413,
+    loaded_copies=1.00,
+    float32_copies=0,
     loads_weights_as="transformers",
     fix="transformers.dtype=bfloat16",
 )
@@ -103,11 +111,12 @@ class StepMemory:
     agreement_dtype: TorchDtype = TorchDtype.auto
 
     def need_mib(self, part: MemoryPart, parameter_count: int, stored_bytes: int) -> float:
-        dtype = {"transformers": self.transformers_dtype, "agreement": self.agreement_dtype,
-                 "stored": TorchDtype.auto}.get(part.loads_weights_as)  # fmt: skip
-        weight_bytes = FLOAT32_BYTES if dtype is None else _dtype_bytes(dtype, stored_bytes)
-        copies = part.float32_copies * weight_bytes / FLOAT32_BYTES
-        return part.fixed_mib + copies * parameter_count * FLOAT32_BYTES / MIB
+        loads_as = {"transformers": self.transformers_dtype, "agreement": self.agreement_dtype,
+                    "stored": TorchDtype.auto}  # fmt: skip
+        dtype = loads_as.get(part.loads_weights_as, TorchDtype.float32)
+        loaded_bytes = _dtype_bytes(dtype, stored_bytes)
+        per_parameter = part.loaded_copies * loaded_bytes + part.float32_copies * FLOAT32_BYTES
+        return part.fixed_mib + parameter_count * per_parameter / MIB
 
     def largest(self, parameter_count: int, stored_bytes: int) -> tuple[MemoryPart, float] | None:
         """The part with the largest need and that need (MiB); None when nothing is loaded."""

@@ -34,7 +34,7 @@ def _memory(model: str, overrides: str, step: str):
 
 def test_each_measured_part_grows_with_the_weights():
     for part in (AGREEMENT, BUILDER, ONNX_MODEL, TRANSFORMERS_MODEL):
-        assert part.fixed_mib > 0 and part.float32_copies > 0, part
+        assert part.fixed_mib > 0 and part.loaded_copies + part.float32_copies > 0, part
 
 
 def test_the_stored_dtype_is_read_from_the_folder_size():
@@ -61,7 +61,7 @@ def test_the_agreement_check_in_float32_needs_the_bfloat16_weights_again():
     as_stored = stored.need_mib(AGREEMENT, PHI3_MINI_PARAMETERS, BFLOAT16)
     in_float32 = float32.need_mib(AGREEMENT, PHI3_MINI_PARAMETERS, BFLOAT16)
     bfloat16_weights_mib = PHI3_MINI_PARAMETERS * BFLOAT16 / MIB
-    assert in_float32 - as_stored == pytest.approx(AGREEMENT.float32_copies * bfloat16_weights_mib)
+    assert in_float32 - as_stored == pytest.approx(AGREEMENT.loaded_copies * bfloat16_weights_mib)
 
 
 def test_a_step_that_will_not_fit_is_refused_in_one_line_with_the_fix():
@@ -88,3 +88,15 @@ def test_fetch_loads_nothing_the_check_estimates():
 def test_available_memory_is_measured_unless_a_figure_is_given():
     assert available_memory_mib(1234) == 1234
     assert 0 < available_memory_mib() < float("inf")
+
+
+def test_the_estimates_cover_what_was_measured_at_phi3_minis_width():
+    # benchmarks/memory.py at 4 layers (650.5 M parameters): the builder's peak with the weights
+    # stored in float32 and in bfloat16, and the agreement check's in bfloat16. An estimate may
+    # be a little high (it takes the larger fixed part of the two runs), never low.
+    parameters = 197_004_288 + 4 * 113_252_352
+    built = _memory("phi3-mini-4k-instruct", "onnx=build", "log_onnx")
+    for part, stored_bytes, measured in ((BUILDER, 4, 6_739), (BUILDER, 2, 5_288),
+                                         (AGREEMENT, 2, 1_642)):  # fmt: skip
+        estimate = built.need_mib(part, parameters, stored_bytes)
+        assert measured * 0.99 <= estimate <= measured * 1.05, (part.what, stored_bytes, estimate)
