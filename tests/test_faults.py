@@ -64,6 +64,11 @@ class Experiment:
         self.client = MlflowClient(tracking_uri=server.uri)
         self.workdir = workdir
         self.env = {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": self.name}
+        # A team's experiment exists before its pipelines run. `mlflow run` creates a missing one
+        # by looking it up and then inserting it, so two runs started together into a new
+        # experiment race inside MLflow's CLI before any step starts (seen in CI as
+        # RESOURCE_ALREADY_EXISTS); the README says to create it first.
+        self.client.create_experiment(self.name)
         self._started = 0
 
     def start(self, *parameters: str) -> tuple[subprocess.Popen, Path]:
