@@ -244,7 +244,12 @@ def _onnx_bytes_per_token(onnx_dir: Path) -> int:
     return total
 
 
-def prepare_proxy(workdir: Path) -> tuple[Path, Path, Path]:
+MODEL_CODE = PROJECT_DIR / "llm_packager" / "onnx_chat_model.py"
+
+
+def prepare_proxy(workdir: Path, model_code: Path = MODEL_CODE) -> tuple[Path, Path, Path]:
+    """The proxy's Hugging Face folder, its int4 ONNX builds, and the ONNX model saved as our
+    pyfunc from ``model_code`` (another version of the model's file, to compare against it)."""
     import mlflow
 
     from llm_packager.choices import ExecutionProvider, OnnxPrecision
@@ -267,7 +272,7 @@ def prepare_proxy(workdir: Path) -> tuple[Path, Path, Path]:
     shutil.rmtree(pyfunc_dir, ignore_errors=True)
     mlflow.pyfunc.save_model(
         str(pyfunc_dir),
-        python_model=str(PROJECT_DIR / "llm_packager" / "onnx_chat_model.py"),
+        python_model=str(model_code),
         artifacts={"onnx_model": str(onnx_dir)},
         model_config={"model_name": "proxy", "max_tokens_cap": 1024, "max_batch_size": 8},
         signature=chat_signature(),

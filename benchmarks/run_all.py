@@ -3,7 +3,8 @@
 - model speed: transformers fp32, onnxruntime-genai int4 (raw and through our pyfunc) on the
   ~170 M-parameter proxy, each against its memory-bandwidth bound; batch of 8 against 8 calls;
 - pipeline: cold and warm ``main`` on the tiny model, each step's overhead, artifact bytes;
-- serving: ``mlflow models serve`` with 1, 4 and 8 concurrent clients.
+- serving: the pyfunc with 1, 4, 8 and 16 concurrent clients, whole (``mlflow models serve``) and
+  streamed (``predict_stream``).
 
 ``--quick`` takes fewer repeats and shorter answers and finishes in under 5 minutes here; the
 full run takes about 10. Nothing else should run meanwhile: the figures are wall-clock times.

@@ -1,11 +1,20 @@
-"""The ONNX pyfunc under ``mlflow models serve`` on loopback: requests/s, generated tokens/s and
-latency percentiles with 1, 4 and 8 concurrent clients.
+"""The ONNX pyfunc served on loopback: throughput, latency and time to first token with 1, 4, 8 and
+16 concurrent clients, answered whole and streamed.
 
 The served model is the benchmark proxy of ``benchmarks.model_speed`` (int4, ~170 M parameters,
-random weights) logged as our pyfunc. Each client sends its share of a bounded number of chat
-requests one after another (``--requests-per-client``), so every level stops by itself. Each
-level is measured ``--repeats`` times; figures are the median with min and max. The server runs
-one worker (MLflow's default), which answers concurrent requests on threads.
+random weights) saved as our pyfunc. Each client sends its share of a bounded number of chat
+requests one after another (``--requests-per-client``), so every level stops by itself; each level
+is measured ``--repeats`` times and figures are the median with min and max.
+
+- **whole answers** go through ``mlflow models serve`` with one worker (MLflow's default), which
+  calls ``predict`` from a thread pool; a client sees its first token with the whole answer.
+- **streamed answers** go through ``predict_stream`` of the same model loaded in this process,
+  one thread per client: MLflow's local scoring server does not stream, so this is where streaming
+  can be measured on a laptop. Time to first token is when the first content arrives.
+
+``--model-code`` serves another version of the model's file, which is how the figures before a
+change are taken (``git show <commit>:llm_packager/onnx_chat_model.py > before.py``); a version
+without ``predict_stream`` is measured whole only.
 
 Usage: ``python -m benchmarks.serving [--requests-per-client 4] [--max-tokens 32] [--repeats 3]``
 """
@@ -16,17 +25,17 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import cell, local_server, summarise
-from benchmarks.model_speed import BATCH_PROMPTS, DEFAULT_WORKDIR, prepare_proxy
+from benchmarks.model_speed import BATCH_PROMPTS, DEFAULT_WORKDIR, MODEL_CODE, prepare_proxy
 
-CONCURRENCY = (1, 4, 8)
+CONCURRENCY = (1, 4, 8, 16)
 
 
 def served_model(model_dir: Path) -> contextlib.AbstractContextManager[str]:
@@ -43,24 +52,53 @@ def served_model(model_dir: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
-def _request(uri: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps({"messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": max_tokens}).encode()  # fmt: skip
-    request = urllib.request.Request(
-        f"{uri}/invocations", data=body, headers={"Content-Type": "application/json"}
-    )
-    started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=300) as response:
-        answer = json.loads(response.read())
-    latency = time.perf_counter() - started
-    predictions = answer["predictions"] if isinstance(answer, dict) else answer
-    return latency, predictions[0]["usage"]["completion_tokens"]
+def _chat(prompt: str, max_tokens: int) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
 
 
-def _one_level(uri: str, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
-    def client(index: int) -> list[tuple[float, int]]:
+def _whole(uri: str) -> Callable[[str, int], tuple[float, float, int]]:
+    """A client of the scoring server: (time to first token, latency, tokens) per request."""
+
+    def send(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        request = urllib.request.Request(
+            f"{uri}/invocations", data=json.dumps(_chat(prompt, max_tokens)).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+        latency = time.perf_counter() - started
+        predictions = answer["predictions"] if isinstance(answer, dict) else answer
+        return latency, latency, predictions[0]["usage"]["completion_tokens"]
+
+    return send
+
+
+def _streamed(model) -> Callable[[str, int], tuple[float, float, int]]:
+    """A streaming client of the model loaded in this process."""
+
+    def send(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        started = time.perf_counter()
+        first = None
+        for chunk in model.predict_stream(_chat(prompt, max_tokens)):
+            if first is None and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+            usage = chunk.get("usage")
+        latency = time.perf_counter() - started
+        return (first if first is not None else latency), latency, usage["completion_tokens"]
+
+    return send
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(share * len(ordered)) - 1)]
+
+
+def _one_level(send: Callable, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
+    def client(index: int) -> list[tuple[float, float, int]]:
         return [
-            _request(uri, BATCH_PROMPTS[(index + turn) % len(BATCH_PROMPTS)], max_tokens)
+            send(BATCH_PROMPTS[(index + turn) % len(BATCH_PROMPTS)], max_tokens)
             for turn in range(per_client)
         ]
 
@@ -68,55 +106,77 @@ def _one_level(uri: str, clients: int, per_client: int, max_tokens: int) -> dict
     with ThreadPoolExecutor(clients) as pool:
         results = [row for rows in pool.map(client, range(clients)) for row in rows]
     wall = time.perf_counter() - started
-    latencies = sorted(latency for latency, _ in results)
+    first_tokens = [first for first, _, _ in results]
+    latencies = [latency for _, latency, _ in results]
     return {
         "requests_per_s": len(results) / wall,
-        "tokens_per_s": sum(tokens for _, tokens in results) / wall,
-        "p50_latency_s": statistics.median(latencies),
-        "p95_latency_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+        "tokens_per_s": sum(tokens for *_, tokens in results) / wall,
+        "p50_latency_s": _percentile(latencies, 0.5),
+        "p95_latency_s": _percentile(latencies, 0.95),
+        "p50_first_token_s": _percentile(first_tokens, 0.5),
+        "p95_first_token_s": _percentile(first_tokens, 0.95),
     }
 
 
-def measure(
-    requests_per_client: int, max_tokens: int, repeats: int, workdir: Path = DEFAULT_WORKDIR
-) -> dict[str, object]:
-    """Each concurrency level's figures (median, min, max over ``repeats``)."""
-    _, _, pyfunc_dir = prepare_proxy(workdir)
+def _levels(send: Callable, mode: str, per_client: int, max_tokens: int, repeats: int) -> dict:
+    send(BATCH_PROMPTS[0], max_tokens)  # warm-up
     levels = {}
+    for clients in CONCURRENCY:
+        print(f"serving ({mode}): {clients} concurrent clients ...", file=sys.stderr)
+        samples = [_one_level(send, clients, per_client, max_tokens) for _ in range(repeats)]
+        levels[str(clients)] = {
+            key: summarise([sample[key] for sample in samples]) for key in samples[0]
+        }
+    return levels
+
+
+def measure(
+    requests_per_client: int,
+    max_tokens: int,
+    repeats: int,
+    workdir: Path = DEFAULT_WORKDIR,
+    model_code: Path = MODEL_CODE,
+) -> dict[str, object]:
+    """Each concurrency level's figures (median, min, max over ``repeats``), whole and streamed."""
+    import mlflow
+
+    _, _, pyfunc_dir = prepare_proxy(workdir, model_code)
+    modes = {}
     with served_model(pyfunc_dir) as uri:
-        _request(uri, BATCH_PROMPTS[0], max_tokens)  # warm-up
-        for clients in CONCURRENCY:
-            print(f"serving: {clients} concurrent clients ...", file=sys.stderr)
-            samples = [
-                _one_level(uri, clients, requests_per_client, max_tokens) for _ in range(repeats)
-            ]
-            levels[str(clients)] = {
-                key: summarise([sample[key] for sample in samples]) for key in samples[0]
-            }
+        modes["whole"] = _levels(_whole(uri), "whole", requests_per_client, max_tokens, repeats)
+    model = mlflow.pyfunc.load_model(str(pyfunc_dir))
+    if hasattr(model.unwrap_python_model(), "predict_stream"):
+        send = _streamed(model)
+        modes["streamed"] = _levels(send, "streamed", requests_per_client, max_tokens, repeats)
     return {
+        "model_code": str(model_code),
         "requests_per_client": requests_per_client,
         "max_tokens": max_tokens,
         "repeats": repeats,
-        "levels": levels,
+        "modes": modes,
     }
 
 
 def markdown(figures: dict[str, object]) -> str:
-    """The serving table."""
+    """The serving table: one row per mode and number of clients."""
     lines = [
-        f"`mlflow models serve` (1 worker) of the int4 proxy pyfunc, {figures['max_tokens']} new "
-        f"tokens per request, {figures['requests_per_client']} requests per client, median "
-        f"(min-max) of {figures['repeats']}.",
+        f"Int4 proxy pyfunc, {figures['max_tokens']} new tokens per request, "
+        f"{figures['requests_per_client']} requests per client, median (min-max) of "
+        f"{figures['repeats']}. Whole: `mlflow models serve`, 1 worker. Streamed: "
+        "`predict_stream` in process (the local scoring server does not stream).",
         "",
-        "| concurrent clients | requests/s | generated tokens/s | p50 latency (s) "
-        "| p95 latency (s) |",
-        "|---|---|---|---|---|",
+        "| answers | clients | requests/s | generated tokens/s | p50 latency (s) "
+        "| p95 latency (s) | p50 first token (s) | p95 first token (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for clients, row in figures["levels"].items():
-        lines.append(
-            f"| {clients} | {cell(row['requests_per_s'], 2)} | {cell(row['tokens_per_s'], 1)} | "
-            f"{cell(row['p50_latency_s'], 3)} | {cell(row['p95_latency_s'], 3)} |"
-        )
+    for mode, levels in figures["modes"].items():
+        for clients, row in levels.items():
+            lines.append(
+                f"| {mode} | {clients} | {cell(row['requests_per_s'], 2)} "
+                f"| {cell(row['tokens_per_s'], 1)} | {cell(row['p50_latency_s'], 3)} "
+                f"| {cell(row['p95_latency_s'], 3)} | {cell(row['p50_first_token_s'], 3)} "
+                f"| {cell(row['p95_first_token_s'], 3)} |"
+            )
     return "\n".join(lines)
 
 
@@ -127,10 +187,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="built models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--model-code", type=Path, default=MODEL_CODE, help="the model file to serve"
+    )
     arguments = parser.parse_args()
     figures = measure(
-        arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir
-    )
+        arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir,
+        arguments.model_code,
+    )  # fmt: skip
     print(markdown(figures))
     if arguments.json:
         arguments.json.write_text(json.dumps(figures, indent=2))

@@ -295,6 +295,10 @@ def _validate_onnx(onnx: DictConfig, prefix: str) -> None:
         )
     if onnx.max_batch_size < 1:
         raise ConfigError(f"{prefix}.max_batch_size must be 1 or more; got {onnx.max_batch_size}")
+    if onnx.max_queued_requests < 1:
+        raise ConfigError(
+            f"{prefix}.max_queued_requests must be 1 or more; got {onnx.max_queued_requests}"
+        )
     if onnx.intra_op_num_threads < 0:
         raise ConfigError(
             f"{prefix}.intra_op_num_threads must be 0 (all cores) or more; "

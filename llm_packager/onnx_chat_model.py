@@ -11,11 +11,21 @@ Two request shapes are served:
   ``stop``, ``n``), answered with an OpenAI chat completion, as the transformers model does;
 - the reference sample's ``{"prompt": "<already templated text>"}``, answered with plain text.
 
-Every row of a batch is answered. Rows that decode with the same search options are generated
-together, up to ``max_batch_size`` sequences at a time, as one onnxruntime-genai batch: on a CPU,
-decoding one sequence is bound by reading the weights, and a batch reads them once per step for
-all its sequences. Each ``predict`` call gets its own ``GeneratorParams`` and ``Generator``, so
-concurrent requests never share generation state.
+Every row of a batch is answered, and ``predict_stream`` streams one chat request as OpenAI
+``chat.completion.chunk`` dicts.
+
+All generation runs on one decode loop per loaded model, a thread that owns every
+onnxruntime-genai ``Generator``. On a CPU, decoding one sequence is bound by reading the weights,
+and a batch reads them once per step for all its sequences; MLflow's scoring server calls
+``predict`` from a thread pool, so concurrent requests reach one instance at once. The loop
+therefore takes every sequence waiting at each step boundary into a new batch (up to
+``max_batch_size`` sequences, with the same search options), steps every live batch once per
+round, and hands each sequence its answer the moment it finishes, so a short answer never waits
+for a long one and a request that arrives mid-generation starts at the next step.
+onnxruntime-genai's own ``Engine`` refills a batch only on CUDA (its continuous batching needs a
+paged-attention build, which the builder makes for CUDA only); on CPU it waits for the whole batch,
+so this loop is ours. At most ``2 * max_batch_size`` sequences are held in live batches, and at
+most ``max_queued_requests`` requests wait; past that the server answers 503.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +47,14 @@ import onnxruntime_genai as og
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 ONNX_ARTIFACT_KEY = "onnx_model"
 ROLES = ("system", "user", "assistant")
 MAX_CHOICES = 8
 DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_QUEUED_REQUESTS = 64
 
 
 class BadRequestError(MlflowException):
@@ -47,6 +62,13 @@ class BadRequestError(MlflowException):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class BusyError(MlflowException):
+    """The decode loop's queue is full; the scoring server answers it with HTTP 503."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
 
 
 def _present(value: Any) -> bool:
@@ -109,6 +131,229 @@ def _stop_strings(raw: Any) -> list[str]:
     return stops
 
 
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could still grow into a stop string; a stream
+    holds them back so that a stop string never leaks out."""
+    return max(
+        (size for stop in stops for size in range(min(len(stop) - 1, len(text)), 0, -1)
+         if text.endswith(stop[:size])),
+        default=0,
+    )  # fmt: skip
+
+
+class _Sequence:
+    """One answer being generated: a prompt, its options, and where its text goes.
+
+    ``report(index, event, value)`` receives ``("delta", text)`` as text becomes safe to show,
+    then ``("done", (text, tokens, finish_reason))`` or ``("error", exception)``.
+    """
+
+    def __init__(self, index: int, ids: list[int], options: dict[str, Any],
+                 report: Callable[[int, str, Any], None], owner: object) -> None:  # fmt: skip
+        self.index, self.ids, self.options, self.report = index, ids, options, report
+        self.owner = owner
+        self.text, self.shown, self.produced = "", 0, 0
+        self.finished: str | None = None
+        self.cancelled = False
+        self.stream = None
+
+    def search_key(self) -> tuple:
+        """Sequences batched together must share this. A seed seeds the whole batch, so a seeded
+        request is batched only with itself: its samples stay what it gets alone."""
+        options = self.options
+        owner = id(self.owner) if options["sampling"] and options["seed"] is not None else None
+        return options["sampling"], options["temperature"], options["top_p"], options["seed"], owner
+
+    def take(self, token: int, end_tokens: set[int]) -> None:
+        """Add one generated token; report new safe text, and the answer once it is finished."""
+        if token in end_tokens:
+            self._finish("stop")
+            return
+        self.produced += 1
+        self.text += self.stream.decode(token)
+        stops = self.options["stop"]
+        cut = min((self.text.find(stop) for stop in stops if stop in self.text), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self._finish("stop")
+        elif self.produced == self.options["max_tokens"]:
+            self._finish("length")
+        else:
+            safe = len(self.text) - _held_back(self.text, stops)
+            if safe > self.shown:
+                self.report(self.index, "delta", self.text[self.shown : safe])
+                self.shown = safe
+
+    def end_early(self) -> None:
+        """The generator stopped (max length reached) before this sequence chose to."""
+        if self.finished is None:
+            self._finish("length" if self.produced >= self.options["max_tokens"] else "stop")
+
+    def fail(self, error: BaseException) -> None:
+        if self.finished is None:
+            self.finished = "error"
+            self.report(self.index, "error", error)
+
+    def _finish(self, reason: str) -> None:
+        self.finished = reason
+        if len(self.text) > self.shown:
+            self.report(self.index, "delta", self.text[self.shown :])
+            self.shown = len(self.text)
+        self.report(self.index, "done", (self.text, self.produced, reason))
+
+
+class _Batch:
+    """Sequences decoded together by one onnxruntime-genai Generator."""
+
+    def __init__(self, model, tokenizer, pad_token: int, sequences: list[_Sequence]) -> None:
+        self.sequences = sequences
+        options = sequences[0].options
+        longest = max(len(sequence.ids) for sequence in sequences)
+        search: dict[str, Any] = {
+            "max_length": longest + max(sequence.options["max_tokens"] for sequence in sequences),
+            "do_sample": options["sampling"],
+            "batch_size": len(sequences),
+        }
+        if options["sampling"]:
+            search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
+            if options["seed"] is not None:
+                search["random_seed"] = options["seed"]
+        generator_params = og.GeneratorParams(model)
+        generator_params.set_search_options(**search)
+        self.generator = og.Generator(model, generator_params)
+        # Padded on the right with the pad token, as Tokenizer.encode_batch does; onnxruntime-genai
+        # masks pad positions, so each answer equals the one the prompt gets alone.
+        prompts = np.full((len(sequences), longest), pad_token, dtype=np.int32)
+        for row, sequence in enumerate(sequences):
+            prompts[row, : len(sequence.ids)] = sequence.ids
+            sequence.stream = tokenizer.create_stream()
+        self.generator.append_tokens(prompts)
+
+    def live(self) -> bool:
+        return any(sequence.finished is None and not sequence.cancelled
+                   for sequence in self.sequences)  # fmt: skip
+
+    def step(self, end_tokens: set[int]) -> None:
+        if self.generator.is_done():
+            for sequence in self.sequences:
+                sequence.end_early()
+            return
+        self.generator.generate_next_token()
+        for sequence, token in zip(self.sequences, self.generator.get_next_tokens(), strict=True):
+            if sequence.finished is None and not sequence.cancelled:
+                sequence.take(int(token), end_tokens)
+
+
+class _DecodeLoop:
+    """The one thread that generates for every request to a loaded model (see the module's
+    docstring for why)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        end_tokens: set[int],
+        pad_token: int,
+        context_length: int,
+        max_batch_size: int,
+        max_queued_requests: int,
+    ) -> None:
+        self._model, self._tokenizer = model, tokenizer
+        self._end_tokens, self._pad_token = end_tokens, pad_token
+        self._context_length = context_length
+        self._max_batch_size = max_batch_size
+        self._max_held = 2 * max_batch_size
+        self._max_queued_requests = max_queued_requests
+        self._changed = threading.Condition()
+        self._waiting: deque[list[_Sequence]] = deque()
+        self._batches: list[_Batch] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, sequences: list[_Sequence]) -> None:
+        with self._changed:
+            if len(self._waiting) >= self._max_queued_requests:
+                raise BusyError(
+                    f"The model is busy: {len(self._waiting)} requests are already waiting "
+                    f"(max_queued_requests). Retry shortly."
+                )
+            self._waiting.append(sequences)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="onnx-decode-loop", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+
+    def _admit(self) -> list[_Sequence]:
+        """Take waiting requests, whole and in order, while their sequences fit beside those held
+        (a request larger than that is taken when nothing else is held)."""
+        held = sum(len(batch.sequences) for batch in self._batches)
+        admitted: list[_Sequence] = []
+        while self._waiting:
+            if all(sequence.cancelled for sequence in self._waiting[0]):
+                self._waiting.popleft()  # its client left while it waited
+                continue
+            size = len(self._waiting[0])
+            if held and held + size > self._max_held:
+                break
+            admitted.extend(self._waiting.popleft())
+            held += size
+        return admitted
+
+    def _new_batches(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
+        groups: dict[tuple, list[_Sequence]] = {}
+        for sequence in admitted:
+            groups.setdefault(sequence.search_key(), []).append(sequence)
+        batches = []
+        for sequences in groups.values():
+            for start in range(0, len(sequences), self._max_batch_size):
+                chunk = sequences[start : start + self._max_batch_size]
+                longest = max(len(sequence.ids) for sequence in chunk)
+                if longest + max(s.options["max_tokens"] for s in chunk) > self._context_length:
+                    # Padding to the longest prompt would pass the context length; one at a time,
+                    # each sequence fits (checked when it was encoded).
+                    batches.extend([sequence] for sequence in chunk)
+                else:
+                    batches.append(chunk)
+        return batches
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    while not self._waiting and not self._batches:
+                        self._changed.wait()
+                    admitted = self._admit()
+                for sequences in self._new_batches(admitted):
+                    self._guarded(sequences, lambda batch=sequences: self._start(batch))
+                for batch in list(self._batches):
+                    self._guarded(batch.sequences, lambda b=batch: b.step(self._end_tokens))
+                with self._changed:
+                    self._batches = [batch for batch in self._batches if batch.live()]
+        except BaseException as error:  # the loop itself broke: no waiter may hang on it
+            with self._changed:
+                stranded = [s for batch in self._batches for s in batch.sequences]
+                stranded += [s for sequences in self._waiting for s in sequences]
+                self._batches, self._waiting = [], deque()
+            for sequence in stranded:
+                sequence.fail(error)
+            raise
+
+    def _start(self, sequences: list[_Sequence]) -> None:
+        # Reading the prompts (prefill) happens here, between two decode steps of the others.
+        self._batches.append(_Batch(self._model, self._tokenizer, self._pad_token, sequences))
+
+    def _guarded(self, sequences: list[_Sequence], action: Callable[[], None]) -> None:
+        """Run ``action``; if onnxruntime-genai fails, only these sequences fail with it."""
+        try:
+            action()
+        except Exception as error:  # handed to the requests it concerns, not the loop
+            for sequence in sequences:
+                sequence.fail(error)
+            self._batches = [b for b in self._batches if b.sequences is not sequences]
+
+
 class OnnxChatModel(PythonModel):
     """Chat completions from an onnxruntime-genai model folder."""
 
@@ -139,8 +384,13 @@ class OnnxChatModel(PythonModel):
         self._default_sampling = bool(config.get("do_sample", False))
         self._default_temperature = float(config.get("temperature", 1.0))
         self._default_top_p = float(config.get("top_p", 1.0))
-        self._max_batch_size = int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-        self._pad_token = int(self._tokenizer.pad_token_id)
+        self._loop = _DecodeLoop(
+            self._model, self._tokenizer, end_tokens=self._end_tokens,
+            pad_token=int(self._tokenizer.pad_token_id), context_length=self._context_length,
+            max_batch_size=int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
+            max_queued_requests=int(config.get("max_queued_requests",
+                                               DEFAULT_MAX_QUEUED_REQUESTS)),
+        )  # fmt: skip
 
     # MLflow hands predict a DataFrame built from the signature; the hint says so, and a
     # DataFrame hint tells MLflow not to derive a second schema from it.
@@ -157,13 +407,66 @@ class OnnxChatModel(PythonModel):
         chat = kinds == {True}
         # Every row is checked before any is generated: a bad row fails the request at once.
         prepared = [self._prepare(row, params or {}, chat=chat) for row in rows]
-        answers = self._generate_all(prepared)
+        flat = [(ids, options) for ids, options in prepared for _ in range(options["n"])]
+        results = iter(self._generate(flat))
+        answers = [[next(results) for _ in range(options["n"])] for _, options in prepared]
         if chat:
-            return [
-                self._chat_completion(ids, answers[index])
-                for index, (ids, _) in enumerate(prepared)
-            ]
-        return [answers[index][0][0] for index in range(len(prepared))]
+            return [self._chat_completion(ids, answers[index])
+                    for index, (ids, _) in enumerate(prepared)]  # fmt: skip
+        return [choices[0][0] for choices in answers]
+
+    # The same hint as predict; MLflow passes one request here (``predict_stream`` takes one).
+    def predict_stream(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Stream one chat request as OpenAI ``chat.completion.chunk`` dicts: each choice's role,
+        then its content as it is generated, then its finish_reason; the last chunk carries the
+        usage. The request is checked and queued before the first chunk is asked for."""
+        rows = _rows(model_input)
+        if len(rows) != 1 or "messages" not in rows[0]:
+            raise BadRequestError("predict_stream answers one chat request {'messages': [...]}")
+        ids, options = self._prepare(rows[0], params or {}, chat=True)
+        events: queue.Queue = queue.Queue()
+        sequences = [
+            _Sequence(index, ids, options, lambda *event: events.put(event), owner=events)
+            for index in range(options["n"])
+        ]
+        self._loop.submit(sequences)
+        return self._chunks(ids, sequences, events)
+
+    def _chunks(
+        self, ids: list[int], sequences: list[_Sequence], events: queue.Queue
+    ) -> Iterator[dict[str, Any]]:
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                  "created": int(time.time()), "model": self._name}  # fmt: skip
+
+        def chunk(index: int, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            return {**header, "choices": [choice]}
+
+        try:
+            for sequence in sequences:
+                yield chunk(sequence.index, {"role": "assistant", "content": ""}, None)
+            remaining, completion_tokens = len(sequences), 0
+            while remaining:
+                index, kind, value = events.get()
+                if kind == "error":
+                    raise value
+                if kind == "delta":
+                    yield chunk(index, {"content": value}, None)
+                    continue
+                remaining -= 1
+                completion_tokens += value[1]
+                last = chunk(index, {}, value[2])
+                if not remaining:
+                    last["usage"] = {"prompt_tokens": len(ids),
+                                     "completion_tokens": completion_tokens,
+                                     "total_tokens": len(ids) + completion_tokens}  # fmt: skip
+                yield last
+        finally:
+            # A client that stops reading frees its place in the decode loop.
+            for sequence in sequences:
+                sequence.cancelled = True
 
     def _prepare(
         self, row: dict[str, Any], params: dict[str, Any], *, chat: bool
@@ -181,34 +484,6 @@ class OnnxChatModel(PythonModel):
                 raise BadRequestError("'prompt' must be a non-empty string")
             options = {**self._options(row, params), "n": 1}
         return self._encode(prompt, options["max_tokens"]), options
-
-    def _generate_all(
-        self, prepared: list[tuple[list[int], dict[str, Any]]]
-    ) -> dict[int, list[tuple[str, int, str]]]:
-        """Generate every choice of every row, batching those with the same search options."""
-        groups: dict[tuple, list[tuple[int, list[int], dict[str, Any]]]] = {}
-        for index, (ids, options) in enumerate(prepared):
-            key = (options["sampling"], options["temperature"], options["top_p"], options["seed"])
-            groups.setdefault(key, []).extend((index, ids, options) for _ in range(options["n"]))
-        answers: dict[int, list[tuple[str, int, str]]] = {
-            index: [] for index in range(len(prepared))
-        }
-        for sequences in groups.values():
-            for start in range(0, len(sequences), self._max_batch_size):
-                chunk = sequences[start : start + self._max_batch_size]
-                padded = max(len(ids) for _, ids, _ in chunk)
-                if (
-                    padded + max(options["max_tokens"] for *_, options in chunk)
-                    > self._context_length
-                ):
-                    # Padding to the longest prompt would pass the context length; one at a time,
-                    # each row fits (checked when it was encoded).
-                    results = [self._generate([(ids, options)])[0] for _, ids, options in chunk]
-                else:
-                    results = self._generate([(ids, options) for _, ids, options in chunk])
-                for (index, _, _), result in zip(chunk, results, strict=True):
-                    answers[index].append(result)
-        return answers
 
     def _options(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         merged = {**params, **row}
@@ -267,56 +542,27 @@ class OnnxChatModel(PythonModel):
     def _generate(
         self, sequences: list[tuple[list[int], dict[str, Any]]]
     ) -> list[tuple[str, int, str]]:
-        """Generate answers to prompts that share search options, as one batch.
+        """Generate answers on the decode loop and wait for all of them.
 
-        Returns, for each sequence, its text, its token count and why it finished.
+        Returns, for each sequence in order, its text, its token count and why it finished.
         """
-        options = sequences[0][1]
-        longest = max(len(ids) for ids, _ in sequences)
-        search: dict[str, Any] = {
-            "max_length": longest + max(row_options["max_tokens"] for _, row_options in sequences),
-            "do_sample": options["sampling"],
-            "batch_size": len(sequences),
-        }
-        if options["sampling"]:
-            search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
-            if options["seed"] is not None:
-                search["random_seed"] = options["seed"]
-        generator_params = og.GeneratorParams(self._model)
-        generator_params.set_search_options(**search)
-        generator = og.Generator(self._model, generator_params)
-        # Padded on the right with the pad token, as Tokenizer.encode_batch does; onnxruntime-genai
-        # masks pad positions, so each answer equals the one the prompt gets alone.
-        batch = np.full((len(sequences), longest), self._pad_token, dtype=np.int32)
-        for row, (ids, _) in enumerate(sequences):
-            batch[row, : len(ids)] = ids
-        generator.append_tokens(batch)
-        streams = [self._tokenizer.create_stream() for _ in sequences]
-        texts, produced = [""] * len(sequences), [0] * len(sequences)
-        finished: list[str | None] = [None] * len(sequences)
-        while None in finished and not generator.is_done():
-            generator.generate_next_token()
-            for row, token in enumerate(int(token) for token in generator.get_next_tokens()):
-                if finished[row] is not None:
-                    continue
-                if token in self._end_tokens:
-                    finished[row] = "stop"
-                    continue
-                row_options = sequences[row][1]
-                produced[row] += 1
-                texts[row] += streams[row].decode(token)
-                cut = min(
-                    (texts[row].find(stop) for stop in row_options["stop"] if stop in texts[row]),
-                    default=-1,
-                )
-                if cut >= 0:
-                    texts[row], finished[row] = texts[row][:cut], "stop"
-                elif produced[row] == row_options["max_tokens"]:
-                    finished[row] = "length"
-        return [
-            (text, count, reason or "stop")
-            for text, count, reason in zip(texts, produced, finished, strict=True)
-        ]
+        events: queue.Queue = queue.Queue()
+        work = [_Sequence(index, ids, options, lambda *event: events.put(event), owner=events)
+                for index, (ids, options) in enumerate(sequences)]  # fmt: skip
+        self._loop.submit(work)
+        results: list[tuple[str, int, str] | None] = [None] * len(work)
+        remaining = len(work)
+        try:
+            while remaining:
+                index, kind, value = events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    results[index], remaining = value, remaining - 1
+        finally:
+            for sequence in work:
+                sequence.cancelled = True
+        return results
 
     def _chat_completion(
         self, ids: list[int], answers: list[tuple[str, int, str]]

@@ -143,7 +143,12 @@ class LogOnnxParameters(GenerationParameters):
     )
     extra_options: dict[str, str] = parameter("model builder --extra_options (build)", {})
     max_tokens_cap: int = parameter("the largest max_tokens a request may ask for", 1024)
-    max_batch_size: int = parameter("rows of one request generated together as one batch", 8)
+    max_batch_size: int = parameter(
+        "sequences decoded together as one batch when serving (twice this are held at once)", 8
+    )
+    max_queued_requests: int = parameter(
+        "requests that may wait for the decode loop when serving; past it, HTTP 503", 64
+    )
     intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
     agreement_tokens: int = parameter(
         "new tokens per prompt for the greedy agreement check with transformers; 0 skips it", 16

@@ -157,6 +157,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
                 "top_p": request.top_p,
                 "max_tokens_cap": request.max_tokens_cap,
                 "max_batch_size": request.max_batch_size,
+                "max_queued_requests": request.max_queued_requests,
                 "intra_op_num_threads": request.intra_op_num_threads,
             },
             signature=chat_signature(),

@@ -189,3 +189,15 @@ def test_the_published_onnx_build_belongs_to_phi3_and_other_models_get_a_build()
     assert compose_config("phi3-mini-4k-instruct", "").onnx.source.value == "prebuilt"
     for model in ("tiny-random-phi3", "smollm2-135m-instruct"):
         assert compose_config(model, "").onnx.source.value == "build"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("onnx.max_batch_size=0", r"^onnx\.max_batch_size must be 1 or more; got 0$"),
+        ("onnx.max_queued_requests=0", r"^onnx\.max_queued_requests must be 1 or more; got 0$"),
+    ],
+)
+def test_serving_bounds_must_be_positive(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config("tiny-random-phi3", override))

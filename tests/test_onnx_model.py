@@ -6,6 +6,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,7 +218,8 @@ def test_a_batch_answers_each_row_as_it_would_alone(model):
 
 def test_batched_generation_pads_prompts_of_different_lengths(model):
     chat_model = model.unwrap_python_model()
-    options = {"max_tokens": 8, "sampling": False, "temperature": 1.0, "top_p": 1.0, "stop": []}
+    options = {"max_tokens": 8, "sampling": False, "temperature": 1.0, "top_p": 1.0, "stop": [],
+               "seed": None}  # fmt: skip
     prompts = [[7, 206, 288, 413, 6, 206, 4, 206], [7, 206, 4, 206], list(range(10, 40))]
     batched = chat_model._generate([(ids, options) for ids in prompts])
     assert batched == [chat_model._generate([(ids, options)])[0] for ids in prompts]
@@ -314,3 +317,162 @@ def test_a_published_build_for_another_model_is_refused(tiny_model_dir, fp32_onn
         r"one from the fetched weights with onnx=build$",
     ):
         check_prebuilt_matches(fp32_onnx, other)
+
+
+# Streaming and the shared decode loop. The tiny model's context is 512 tokens; a loaded copy with
+# a higher cap lets one answer run long enough for others to arrive while it is generated.
+LONG_TOKENS = 400
+
+
+def _load_with(logged_fp32, **config):
+    uri, _, result = logged_fp32
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(result.model_uri, model_config=config)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return loaded.unwrap_python_model()
+
+
+@pytest.fixture(scope="module")
+def long_model(logged_fp32):
+    return _load_with(logged_fp32, max_tokens_cap=LONG_TOKENS)
+
+
+def _streamed(chunks) -> tuple[dict[int, str], dict[int, str], list[dict]]:
+    """Each choice's concatenated content and finish reason, and the chunks themselves."""
+    chunks = list(chunks)
+    contents: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        (choice,) = chunk["choices"]
+        contents[choice["index"]] = contents.get(choice["index"], "") + choice["delta"].get(
+            "content", ""
+        )
+        if choice["finish_reason"] is not None:
+            reasons[choice["index"]] = choice["finish_reason"]
+    return contents, reasons, chunks
+
+
+def test_held_back_text_is_the_longest_ending_that_could_become_a_stop_string():
+    from llm_packager.onnx_chat_model import _held_back
+
+    assert _held_back("Hello wor", ["world"]) == 3
+    assert _held_back("Hello w", ["world", "x"]) == 1
+    assert _held_back("Hello", ["world"]) == 0
+    assert _held_back("ab", ["abc", "bcd"]) == 2
+    assert _held_back("anything", []) == 0
+
+
+def test_a_stream_adds_up_to_the_answer_and_ends_with_usage(model):
+    request = _chat("Tell me a joke about atom", max_tokens=20, n=2)
+    answer = model.predict(request)[0]
+    contents, reasons, chunks = _streamed(model.predict_stream(request))
+    assert contents == {c["index"]: c["message"]["content"] for c in answer["choices"]}
+    assert reasons == {c["index"]: c["finish_reason"] for c in answer["choices"]}
+    # Each choice opens with its role, and only the last chunk carries the usage.
+    assert [chunk["choices"][0]["delta"] for chunk in chunks[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    assert chunks[-1]["usage"] == answer["usage"]
+    assert all("usage" not in chunk for chunk in chunks[:-1])
+    assert len({chunk["id"] for chunk in chunks}) == 1
+
+
+def test_a_stream_never_shows_any_part_of_a_stop_string(model):
+    text = model.predict(_chat("Tell me a joke about atom", max_tokens=20))[0]["choices"][0][
+        "message"
+    ]["content"]
+    # A stop string that starts inside the answer and goes on past it: each of its prefixes
+    # appears in the text and must be held back, then let go when the answer ends.
+    for stop in (text[4:7], text[-2:] + "\u2603"):
+        request = _chat("Tell me a joke about atom", max_tokens=20, stop=[stop])
+        expected = model.predict(request)[0]["choices"][0]
+        contents, reasons, chunks = _streamed(model.predict_stream(request))
+        assert contents[0] == expected["message"]["content"]
+        assert reasons[0] == expected["finish_reason"]
+        shown = ""
+        for chunk in chunks:
+            shown += chunk["choices"][0]["delta"].get("content", "")
+            assert stop not in shown
+    assert reasons[0] == "length" and contents[0] == text
+
+
+def test_a_bad_stream_request_is_refused_before_anything_is_generated(model):
+    chat_model = model.unwrap_python_model()
+    with pytest.raises(MlflowException, match="'max_tokens' must be an integer"):
+        chat_model.predict_stream(None, _chat("hi", max_tokens=-5))
+    with pytest.raises(MlflowException, match="one chat request"):
+        chat_model.predict_stream(None, {"prompt": "hi"})
+
+
+def test_a_request_that_arrives_mid_answer_joins_and_leaves_before_it(long_model):
+    long_request = _chat("Hi", max_tokens=LONG_TOKENS)
+    short_requests = [_chat("What is 2 + 2?", max_tokens=6), _chat("Name a colour.", max_tokens=3)]
+    solo_long = long_model.predict(None, long_request)[0]
+    assert solo_long["choices"][0]["finish_reason"] == "length"  # it really runs that long
+    solo_short = [long_model.predict(None, request)[0]["choices"] for request in short_requests]
+
+    streaming, long_done_at = threading.Event(), []
+
+    def read_long() -> dict[int, str]:
+        chunks = []
+        for chunk in long_model.predict_stream(None, long_request):
+            chunks.append(chunk)
+            if chunk["choices"][0]["delta"].get("content"):
+                streaming.set()
+        long_done_at.append(time.monotonic())
+        return _streamed(chunks)[0]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        long_answer = pool.submit(read_long)
+        assert streaming.wait(timeout=60)
+        together = [long_model.predict(None, request)[0]["choices"] for request in short_requests]
+        short_done_at = time.monotonic()
+        assert long_answer.result(timeout=120) == {0: solo_long["choices"][0]["message"]["content"]}
+    assert together == solo_short
+    assert short_done_at < long_done_at[0]
+
+
+def test_a_bad_request_fails_alone_while_others_are_answered(long_model):
+    good = [_chat(text, max_tokens=8) for text in ("What is 2 + 2?", "Name a colour.", "Hi")]
+    bad = [_chat("hi", max_tokens=LONG_TOKENS + 1), {"messages": []}, _chat("hi", temperature=0.0)]
+    solo = [long_model.predict(None, request)[0]["choices"] for request in good]
+
+    def send(request):
+        try:
+            return long_model.predict(None, request)[0]["choices"]
+        except MlflowException as error:
+            return error
+
+    mixed = [request for pair in zip(good, bad, strict=True) for request in pair]
+    with ThreadPoolExecutor(max_workers=len(mixed)) as pool:
+        answers = list(pool.map(send, mixed))
+    assert answers[0::2] == solo
+    assert all(isinstance(answer, MlflowException) for answer in answers[1::2])
+    assert {answer.get_http_status_code() for answer in answers[1::2]} == {400}
+
+
+def test_a_full_queue_answers_503_and_a_freed_place_is_used(logged_fp32):
+    busy_model = _load_with(
+        logged_fp32, max_tokens_cap=LONG_TOKENS, max_batch_size=1, max_queued_requests=1
+    )
+    long_request = _chat("Hi", max_tokens=LONG_TOKENS)
+    waiting_request = _chat("What is 2 + 2?", max_tokens=6)
+    solo = busy_model.predict(None, waiting_request)[0]["choices"][0]["message"]["content"]
+    # With batches of one sequence, two long answers fill the loop (it holds twice the batch).
+    running = []
+    for _ in range(2):
+        stream = busy_model.predict_stream(None, long_request)
+        next(stream), next(stream)  # the role, then generated text: it is in the loop
+        running.append(stream)
+    waiting = busy_model.predict_stream(None, waiting_request)  # queued, not yet admitted
+    with pytest.raises(MlflowException, match="busy: 1 requests are already waiting") as refused:
+        busy_model.predict(None, waiting_request)
+    assert refused.value.get_http_status_code() == 503
+    for stream in running:
+        stream.close()  # a client that leaves gives its place back
+    contents, _, _ = _streamed(waiting)
+    assert contents == {0: solo}

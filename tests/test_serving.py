@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pytest
@@ -201,3 +202,30 @@ def test_transformers_model_answers_hostile_requests_as_the_readme_says(transfor
     status, good = _post(transformers_server, {**CHAT, "max_tokens": 8})
     assert status == 200
     _check_completion(good)
+
+
+def test_onnx_concurrent_requests_get_their_solo_answers_and_a_bad_one_fails_alone(onnx_server):
+    good = [{"messages": [{"role": "user", "content": text}], "max_tokens": tokens}
+            for text, tokens in (("What is 2 + 2?", 12), ("Name a colour.", 3), ("Hi", 24),
+                                 ("Write a poem about the sea.", 16), ("Why?", 1),
+                                 ("Count to ten.", 20))]  # fmt: skip
+    bad = [{**CHAT, "max_tokens": -5}, {"messages": []}]
+    solo = [_post(onnx_server, request) for request in good]
+    assert {status for status, _ in solo} == {200}
+    # The bad requests go in among the good ones, all at once.
+    mixed = good[:3] + bad[:1] + good[3:] + bad[1:]
+    with ThreadPoolExecutor(max_workers=len(mixed)) as pool:
+        answers = list(pool.map(lambda request: _post(onnx_server, request), mixed))
+    together = answers[:3] + answers[4:7]
+    for (status, body), (_, alone) in zip(together, solo, strict=True):
+        assert status == 200
+        assert body[0]["choices"] == alone[0]["choices"]
+        assert body[0]["usage"] == alone[0]["usage"]
+    assert [answers[3][0], answers[7][0]] == [400, 400]
+
+
+def test_the_local_scoring_server_answers_a_stream_request_whole(onnx_server):
+    # MLflow's scoring server has no streaming response; the README says so.
+    status, body = _post(onnx_server, {**CHAT, "max_tokens": 8, "stream": True})
+    assert status == 200
+    _check_completion(body)
