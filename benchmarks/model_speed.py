@@ -247,9 +247,12 @@ def _onnx_bytes_per_token(onnx_dir: Path) -> int:
 MODEL_CODE = PROJECT_DIR / "llm_packager" / "onnx_chat_model.py"
 
 
-def prepare_proxy(workdir: Path, model_code: Path = MODEL_CODE) -> tuple[Path, Path, Path]:
+def prepare_proxy(
+    workdir: Path, model_code: Path = MODEL_CODE, model_config: dict | None = None
+) -> tuple[Path, Path, Path]:
     """The proxy's Hugging Face folder, its int4 ONNX builds, and the ONNX model saved as our
-    pyfunc from ``model_code`` (another version of the model's file, to compare against it)."""
+    pyfunc from ``model_code`` (another version of the model's file, to compare against it),
+    with ``model_config`` added to its serving settings."""
     import mlflow
 
     from llm_packager.choices import ExecutionProvider, OnnxPrecision
@@ -274,7 +277,12 @@ def prepare_proxy(workdir: Path, model_code: Path = MODEL_CODE) -> tuple[Path, P
         str(pyfunc_dir),
         python_model=str(model_code),
         artifacts={"onnx_model": str(onnx_dir)},
-        model_config={"model_name": "proxy", "max_tokens_cap": 1024, "max_batch_size": 8},
+        model_config={
+            "model_name": "proxy",
+            "max_tokens_cap": 1024,
+            "max_batch_size": 8,
+            **(model_config or {}),
+        },
         signature=chat_signature(),
     )
     return hf_dir, onnx_dir, pyfunc_dir

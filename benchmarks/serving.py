@@ -136,20 +136,24 @@ def measure(
     repeats: int,
     workdir: Path = DEFAULT_WORKDIR,
     model_code: Path = MODEL_CODE,
+    batch_wait_ms: int | None = None,
 ) -> dict[str, object]:
     """Each concurrency level's figures (median, min, max over ``repeats``), whole and streamed."""
     import mlflow
 
-    _, _, pyfunc_dir = prepare_proxy(workdir, model_code)
+    config = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
+    _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config)
     modes = {}
     with served_model(pyfunc_dir) as uri:
         modes["whole"] = _levels(_whole(uri), "whole", requests_per_client, max_tokens, repeats)
     model = mlflow.pyfunc.load_model(str(pyfunc_dir))
-    if hasattr(model.unwrap_python_model(), "predict_stream"):
+    # MLflow marks a model that defines predict_stream as streamable when it is saved.
+    if model.metadata.flavors["python_function"].get("streamable"):
         send = _streamed(model)
         modes["streamed"] = _levels(send, "streamed", requests_per_client, max_tokens, repeats)
     return {
         "model_code": str(model_code),
+        "batch_wait_ms": batch_wait_ms,
         "requests_per_client": requests_per_client,
         "max_tokens": max_tokens,
         "repeats": repeats,
@@ -190,10 +194,13 @@ def main() -> None:
     parser.add_argument(
         "--model-code", type=Path, default=MODEL_CODE, help="the model file to serve"
     )
+    parser.add_argument(
+        "--batch-wait-ms", type=int, default=None, help="the model's batch_wait_ms (its default)"
+    )
     arguments = parser.parse_args()
     figures = measure(
         arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir,
-        arguments.model_code,
+        arguments.model_code, arguments.batch_wait_ms,
     )  # fmt: skip
     print(markdown(figures))
     if arguments.json:

@@ -299,6 +299,8 @@ def _validate_onnx(onnx: DictConfig, prefix: str) -> None:
         raise ConfigError(
             f"{prefix}.max_queued_requests must be 1 or more; got {onnx.max_queued_requests}"
         )
+    if onnx.batch_wait_ms < 0:
+        raise ConfigError(f"{prefix}.batch_wait_ms must be 0 or more; got {onnx.batch_wait_ms}")
     if onnx.intra_op_num_threads < 0:
         raise ConfigError(
             f"{prefix}.intra_op_num_threads must be 0 (all cores) or more; "

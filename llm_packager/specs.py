@@ -149,6 +149,9 @@ class LogOnnxParameters(GenerationParameters):
     max_queued_requests: int = parameter(
         "requests that may wait for the decode loop when serving; past it, HTTP 503", 64
     )
+    batch_wait_ms: int = parameter(
+        "when serving, how long a request may wait for others to start one batch with it", 20
+    )
     intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
     agreement_tokens: int = parameter(
         "new tokens per prompt for the greedy agreement check with transformers; 0 skips it", 16

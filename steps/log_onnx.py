@@ -158,6 +158,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
                 "max_tokens_cap": request.max_tokens_cap,
                 "max_batch_size": request.max_batch_size,
                 "max_queued_requests": request.max_queued_requests,
+                "batch_wait_ms": request.batch_wait_ms,
                 "intra_op_num_threads": request.intra_op_num_threads,
             },
             signature=chat_signature(),

@@ -196,6 +196,7 @@ def test_the_published_onnx_build_belongs_to_phi3_and_other_models_get_a_build()
     [
         ("onnx.max_batch_size=0", r"^onnx\.max_batch_size must be 1 or more; got 0$"),
         ("onnx.max_queued_requests=0", r"^onnx\.max_queued_requests must be 1 or more; got 0$"),
+        ("onnx.batch_wait_ms=-1", r"^onnx\.batch_wait_ms must be 0 or more; got -1$"),
     ],
 )
 def test_serving_bounds_must_be_positive(override, message):

@@ -337,7 +337,8 @@ def _load_with(logged_fp32, **config):
 
 @pytest.fixture(scope="module")
 def long_model(logged_fp32):
-    return _load_with(logged_fp32, max_tokens_cap=LONG_TOKENS)
+    # Requests start as soon as they arrive: these tests are about joining a running loop.
+    return _load_with(logged_fp32, max_tokens_cap=LONG_TOKENS, batch_wait_ms=0)
 
 
 def _streamed(chunks) -> tuple[dict[int, str], dict[int, str], list[dict]]:
@@ -409,7 +410,8 @@ def test_a_bad_stream_request_is_refused_before_anything_is_generated(model):
 
 
 def test_a_request_that_arrives_mid_answer_joins_and_leaves_before_it(long_model):
-    long_request = _chat("Hi", max_tokens=LONG_TOKENS)
+    # Eight choices of one long answer: a batch slow enough for others to come and go meanwhile.
+    long_request = _chat("Hi", max_tokens=LONG_TOKENS, n=8)
     short_requests = [_chat("What is 2 + 2?", max_tokens=6), _chat("Name a colour.", max_tokens=3)]
     solo_long = long_model.predict(None, long_request)[0]
     assert solo_long["choices"][0]["finish_reason"] == "length"  # it really runs that long
@@ -431,7 +433,9 @@ def test_a_request_that_arrives_mid_answer_joins_and_leaves_before_it(long_model
         assert streaming.wait(timeout=60)
         together = [long_model.predict(None, request)[0]["choices"] for request in short_requests]
         short_done_at = time.monotonic()
-        assert long_answer.result(timeout=120) == {0: solo_long["choices"][0]["message"]["content"]}
+        assert long_answer.result(timeout=120) == {
+            choice["index"]: choice["message"]["content"] for choice in solo_long["choices"]
+        }
     assert together == solo_short
     assert short_done_at < long_done_at[0]
 
@@ -476,3 +480,29 @@ def test_a_full_queue_answers_503_and_a_freed_place_is_used(logged_fp32):
         stream.close()  # a client that leaves gives its place back
     contents, _, _ = _streamed(waiting)
     assert contents == {0: solo}
+
+
+def test_concurrent_requests_are_gathered_into_one_batch_and_a_lone_one_never_waits(
+    logged_fp32, model
+):
+    # A gathering time far longer than the test, so any wait for it would show.
+    gathering = _load_with(
+        logged_fp32, max_tokens_cap=LONG_TOKENS, max_batch_size=2, batch_wait_ms=600_000
+    )
+    requests = [_chat("What is 2 + 2?", max_tokens=6), _chat("Name a colour.", max_tokens=4)]
+    alone = [model.predict(request)[0]["choices"][0]["message"]["content"] for request in requests]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # A lone client's request starts at once.
+        lone = pool.submit(lambda: gathering.predict(None, requests[0])[0]["choices"][0])
+        assert lone.result(timeout=60)["message"]["content"] == alone[0]
+        # While a long answer runs, a second request waits for company...
+        running = gathering.predict_stream(None, _chat("Hi", max_tokens=LONG_TOKENS))
+        next(running), next(running)
+        first = gathering.predict_stream(None, requests[0])
+        time.sleep(0.3)
+        assert len(gathering._loop._waiting) == 1
+        # ...and starts, as one batch with the next, once they fill a batch.
+        second = gathering.predict_stream(None, requests[1])
+        first_answer = pool.submit(lambda: _streamed(first)[0][0])
+        assert [first_answer.result(timeout=60), _streamed(second)[0][0]] == alone
+        running.close()
