@@ -248,10 +248,13 @@ MODEL_CODE = PROJECT_DIR / "llm_packager" / "onnx_chat_model.py"
 
 
 def prepare_proxy(
-    workdir: Path, model_code: Path = MODEL_CODE, model_config: dict | None = None
+    workdir: Path,
+    model_code: Path = MODEL_CODE,
+    model_config: dict | None = None,
+    build: str = "onnx-int4",
 ) -> tuple[Path, Path, Path]:
-    """The proxy's Hugging Face folder, its int4 ONNX builds, and the ONNX model saved as our
-    pyfunc from ``model_code`` (another version of the model's file, to compare against it),
+    """The proxy's Hugging Face folder, its ``build`` (one of ``BUILDS``), and that build saved as
+    our pyfunc from ``model_code`` (another version of the model's file, to compare against it),
     with ``model_config`` added to its serving settings."""
     import mlflow
 
@@ -269,7 +272,7 @@ def prepare_proxy(
                 execution_provider=ExecutionProvider.cpu,
                 extra_options=options, log_path=workdir / f"{name}-builder.log",
             )  # fmt: skip
-    onnx_dir = workdir / "onnx-int4"
+    onnx_dir = workdir / build
     pyfunc_dir = workdir / "pyfunc"
     # Saved afresh every time: it carries a copy of the model code, which may have changed.
     shutil.rmtree(pyfunc_dir, ignore_errors=True)

@@ -33,7 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import cell, local_server, summarise
-from benchmarks.model_speed import BATCH_PROMPTS, DEFAULT_WORKDIR, MODEL_CODE, prepare_proxy
+from benchmarks.model_speed import (
+    BATCH_PROMPTS,
+    BUILDS,
+    DEFAULT_WORKDIR,
+    MODEL_CODE,
+    prepare_proxy,
+)
 
 CONCURRENCY = (1, 4, 8, 16)
 
@@ -118,6 +124,26 @@ def _one_level(send: Callable, clients: int, per_client: int, max_tokens: int) -
     }
 
 
+def _one_request(model, max_tokens: int, repeats: int) -> dict[str, dict]:
+    """The same prompts sent as the rows of one ``predict`` call, in process: every sequence is
+    known at once and decoded in one batch, with no server and no arrival spread, so no number of
+    clients can get more tokens/s than this from the same machine."""
+    levels = {}
+    for rows in CONCURRENCY:
+        print(f"serving (one request): {rows} rows ...", file=sys.stderr)
+        request = [
+            _chat(BATCH_PROMPTS[row % len(BATCH_PROMPTS)], max_tokens) for row in range(rows)
+        ]
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            answers = model.predict(request)
+            wall = time.perf_counter() - started
+            samples.append(sum(answer["usage"]["completion_tokens"] for answer in answers) / wall)
+        levels[str(rows)] = {"tokens_per_s": summarise(samples)}
+    return levels
+
+
 def _levels(send: Callable, mode: str, per_client: int, max_tokens: int, repeats: int) -> dict:
     send(BATCH_PROMPTS[0], max_tokens)  # warm-up
     levels = {}
@@ -137,12 +163,13 @@ def measure(
     workdir: Path = DEFAULT_WORKDIR,
     model_code: Path = MODEL_CODE,
     batch_wait_ms: int | None = None,
+    build: str = "onnx-int4",
 ) -> dict[str, object]:
     """Each concurrency level's figures (median, min, max over ``repeats``), whole and streamed."""
     import mlflow
 
     config = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
-    _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config)
+    _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config, build)
     modes = {}
     with served_model(pyfunc_dir) as uri:
         modes["whole"] = _levels(_whole(uri), "whole", requests_per_client, max_tokens, repeats)
@@ -151,20 +178,24 @@ def measure(
     if model.metadata.flavors["python_function"].get("streamable"):
         send = _streamed(model)
         modes["streamed"] = _levels(send, "streamed", requests_per_client, max_tokens, repeats)
+    one_request = _one_request(model, max_tokens, repeats)
     return {
         "model_code": str(model_code),
+        "build": build,
         "batch_wait_ms": batch_wait_ms,
         "requests_per_client": requests_per_client,
         "max_tokens": max_tokens,
         "repeats": repeats,
         "modes": modes,
+        "one_request": one_request,
     }
 
 
 def markdown(figures: dict[str, object]) -> str:
     """The serving table: one row per mode and number of clients."""
     lines = [
-        f"Int4 proxy pyfunc, {figures['max_tokens']} new tokens per request, "
+        f"Int4 proxy pyfunc ({figures.get('build', 'onnx-int4')}), "
+        f"{figures['max_tokens']} new tokens per request, "
         f"{figures['requests_per_client']} requests per client, median (min-max) of "
         f"{figures['repeats']}. Whole: `mlflow models serve`, 1 worker. Streamed: "
         "`predict_stream` in process (the local scoring server does not stream).",
@@ -181,7 +212,31 @@ def markdown(figures: dict[str, object]) -> str:
                 f"| {cell(row['p95_latency_s'], 3)} | {cell(row['p50_first_token_s'], 3)} "
                 f"| {cell(row['p95_first_token_s'], 3)} |"
             )
+    one_request = figures.get("one_request")
+    if one_request:
+        lines += [
+            "",
+            "The same prompts as rows of one request, in process (the most this machine gives):",
+            "",
+            "| rows in one request | generated tokens/s |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {rows} | {cell(row['tokens_per_s'], 1)} |" for rows, row in one_request.items()
+        ]
+    ratios = [
+        f"{name} {_speed_up(levels)}"
+        for name, levels in (*figures["modes"].items(), ("one request", one_request or {}))
+        if "1" in levels and "8" in levels
+    ]
+    lines += ["", f"Generated tokens/s, 8 against 1: {', '.join(ratios)}."]
     return "\n".join(lines)
+
+
+def _speed_up(levels: dict[str, dict]) -> str:
+    """How many times one client's (or row's) tokens/s eight of them get, from the medians."""
+    eight, one = (levels[key]["tokens_per_s"]["median"] for key in ("8", "1"))
+    return f"{eight / one:.2f}x"
 
 
 def main() -> None:
@@ -197,10 +252,13 @@ def main() -> None:
     parser.add_argument(
         "--batch-wait-ms", type=int, default=None, help="the model's batch_wait_ms (its default)"
     )
+    parser.add_argument(
+        "--build", choices=sorted(BUILDS), default="onnx-int4", help="which int4 build to serve"
+    )
     arguments = parser.parse_args()
     figures = measure(
         arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir,
-        arguments.model_code, arguments.batch_wait_ms,
+        arguments.model_code, arguments.batch_wait_ms, arguments.build,
     )  # fmt: skip
     print(markdown(figures))
     if arguments.json:

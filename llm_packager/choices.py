@@ -41,6 +41,15 @@ class ExecutionProvider(Enum):
     cuda = "cuda"
 
 
+class ServingBatching(Enum):
+    """How the served ONNX model decodes concurrent requests. ``auto``: one batch that sequences
+    join and leave at every step, where the build allows it (CPU builds of the builder's decoder);
+    otherwise, and with ``generators``, onnxruntime-genai Generators, whose batches cannot grow."""
+
+    auto = "auto"
+    generators = "generators"
+
+
 class Device(Enum):
     """Where torch runs the transformers model."""
 

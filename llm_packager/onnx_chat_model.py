@@ -33,6 +33,7 @@ most ``max_queued_requests`` requests wait; past that the server answers 503.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import queue
@@ -59,6 +60,8 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_QUEUED_REQUESTS = 64
 DEFAULT_BATCH_WAIT_MS = 20
 LONE_CLIENT_SECONDS = 1.0
+
+_logger = logging.getLogger(__name__)
 
 
 class BadRequestError(MlflowException):
@@ -250,6 +253,188 @@ class _Batch:
                 sequence.take(int(token), end_tokens)
 
 
+class _SharedRows:
+    """Continuous batching on CPU: every sequence decoded in one batch whose rows come and go.
+
+    An onnxruntime-genai Generator fixes its batch when it starts. Here the key/value cache is
+    ours: one array per layer with a row per sequence, bound as both past and present, which is
+    how the builder's GroupQueryAttention graphs share one buffer (each row's length comes from
+    its attention mask, and a step writes each row's new entry at that row's own length). A new
+    sequence is read in (prefill) into the next free row between two steps, and the step a
+    sequence finishes, the last row moves into its place. Rows are kept contiguous, so a step
+    binds the first ``len(sequences)`` rows of each array without copying.
+    """
+
+    def __init__(self, session, tokenizer, genai_config: dict[str, Any]) -> None:
+        decoder = genai_config["model"]["decoder"]
+        self._session, self._tokenizer = session, tokenizer
+        self._layers = int(decoder["num_hidden_layers"])
+        self._row_shape = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+        inputs = {node.name: node.type for node in session.get_inputs()}
+        self._cache_dtype = (
+            np.float16 if "float16" in inputs["past_key_values.0.key"] else np.float32
+        )
+        self._ids_dtype = np.int32 if inputs["input_ids"] == "tensor(int32)" else np.int64
+        self._context_length = int(genai_config["model"]["context_length"])
+        self._top_k = int(genai_config.get("search", {}).get("top_k", 0))
+        self.sequences: list[_Sequence] = []
+        self._lengths: list[int] = []  # tokens whose keys and values are in each row
+        self._last: list[int] = []  # each row's newest token, not yet in the cache
+        self._cache: list[np.ndarray] = []  # past_key_values.<layer>.key, .value, ...
+
+    @classmethod
+    def open(
+        cls, folder: Path, genai_config: dict[str, Any], tokenizer, threads: int
+    ) -> _SharedRows | None:
+        """Rows over this build, or None (then onnxruntime-genai's Generators decode it) where it
+        is not a CPU build whose only inputs are the token ids, the attention mask and the cache,
+        or where the cache cannot be shared by past and present (a probe decode says so)."""
+        import onnxruntime as ort
+
+        decoder = genai_config["model"].get("decoder", {})
+        if decoder.get("session_options", {}).get("provider_options"):
+            return None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(
+            str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"]
+        )
+        cache = [f"{layer}.{kind}" for layer in range(int(decoder["num_hidden_layers"]))
+                 for kind in ("key", "value")]  # fmt: skip
+        inputs = {node.name for node in session.get_inputs()}
+        outputs = {node.name for node in session.get_outputs()}
+        if inputs != {"input_ids", "attention_mask", *(f"past_key_values.{n}" for n in cache)}:
+            return None
+        if outputs != {"logits", *(f"present.{name}" for name in cache)}:
+            return None
+        rows = cls(session, tokenizer, genai_config)
+        try:
+            rows._probe()
+        except Exception as error:  # e.g. an attention whose present outgrows its past
+            _logger.warning("Decoding with onnxruntime-genai Generators: %s", error)
+            return None
+        return rows
+
+    def _probe(self) -> None:
+        """Read two tokens into one row, then decode one: the shapes a shared cache needs."""
+        self._reserve(1, 3)
+        prompt = self._run(0, 1, np.zeros((1, 2), self._ids_dtype), np.ones((1, 2), np.int64))
+        step = self._run(0, 1, np.zeros((1, 1), self._ids_dtype), np.ones((1, 3), np.int64))
+        self._cache = []
+        if prompt.shape[:2] != (1, 2) or step.shape[:2] != (1, 1):
+            raise ValueError(f"unexpected logits shapes {prompt.shape} and {step.shape}")
+
+    def live(self) -> bool:
+        return bool(self.sequences)
+
+    def add(self, sequences: list[_Sequence], end_tokens: set[int]) -> None:
+        """Read the prompts into new rows, together, and take each one's first generated token."""
+        first, lengths = len(self.sequences), [len(sequence.ids) for sequence in sequences]
+        self._reserve(first + len(sequences), max(
+            length + sequence.options["max_tokens"]
+            for length, sequence in zip(lengths, sequences, strict=True)))  # fmt: skip
+        # Padded on the right; the mask gives each row its own length, so the pad is never read.
+        ids = np.zeros((len(sequences), max(lengths)), dtype=self._ids_dtype)
+        mask = np.zeros(ids.shape, dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            ids[row, : lengths[row]], mask[row, : lengths[row]] = sequence.ids, 1
+        logits = self._run(first, first + len(sequences), ids, mask)
+        for row, sequence in enumerate(sequences):
+            seed = sequence.options["seed"]
+            sequence.rng = np.random.default_rng(None if seed is None else [seed, sequence.index])
+            sequence.stream = self._tokenizer.create_stream()
+            self.sequences.append(sequence)
+            self._lengths.append(lengths[row])
+            self._last.append(self._choose(logits[row, lengths[row] - 1], sequence))
+            sequence.take(self._last[-1], end_tokens)
+        self._drop_finished()
+
+    def step(self, end_tokens: set[int]) -> None:
+        count = len(self.sequences)
+        mask = np.zeros((count, max(self._lengths) + 1), dtype=np.int64)
+        for row, length in enumerate(self._lengths):
+            mask[row, : length + 1] = 1
+        ids = np.array(self._last, dtype=self._ids_dtype).reshape(count, 1)
+        logits = self._run(0, count, ids, mask)
+        for row, sequence in enumerate(self.sequences):
+            self._lengths[row] += 1
+            self._last[row] = self._choose(logits[row, -1], sequence)
+            if sequence.finished is None and not sequence.cancelled:
+                sequence.take(self._last[row], end_tokens)
+        self._drop_finished()
+
+    def fail_all(self) -> list[_Sequence]:
+        """Give up every row (a step failed): the sequences it held, for the caller to fail."""
+        held, self.sequences, self._lengths, self._last = self.sequences, [], [], []
+        self._cache = []
+        return held
+
+    def _choose(self, logits: np.ndarray, sequence: _Sequence) -> int:
+        options = sequence.options
+        if not options["sampling"]:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / options["temperature"]
+        # The build's top_k (its genai_config's search options), then nucleus (top_p) sampling.
+        keep = min(self._top_k or scaled.size, scaled.size)
+        candidates = np.argpartition(-scaled, keep - 1)[:keep]
+        candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
+        weights = np.exp(scaled[candidates] - scaled[candidates[0]])
+        cumulative = np.cumsum(weights) / weights.sum()
+        kept = min(int(np.searchsorted(cumulative, options["top_p"])) + 1, len(weights))
+        weights = weights[:kept]
+        return int(candidates[sequence.rng.choice(kept, p=weights / weights.sum())])
+
+    def _drop_finished(self) -> None:
+        for row in range(len(self.sequences) - 1, -1, -1):
+            sequence = self.sequences[row]
+            if sequence.finished is None and not sequence.cancelled:
+                continue
+            last = len(self.sequences) - 1
+            if row != last:
+                for array in self._cache:
+                    array[row] = array[last]
+                self.sequences[row] = self.sequences[last]
+                self._lengths[row], self._last[row] = self._lengths[last], self._last[last]
+            del self.sequences[last], self._lengths[last], self._last[last]
+        if not self.sequences:
+            self._cache = []  # nothing held while idle
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Grow the cache to hold ``rows`` rows of ``length`` tokens, keeping what it holds."""
+        have_rows, have_length = self._cache[0].shape[::2] if self._cache else (0, 0)
+        if rows <= have_rows and length <= have_length:
+            return
+        # Rounded up, so a burst of arrivals does not copy the cache at every one.
+        new_rows = max(rows, have_rows, 8)
+        new_length = min(max(length, have_length, -(-length // 256) * 256), self._context_length)
+        heads, head_size = self._row_shape
+        grown = []
+        for index in range(2 * self._layers):
+            array = np.zeros((new_rows, heads, new_length, head_size), dtype=self._cache_dtype)
+            if self._cache:
+                array[: len(self.sequences), :, :have_length] = self._cache[index][
+                    : len(self.sequences)
+                ]
+            grown.append(array)
+        self._cache = grown
+
+    def _run(self, first: int, end: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for index, array in enumerate(self._cache):
+            layer, kind = divmod(index, 2)
+            suffix = f"{layer}.{('key', 'value')[kind]}"
+            rows = ort.OrtValue.ortvalue_from_numpy(array[first:end])
+            binding.bind_ortvalue_input(f"past_key_values.{suffix}", rows)
+            binding.bind_ortvalue_output(f"present.{suffix}", rows)
+        binding.bind_output("logits")
+        self._session.run_with_iobinding(binding)
+        return binding.get_outputs()[-1].numpy()
+
+
 class _DecodeLoop:
     """The one thread that generates for every request to a loaded model (see the module's
     docstring for why)."""
@@ -265,12 +450,14 @@ class _DecodeLoop:
         max_batch_size: int,
         max_queued_requests: int,
         gather_seconds: float,
+        rows: _SharedRows | None = None,
     ) -> None:
-        self._model, self._tokenizer = model, tokenizer
+        self._model, self._tokenizer, self._rows = model, tokenizer, rows
         self._end_tokens, self._pad_token = end_tokens, pad_token
         self._context_length = context_length
         self._max_batch_size = max_batch_size
-        self._max_held = 2 * max_batch_size
+        # Generators: a batch cannot grow, so room is kept for a second one to start beside it.
+        self._max_held = max_batch_size if rows else 2 * max_batch_size
         self._max_queued_requests = max_queued_requests
         self._gather_seconds = gather_seconds
         self._changed = threading.Condition()
@@ -318,6 +505,8 @@ class _DecodeLoop:
         """
         if not self._waiting:
             return None
+        if self._rows is not None:
+            return 0  # a request joins the running batch at the next step: nothing to gather
         if sum(len(sequences) for _, sequences in self._waiting) >= self._max_batch_size:
             return 0
         if time.monotonic() - self._last_concurrent > LONE_CLIENT_SECONDS:
@@ -328,6 +517,8 @@ class _DecodeLoop:
         """Take waiting requests, whole and in order, while their sequences fit beside those held
         (a request larger than that is taken when nothing else is held)."""
         held = sum(len(batch.sequences) for batch in self._batches)
+        if self._rows is not None:
+            held = len(self._rows.sequences)
         admitted: list[_Sequence] = []
         while self._waiting:
             _, sequences = self._waiting[0]
@@ -362,9 +553,12 @@ class _DecodeLoop:
         try:
             while True:
                 with self._changed:
-                    while not self._batches and (wait := self._wait_before_admitting()) != 0:
+                    while not self._busy() and (wait := self._wait_before_admitting()) != 0:
                         self._changed.wait(wait)
                     admitted = self._admit() if self._wait_before_admitting() == 0 else []
+                if self._rows is not None:
+                    self._step_rows(admitted)
+                    continue
                 for sequences in self._new_batches(admitted):
                     self._guarded(sequences, lambda batch=sequences: self._start(batch))
                 for batch in list(self._batches):
@@ -374,11 +568,34 @@ class _DecodeLoop:
         except BaseException as error:  # the loop itself broke: no waiter may hang on it
             with self._changed:
                 stranded = [s for batch in self._batches for s in batch.sequences]
+                stranded += self._rows.fail_all() if self._rows is not None else []
                 stranded += [s for _, sequences in self._waiting for s in sequences]
                 self._batches, self._waiting = [], deque()
             for sequence in stranded:
                 sequence.fail(error)
             raise
+
+    def _busy(self) -> bool:
+        return bool(self._batches) or (self._rows is not None and self._rows.live())
+
+    def _step_rows(self, admitted: list[_Sequence]) -> None:
+        rows = self._rows
+        if admitted:
+            try:
+                rows.add(admitted, self._end_tokens)
+            except Exception:
+                # Read again one by one, so that a prompt that fails fails only its own sequence.
+                for sequence in admitted:
+                    if sequence not in rows.sequences and sequence.finished is None:
+                        self._guarded(
+                            [sequence], lambda one=sequence: rows.add([one], self._end_tokens)
+                        )
+        if rows.live():
+            try:
+                rows.step(self._end_tokens)
+            except Exception as error:  # a failed step leaves no row it can trust
+                for sequence in rows.fail_all():
+                    sequence.fail(error)
 
     def _start(self, sequences: list[_Sequence]) -> None:
         # Reading the prompts (prefill) happens here, between two decode steps of the others.
@@ -409,9 +626,13 @@ class OnnxChatModel(PythonModel):
                 {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
             )
         )
-        self._model = og.Model(og_config)
-        self._tokenizer = og.Tokenizer(self._model)
         genai_config = json.loads((folder / "genai_config.json").read_text())
+        self._tokenizer = og.Tokenizer(og_config)
+        rows = None
+        if config.get("batching", "auto") != "generators":
+            rows = _SharedRows.open(folder, genai_config, self._tokenizer, threads)
+        # Without rows, onnxruntime-genai loads the model; with them it would be a second copy.
+        self._model = og.Model(og_config) if rows is None else None
         self._context_length = int(genai_config["model"]["context_length"])
         self._end_tokens = set(int(token) for token in self._tokenizer.eos_token_ids)
         template = folder / "chat_template.jinja"
@@ -431,6 +652,7 @@ class OnnxChatModel(PythonModel):
             max_queued_requests=int(config.get("max_queued_requests",
                                                DEFAULT_MAX_QUEUED_REQUESTS)),
             gather_seconds=float(config.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS)) / 1000,
+            rows=rows,
         )  # fmt: skip
 
     # MLflow hands predict a DataFrame built from the signature; the hint says so, and a

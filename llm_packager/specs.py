@@ -20,6 +20,7 @@ from llm_packager.choices import (
     OnnxPrecision,
     OnnxSource,
     RecommendationPolicy,
+    ServingBatching,
     TorchDtype,
 )
 from llm_packager.metrics import (
@@ -143,14 +144,19 @@ class LogOnnxParameters(GenerationParameters):
     )
     extra_options: dict[str, str] = parameter("model builder --extra_options (build)", {})
     max_tokens_cap: int = parameter("the largest max_tokens a request may ask for", 1024)
+    batching: ServingBatching = parameter(
+        "when serving: auto (requests join and leave one running batch on CPU builds) or "
+        "generators (onnxruntime-genai's fixed batches)",
+        ServingBatching.auto,
+    )
     max_batch_size: int = parameter(
-        "sequences decoded together as one batch when serving (twice this are held at once)", 8
+        "sequences decoded together when serving (generators: twice this are held at once)", 8
     )
     max_queued_requests: int = parameter(
         "requests that may wait for the decode loop when serving; past it, HTTP 503", 64
     )
     batch_wait_ms: int = parameter(
-        "when serving, how long a request may wait for others to start one batch with it", 20
+        "generators only: how long a request may wait for others to start one batch with it", 20
     )
     intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
     agreement_tokens: int = parameter(

@@ -156,6 +156,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
                 "temperature": request.temperature,
                 "top_p": request.top_p,
                 "max_tokens_cap": request.max_tokens_cap,
+                "batching": request.batching.value,
                 "max_batch_size": request.max_batch_size,
                 "max_queued_requests": request.max_queued_requests,
                 "batch_wait_ms": request.batch_wait_ms,

@@ -337,8 +337,9 @@ def _load_with(logged_fp32, **config):
 
 @pytest.fixture(scope="module")
 def long_model(logged_fp32):
-    # Requests start as soon as they arrive: these tests are about joining a running loop.
-    return _load_with(logged_fp32, max_tokens_cap=LONG_TOKENS, batch_wait_ms=0)
+    # Requests start as soon as they arrive: these tests are about joining a running loop. Rows
+    # for one request of eight choices and the requests that join it.
+    return _load_with(logged_fp32, max_tokens_cap=LONG_TOKENS, batch_wait_ms=0, max_batch_size=12)
 
 
 def _streamed(chunks) -> tuple[dict[int, str], dict[int, str], list[dict]]:
@@ -466,9 +467,9 @@ def test_a_full_queue_answers_503_and_a_freed_place_is_used(logged_fp32):
     long_request = _chat("Hi", max_tokens=LONG_TOKENS)
     waiting_request = _chat("What is 2 + 2?", max_tokens=6)
     solo = busy_model.predict(None, waiting_request)[0]["choices"][0]["message"]["content"]
-    # With batches of one sequence, two long answers fill the loop (it holds twice the batch).
+    # With one row, one long answer fills the batch.
     running = []
-    for _ in range(2):
+    for _ in range(1):
         stream = busy_model.predict_stream(None, long_request)
         next(stream), next(stream)  # the role, then generated text: it is in the loop
         running.append(stream)
@@ -485,10 +486,12 @@ def test_a_full_queue_answers_503_and_a_freed_place_is_used(logged_fp32):
 def test_concurrent_requests_are_gathered_into_one_batch_and_a_lone_one_never_waits(
     logged_fp32, model
 ):
-    # A gathering time far longer than the test, so any wait for it would show.
+    # onnxruntime-genai's Generators (a batch cannot grow, so arrivals are gathered). A gathering
+    # time far longer than the test, so any wait for it would show.
     gathering = _load_with(
-        logged_fp32, max_tokens_cap=LONG_TOKENS, max_batch_size=2, batch_wait_ms=600_000
-    )
+        logged_fp32, max_tokens_cap=LONG_TOKENS, max_batch_size=2, batch_wait_ms=600_000,
+        batching="generators",
+    )  # fmt: skip
     requests = [_chat("What is 2 + 2?", max_tokens=6), _chat("Name a colour.", max_tokens=4)]
     alone = [model.predict(request)[0]["choices"][0]["message"]["content"] for request in requests]
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -506,3 +509,53 @@ def test_concurrent_requests_are_gathered_into_one_batch_and_a_lone_one_never_wa
         first_answer = pool.submit(lambda: _streamed(first)[0][0])
         assert [first_answer.result(timeout=60), _streamed(second)[0][0]] == alone
         running.close()
+
+
+def test_a_request_that_arrives_mid_answer_is_decoded_in_the_same_batch(long_model):
+    long_request = _chat("Hi", max_tokens=LONG_TOKENS, n=2)
+    # Long enough to be still generating when the test looks at the batch.
+    short_request = _chat("What is 2 + 2?", max_tokens=LONG_TOKENS // 2)
+    solo = long_model.predict(None, short_request)[0]["choices"][0]
+    assert solo["finish_reason"] == "length"
+    running = long_model.predict_stream(None, long_request)
+    next(running), next(running), next(running)  # both roles, then text: the long one runs
+    short = long_model.predict_stream(None, short_request)
+    started = [next(short), next(short)]  # its role, then its first text
+    # One batch: the second answer's row sits beside the first answer's two.
+    assert len(long_model._loop._rows.sequences) == 3
+    assert _streamed([*started, *short])[0] == {0: solo["message"]["content"]}
+    running.close()
+
+
+def test_our_decoder_answers_exactly_as_onnxruntime_genai_generators_do(logged_fp32, model):
+    generators = _load_with(logged_fp32, batching="generators")
+    assert generators._loop._rows is None and model.unwrap_python_model()._loop._rows is not None
+    rows = [
+        _chat("What is the capital of Spain?", max_tokens=12, n=1),
+        _chat("Hi", max_tokens=5, n=1),
+        _chat("Write a long, detailed poem about the sea and its many moods.", max_tokens=16, n=1),
+    ]
+    ours, theirs = model.predict(rows), generators.predict(None, rows)
+    assert [(answer["choices"], answer["usage"]) for answer in ours] == [
+        (answer["choices"], answer["usage"]) for answer in theirs
+    ]
+
+
+def test_builds_the_shared_rows_cannot_decode_are_left_to_generators(model, fp32_onnx, monkeypatch):
+    chat_model = model.unwrap_python_model()
+    shared_rows, tokenizer = type(chat_model._loop._rows), chat_model._tokenizer
+    config = json.loads((fp32_onnx / "genai_config.json").read_text())
+    assert shared_rows.open(fp32_onnx, config, tokenizer, 1) is not None
+    cuda = json.loads(json.dumps(config))
+    cuda["model"]["decoder"]["session_options"]["provider_options"] = [{"cuda": {}}]
+    assert shared_rows.open(fp32_onnx, cuda, tokenizer, 1) is None
+    # A cache named differently from the graph's inputs (here: one layer fewer).
+    other = json.loads(json.dumps(config))
+    other["model"]["decoder"]["num_hidden_layers"] -= 1
+    assert shared_rows.open(fp32_onnx, other, tokenizer, 1) is None
+
+    def cannot_share(self):
+        raise ValueError("present is longer than past")
+
+    monkeypatch.setattr(shared_rows, "_probe", cannot_share)
+    assert shared_rows.open(fp32_onnx, config, tokenizer, 1) is None
