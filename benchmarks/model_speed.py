@@ -284,6 +284,7 @@ def prepare_proxy(
             "model_name": "proxy",
             "max_tokens_cap": 1024,
             "max_batch_size": 8,
+            "batching": "auto",
             **(model_config or {}),
         },
         signature=chat_signature(),

@@ -51,7 +51,9 @@ def main() -> None:
         pipeline.measure(settings["pipeline_repeats"], store) for store in settings["stores"]
     ]
     served = serving.measure(
-        settings["requests_per_client"], settings["new_tokens"] // 2, settings["serving_repeats"]
+        settings["requests_per_client"],
+        (settings["new_tokens"] // 2,),
+        settings["serving_repeats"],
     )
     machine = machine_description()
     figures = {

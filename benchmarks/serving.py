@@ -16,6 +16,9 @@ is measured ``--repeats`` times and figures are the median with min and max.
 change are taken (``git show <commit>:llm_packager/onnx_chat_model.py > before.py``); a version
 without ``predict_stream`` is measured whole only.
 
+``--max-tokens 8,64`` mixes short and long answers (each client asks for them in turn), the load
+where a batch that requests join and leave at every step matters most.
+
 Usage: ``python -m benchmarks.serving [--requests-per-client 4] [--max-tokens 32] [--repeats 3]``
 """
 
@@ -101,12 +104,15 @@ def _percentile(values: list[float], share: float) -> float:
     return ordered[max(0, round(share * len(ordered)) - 1)]
 
 
-def _one_level(send: Callable, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
+def _one_level(
+    send: Callable, clients: int, per_client: int, max_tokens: tuple[int, ...]
+) -> dict[str, float]:
     def client(index: int) -> list[tuple[float, float, int]]:
         return [
-            send(BATCH_PROMPTS[(index + turn) % len(BATCH_PROMPTS)], max_tokens)
+            send(BATCH_PROMPTS[(index + turn) % len(BATCH_PROMPTS)],
+                 max_tokens[(index + turn) % len(max_tokens)])
             for turn in range(per_client)
-        ]
+        ]  # fmt: skip
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -124,7 +130,7 @@ def _one_level(send: Callable, clients: int, per_client: int, max_tokens: int) -
     }
 
 
-def _one_request(model, max_tokens: int, repeats: int) -> dict[str, dict]:
+def _one_request(model, max_tokens: tuple[int, ...], repeats: int) -> dict[str, dict]:
     """The same prompts sent as the rows of one ``predict`` call, in process: every sequence is
     known at once and decoded in one batch, with no server and no arrival spread, so no number of
     clients can get more tokens/s than this from the same machine."""
@@ -132,7 +138,8 @@ def _one_request(model, max_tokens: int, repeats: int) -> dict[str, dict]:
     for rows in CONCURRENCY:
         print(f"serving (one request): {rows} rows ...", file=sys.stderr)
         request = [
-            _chat(BATCH_PROMPTS[row % len(BATCH_PROMPTS)], max_tokens) for row in range(rows)
+            _chat(BATCH_PROMPTS[row % len(BATCH_PROMPTS)], max_tokens[row % len(max_tokens)])
+            for row in range(rows)
         ]
         samples = []
         for _ in range(repeats):
@@ -144,8 +151,10 @@ def _one_request(model, max_tokens: int, repeats: int) -> dict[str, dict]:
     return levels
 
 
-def _levels(send: Callable, mode: str, per_client: int, max_tokens: int, repeats: int) -> dict:
-    send(BATCH_PROMPTS[0], max_tokens)  # warm-up
+def _levels(
+    send: Callable, mode: str, per_client: int, max_tokens: tuple[int, ...], repeats: int
+) -> dict:
+    send(BATCH_PROMPTS[0], max_tokens[0])  # warm-up
     levels = {}
     for clients in CONCURRENCY:
         print(f"serving ({mode}): {clients} concurrent clients ...", file=sys.stderr)
@@ -158,7 +167,7 @@ def _levels(send: Callable, mode: str, per_client: int, max_tokens: int, repeats
 
 def measure(
     requests_per_client: int,
-    max_tokens: int,
+    max_tokens: tuple[int, ...],
     repeats: int,
     workdir: Path = DEFAULT_WORKDIR,
     model_code: Path = MODEL_CODE,
@@ -184,18 +193,24 @@ def measure(
         "build": build,
         "batch_wait_ms": batch_wait_ms,
         "requests_per_client": requests_per_client,
-        "max_tokens": max_tokens,
+        "max_tokens": list(max_tokens),
         "repeats": repeats,
         "modes": modes,
         "one_request": one_request,
     }
 
 
+def _tokens_asked(max_tokens: int | list[int]) -> str:
+    if isinstance(max_tokens, int) or len(max_tokens) == 1:
+        return str(max_tokens if isinstance(max_tokens, int) else max_tokens[0])
+    return " or ".join(map(str, max_tokens)) + " (in turn)"
+
+
 def markdown(figures: dict[str, object]) -> str:
     """The serving table: one row per mode and number of clients."""
     lines = [
         f"Int4 proxy pyfunc ({figures.get('build', 'onnx-int4')}), "
-        f"{figures['max_tokens']} new tokens per request, "
+        f"{_tokens_asked(figures['max_tokens'])} new tokens per request, "
         f"{figures['requests_per_client']} requests per client, median (min-max) of "
         f"{figures['repeats']}. Whole: `mlflow models serve`, 1 worker. Streamed: "
         "`predict_stream` in process (the local scoring server does not stream).",
@@ -242,7 +257,12 @@ def _speed_up(levels: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-tokens",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=(32,),
+        help="new tokens per request; a list (8,64) makes each client ask for them in turn",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="built models")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
