@@ -281,6 +281,10 @@ class _SharedRows:
         self._lengths: list[int] = []  # tokens whose keys and values are in each row
         self._last: list[int] = []  # each row's newest token, not yet in the cache
         self._cache: list[np.ndarray] = []  # past_key_values.<layer>.key, .value, ...
+        # A step binds the same rows as the step before unless a row came or went or the cache
+        # was replaced, so its binding is kept: (cache generation, rows) and the binding.
+        self._generation = 0
+        self._step_binding: tuple[tuple[int, int], Any] | None = None
 
     @classmethod
     def open(
@@ -321,7 +325,7 @@ class _SharedRows:
         rows = [array[:1] for array in self._cache]
         prompt = self._run(rows, np.zeros((1, 2), self._ids_dtype), np.ones((1, 2), np.int64))
         step = self._run(rows, np.zeros((1, 1), self._ids_dtype), np.ones((1, 3), np.int64))
-        self._cache = []
+        self._replace_cache([])
         if prompt.shape[:2] != (1, 2) or step.shape[:2] != (1, 1):
             raise ValueError(f"unexpected logits shapes {prompt.shape} and {step.shape}")
 
@@ -364,7 +368,10 @@ class _SharedRows:
         for row, length in enumerate(self._lengths):
             mask[row, : length + 1] = 1
         ids = np.array(self._last, dtype=self._ids_dtype).reshape(count, 1)
-        logits = self._run([array[:count] for array in self._cache], ids, mask)
+        key = (self._generation, count)
+        if self._step_binding is None or self._step_binding[0] != key:
+            self._step_binding = (key, self._bind([array[:count] for array in self._cache]))
+        logits = self._execute(self._step_binding[1], ids, mask)
         for row, sequence in enumerate(self.sequences):
             self._lengths[row] += 1
             self._last[row] = self._choose(logits[row, -1], sequence)
@@ -375,7 +382,7 @@ class _SharedRows:
     def fail_all(self) -> list[_Sequence]:
         """Give up every row (a step failed): the sequences it held, for the caller to fail."""
         held, self.sequences, self._lengths, self._last = self.sequences, [], [], []
-        self._cache = []
+        self._replace_cache([])
         return held
 
     def _choose(self, logits: np.ndarray, sequence: _Sequence) -> int:
@@ -406,7 +413,7 @@ class _SharedRows:
                 self._lengths[row], self._last[row] = self._lengths[last], self._last[last]
             del self.sequences[last], self._lengths[last], self._last[last]
         if not self.sequences:
-            self._cache = []  # nothing held while idle
+            self._replace_cache([])  # nothing held while idle
 
     def _reserve(self, rows: int, length: int) -> None:
         """Grow the cache to hold ``rows`` rows of ``length`` tokens, keeping what it holds."""
@@ -426,24 +433,35 @@ class _SharedRows:
                     : len(self.sequences)
                 ]
             grown.append(array)
-        self._cache = grown
+        self._replace_cache(grown)
+
+    def _replace_cache(self, arrays: list[np.ndarray]) -> None:
+        self._cache, self._generation, self._step_binding = arrays, self._generation + 1, None
 
     def _run(self, cache: list[np.ndarray], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One forward pass over ``cache`` (contiguous arrays, each bound as past and present)."""
+        return self._execute(self._bind(cache), ids, mask)
+
+    def _bind(self, cache: list[np.ndarray]):
+        """An io_binding of ``cache`` as past and present, and of the logits (first, so the
+        binding's first output; onnxruntime allocates them at every run)."""
         import onnxruntime as ort
 
         binding = self._session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")
         for index, array in enumerate(cache):
             layer, kind = divmod(index, 2)
             suffix = f"{layer}.{('key', 'value')[kind]}"
             rows = ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(f"past_key_values.{suffix}", rows)
             binding.bind_ortvalue_output(f"present.{suffix}", rows)
-        binding.bind_output("logits")
+        return binding
+
+    def _execute(self, binding, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
         self._session.run_with_iobinding(binding)
-        return binding.get_outputs()[-1].numpy()
+        return binding.get_outputs()[0].numpy()
 
 
 class _DecodeLoop:
