@@ -14,20 +14,22 @@ Two request shapes are served:
 Every row of a batch is answered, and ``predict_stream`` streams one chat request as OpenAI
 ``chat.completion.chunk`` dicts.
 
-All generation runs on one decode loop per loaded model, a thread that owns every
-onnxruntime-genai ``Generator``. On a CPU, decoding one sequence is bound by reading the weights,
-and a batch reads them once per step for all its sequences; MLflow's scoring server calls
-``predict`` from a thread pool, so concurrent requests reach one instance at once. The loop
-therefore takes every sequence waiting at each step boundary into a new batch (up to
-``max_batch_size`` sequences, with the same search options), steps every live batch once per
-round, and hands each sequence its answer the moment it finishes, so a short answer never waits
-for a long one and a request that arrives mid-generation starts without waiting for the others to
-finish. Requests that arrive a few milliseconds apart are gathered into one batch first (for at
-most ``batch_wait_ms``, or until a full batch waits), because a running batch cannot grow.
-onnxruntime-genai's own ``Engine`` refills a batch only on CUDA (its continuous batching needs a
-paged-attention build, which the builder makes for CUDA only); on CPU it waits for the whole batch,
-so this loop is ours. At most ``2 * max_batch_size`` sequences are held in live batches, and at
-most ``max_queued_requests`` requests wait; past that the server answers 503.
+All generation runs on one decode loop per loaded model, a thread that owns every decoder call.
+MLflow's scoring server calls ``predict`` from a thread pool, so concurrent requests reach one
+instance at once, and on a CPU a step of several sequences costs far less than a step of each.
+On CPU builds of the model builder's decoder the loop decodes every sequence in one batch that
+sequences join and leave at every step (``_SharedRows``: continuous batching on a key/value cache
+this model owns, up to ``max_batch_size`` rows): a request that arrives mid-generation has its
+prompt read between two steps and decodes with the others from the next one, and an answer is
+handed back, and its row given up, the step it finishes, so a short answer never waits for a long
+one. An onnxruntime-genai ``Generator`` fixes its batch when it starts, and onnxruntime-genai's own
+``Engine`` refills a batch only on CUDA (its continuous batching needs a paged-attention build,
+which the builder makes for CUDA only), so on CPU this is ours. Other builds, and
+``batching: generators``, decode with Generators: requests arriving a few milliseconds apart are
+gathered into one batch (for at most ``batch_wait_ms``, or until a full batch waits), later ones
+start a new batch beside it, every live batch advances a token per round, and at most
+``2 * max_batch_size`` sequences are held. At most ``max_queued_requests`` requests wait; past
+that the server answers 503.
 """
 
 from __future__ import annotations

@@ -559,3 +559,23 @@ def test_builds_the_shared_rows_cannot_decode_are_left_to_generators(model, fp32
 
     monkeypatch.setattr(shared_rows, "_probe", cannot_share)
     assert shared_rows.open(fp32_onnx, config, tokenizer, 1) is None
+
+
+def test_a_longer_request_joining_grows_the_cache_without_changing_the_running_answer(long_model):
+    # The first answer's cache holds 256 tokens; the second needs more, so the rows are copied
+    # into a longer cache while the first is being generated.
+    first_request = _chat("Hi", max_tokens=120)
+    longer_request = _chat("Hi", max_tokens=LONG_TOKENS)
+    solo = [long_model.predict(None, request)[0]["choices"][0] for request in
+            (first_request, longer_request)]  # fmt: skip
+    assert [answer["finish_reason"] for answer in solo] == ["length", "length"]
+    first = long_model.predict_stream(None, first_request)
+    started = [next(first), next(first)]  # its role, then its first text: it is generating
+    rows = long_model._loop._rows
+    length_before = rows._cache[0].shape[2]
+    second = long_model.predict_stream(None, longer_request)
+    second_started = [next(second), next(second)]
+    assert rows._cache[0].shape[2] > length_before
+    assert len(rows.sequences) == 2  # grown while the first was held, not after it ended
+    assert _streamed([*started, *first])[0] == {0: solo[0]["message"]["content"]}
+    assert _streamed([*second_started, *second])[0] == {0: solo[1]["message"]["content"]}
