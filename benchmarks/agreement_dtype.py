@@ -1,7 +1,8 @@
 """What the agreement check costs in bfloat16 against float32 on CPU: speed and memory.
 
 log_onnx's agreement check decodes four chats greedily through transformers
-(``llm_packager.parity.greedy_transformers``). With ``onnx.agreement_dtype=auto`` it runs in the
+(``llm_packager.models.parity.greedy_transformers``). With ``onnx.agreement_dtype=auto`` it runs in
+the
 dtype the weights are stored in, bfloat16 for Phi-3-mini, instead of float32. This times that
 exact workload on a synthetic Phi-3 of Phi-3-mini's width (2 layers: each layer's matrices are
 Phi-3-mini's, so the per-token cost of the layers is representative), in each dtype, each in a
@@ -33,7 +34,7 @@ def _one_dtype(folder: str, dtype: str, tokens: int, repeats: int) -> dict:
     import resource
     import time
 
-    from llm_packager.parity import chat_token_ids, greedy_transformers
+    from llm_packager.models.parity import chat_token_ids, greedy_transformers
 
     prompts = chat_token_ids(Path(folder))
     seconds, generated = [], 0
@@ -47,7 +48,7 @@ def _one_dtype(folder: str, dtype: str, tokens: int, repeats: int) -> dict:
 
 
 def measure(layers: int, tokens: int, repeats: int) -> dict:
-    from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
+    from llm_packager.sources.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="agreement-dtype-") as scratch:

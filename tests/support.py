@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from llm_packager.choices import ModelSource
+from llm_packager.config.specs import FetchModelParameters
 from llm_packager.project import PROJECT_DIR
-from llm_packager.specs import FetchModelParameters
-from llm_packager.synthetic import SyntheticPhi3Spec
+from llm_packager.sources.synthetic import SyntheticPhi3Spec
 
 # The reference sample's request, unchanged: a prompt already in Phi-3's chat format (the tiny
 # model is a Phi-3, so it is served as the sample served Phi-3-mini).

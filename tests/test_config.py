@@ -9,15 +9,15 @@ import pytest
 from omegaconf import open_dict
 
 from llm_packager.choices import ModelSource
-from llm_packager.config import (
+from llm_packager.config.compose import (
     CONFIG_DIR,
     ConfigError,
     compose_config,
     config_hash,
     validate_config,
 )
-from llm_packager.parameters import as_mlflow_parameters, config_values
-from llm_packager.specs import FetchModelParameters
+from llm_packager.config.parameters import as_mlflow_parameters, config_values
+from llm_packager.config.specs import FetchModelParameters
 
 MODEL_CHOICES = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
 

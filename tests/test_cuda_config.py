@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from llm_packager.choices import Device, ExecutionProvider, OnnxPrecision, TorchDtype
-from llm_packager.config import compose_config
-from llm_packager.onnx_build import RUNTIME_DISTRIBUTIONS, build_onnx_model, builder_command
-from llm_packager.parameters import config_values
+from llm_packager.config.compose import compose_config
+from llm_packager.config.parameters import config_values
+from llm_packager.config.specs import LogOnnxParameters, LogTransformersParameters
+from llm_packager.models.onnx_build import RUNTIME_DISTRIBUTIONS, build_onnx_model, builder_command
 from llm_packager.project import PROJECT_DIR
-from llm_packager.specs import LogOnnxParameters, LogTransformersParameters
 from steps.log_onnx import log_onnx
 from steps.log_transformers import log_transformers
 

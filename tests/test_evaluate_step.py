@@ -15,13 +15,13 @@ import mlflow
 import pytest
 
 from llm_packager.choices import RecommendationPolicy
-from llm_packager.eval_report import RANDOM_WEIGHTS_WARNING
-from llm_packager.evaluation import EvalSetError, rank
-from llm_packager.evaluation_record import Evaluation
-from llm_packager.metrics import MODEL_METRICS, parse_gate
+from llm_packager.config.specs import EvaluateParameters
+from llm_packager.evaluation.metrics import MODEL_METRICS, parse_gate
+from llm_packager.evaluation.record import Evaluation
+from llm_packager.evaluation.report import RANDOM_WEIGHTS_WARNING
+from llm_packager.evaluation.scoring import EvalSetError, rank
+from llm_packager.pipeline.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
 from llm_packager.project import PROJECT_DIR
-from llm_packager.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
-from llm_packager.specs import EvaluateParameters
 from steps.evaluate import ModelUnusableError, evaluate
 
 from .support import project_environment

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from llm_packager.choices import GateDirection, RecommendationPolicy
-from llm_packager.evaluation import (
+from llm_packager.evaluation.metrics import GateError, GateRule, apply_gate, format_gate, parse_gate
+from llm_packager.evaluation.scoring import (
     EvalSetError,
     agreement,
     judge,
@@ -16,7 +17,6 @@ from llm_packager.evaluation import (
     resolve_eval_set,
     score_answer,
 )
-from llm_packager.metrics import GateError, GateRule, apply_gate, format_gate, parse_gate
 from llm_packager.project import PROJECT_DIR
 
 GOLDEN = PROJECT_DIR / "tests" / "data" / "two_candidates_before_redesign.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from llm_packager.manifest import ModelFilesError, build_manifest
+from llm_packager.sources.manifest import ModelFilesError, build_manifest
 from steps.fetch_model import fetch_model
 
 from .support import local_fetch_parameters

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_packager.config import ConfigError, compose_config
-from llm_packager.gguf_source import (
+from llm_packager.config.compose import ConfigError, compose_config
+from llm_packager.sources.gguf import (
     GgufError,
     check_gguf_architecture,
     convert_gguf,

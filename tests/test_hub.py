@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_packager.hub import (
+from llm_packager.sources.hub import (
     HubUnreachableError,
     UnpinnedRevisionError,
     download_pinned_snapshot,

@@ -11,10 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from llm_packager.config import ConfigError, compose_config
-from llm_packager.manifest import ModelFilesError
-from llm_packager.reuse import output_exists, outputs_exist
-from llm_packager.specs import LogTransformersParameters
+from llm_packager.config.compose import ConfigError, compose_config
+from llm_packager.config.specs import LogTransformersParameters
+from llm_packager.pipeline.reuse import output_exists, outputs_exist
+from llm_packager.sources.manifest import ModelFilesError
 from steps.fetch_model import fetch_model
 from steps.log_transformers import (
     ChatTemplateMissingError,
@@ -153,7 +153,7 @@ def test_upstream_run_without_manifest_is_named(local_tracking, tiny_model_dir):
 
 
 def test_cached_copy_is_reused_only_while_it_verifies(local_tracking, tiny_model_dir, tmp_path):
-    from llm_packager.upstream import cache_root, fetched_model
+    from llm_packager.sources.upstream import cache_root, fetched_model
 
     fetch_run_id = _fetch(tiny_model_dir)
     first = fetched_model(fetch_run_id).folder

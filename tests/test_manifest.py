@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from llm_packager.manifest import (
+from llm_packager.sources.manifest import (
     ModelFilesError,
     build_manifest,
     check_model_files,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from llm_packager.config import compose_config
-from llm_packager.memory_budget import (
+from llm_packager.config.compose import compose_config
+from llm_packager.pipeline.driver import plan_pipeline
+from llm_packager.pipeline.memory_budget import (
     AGREEMENT,
     BUILDER,
     MIB,
@@ -18,7 +19,6 @@ from llm_packager.memory_budget import (
     step_memory,
     stored_bytes_per_parameter,
 )
-from llm_packager.pipeline import plan_pipeline
 
 PHI3_MINI_PARAMETERS = 3_821_079_552
 BFLOAT16 = 2

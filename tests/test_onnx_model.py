@@ -15,16 +15,16 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from llm_packager.chat import check_chat_completion
 from llm_packager.choices import ExecutionProvider, OnnxPrecision, OnnxSource
-from llm_packager.onnx_build import build_onnx_model
-from llm_packager.parity import (
+from llm_packager.config.specs import LogOnnxParameters
+from llm_packager.models.chat import check_chat_completion
+from llm_packager.models.onnx_build import build_onnx_model
+from llm_packager.models.parity import (
     PARITY_CHATS,
     chat_token_ids,
     greedy_onnx,
     greedy_transformers,
 )
-from llm_packager.specs import LogOnnxParameters
 from steps.fetch_model import fetch_model
 from steps.log_onnx import log_onnx
 
@@ -266,7 +266,7 @@ def test_bad_requests_are_refused_with_a_clear_message(model, request_body, mess
 
 
 def test_non_string_content_is_refused(model):
-    from llm_packager.onnx_chat_model import BadRequestError, _messages
+    from llm_packager.models.onnx_chat_model import BadRequestError, _messages
 
     with pytest.raises(BadRequestError, match=r"messages\[0\]\.content must be a string; got int"):
         _messages([{"role": "user", "content": 42}])
@@ -284,8 +284,8 @@ def test_prompt_longer_than_the_context_is_refused(model):
 
 
 def test_prebuilt_source_offline_names_the_fix(local_tracking, tiny_model_dir):
-    from llm_packager.config import compose_config
-    from llm_packager.hub import HubUnreachableError
+    from llm_packager.config.compose import compose_config
+    from llm_packager.sources.hub import HubUnreachableError
 
     onnx = compose_config("phi3-mini-4k-instruct", "").onnx
     with mlflow.start_run() as fetch_run:
@@ -303,7 +303,7 @@ def test_prebuilt_source_offline_names_the_fix(local_tracking, tiny_model_dir):
 
 
 def test_a_published_build_for_another_model_is_refused(tiny_model_dir, fp32_onnx, tmp_path):
-    from llm_packager.onnx_build import PrebuiltMismatchError, check_prebuilt_matches
+    from llm_packager.models.onnx_build import PrebuiltMismatchError, check_prebuilt_matches
 
     check_prebuilt_matches(fp32_onnx, tiny_model_dir)
     other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
@@ -359,7 +359,7 @@ def _streamed(chunks) -> tuple[dict[int, str], dict[int, str], list[dict]]:
 
 
 def test_held_back_text_is_the_longest_ending_that_could_become_a_stop_string():
-    from llm_packager.onnx_chat_model import _held_back
+    from llm_packager.models.onnx_chat_model import _held_back
 
     assert _held_back("Hello wor", ["world"]) == 3
     assert _held_back("Hello w", ["world", "x"]) == 1

@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 from llm_packager.choices import GateDirection, OnnxPrecision
-from llm_packager.generate import render_mlproject, render_readme, stale_files
-from llm_packager.metrics import GateRule
-from llm_packager.parameters import (
+from llm_packager.config.parameters import (
     as_mlflow_parameters,
     config_schema_fields,
     fields_of,
@@ -19,13 +17,15 @@ from llm_packager.parameters import (
     parameter,
     parse_arguments,
 )
-from llm_packager.project import PROJECT_DIR
-from llm_packager.specs import (
+from llm_packager.config.specs import (
     ENTRY_POINTS,
     EvaluateParameters,
     FetchModelParameters,
     LogOnnxParameters,
 )
+from llm_packager.evaluation.metrics import GateRule
+from llm_packager.generate import render_mlproject, render_readme, stale_files
+from llm_packager.project import PROJECT_DIR
 
 
 def test_an_int_typed_as_text_gives_the_same_canonical_parameter():

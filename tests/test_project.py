@@ -7,18 +7,18 @@ import subprocess
 
 import pytest
 
-from llm_packager.config import compose_config
-from llm_packager.parameters import ROLE_UPSTREAM, as_mlflow_parameters, fields_of
-from llm_packager.pipeline import (
+from llm_packager.config.compose import compose_config
+from llm_packager.config.parameters import ROLE_UPSTREAM, as_mlflow_parameters, fields_of
+from llm_packager.config.specs import STEP_NAMES
+from llm_packager.pipeline.driver import (
     SelectionError,
     plan_pipeline,
     resolve_env_manager,
     select_forced,
     select_steps,
 )
+from llm_packager.pipeline.reuse import reuse_key
 from llm_packager.project import PROJECT_DIR, code_version
-from llm_packager.reuse import reuse_key
-from llm_packager.specs import STEP_NAMES
 
 
 def test_the_plan_gives_every_step_run_all_its_parameters_but_upstream_run_ids():

@@ -13,11 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import ExecutionProvider, OnnxPrecision
-from llm_packager.evaluation import load_eval_set, score_answer
-from llm_packager.evaluation_record import Evaluation
-from llm_packager.metrics import QUALITY_METRICS, apply_gate
-from llm_packager.onnx_build import build_onnx_model
-from llm_packager.parity import chat_token_ids, greedy_onnx, greedy_transformers
+from llm_packager.evaluation.metrics import QUALITY_METRICS, apply_gate
+from llm_packager.evaluation.record import Evaluation
+from llm_packager.evaluation.scoring import load_eval_set, score_answer
+from llm_packager.models.onnx_build import build_onnx_model
+from llm_packager.models.parity import chat_token_ids, greedy_onnx, greedy_transformers
 from llm_packager.project import PROJECT_DIR
 
 from .support import TrackingServer, mlflow_run_main, runs_of

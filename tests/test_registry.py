@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llm_packager.config import ConfigError, compose_config
-from llm_packager.registry import (
+from llm_packager.config.compose import ConfigError, compose_config
+from llm_packager.config.specs import RegisterParameters
+from llm_packager.models.registry import (
     RegistryNameError,
     check_alias,
     check_registered_model_name,
     is_unity_catalog,
 )
-from llm_packager.specs import RegisterParameters
 from steps.register import register
 
 
@@ -106,7 +106,7 @@ def _version(number: int, *, source: str, run_id: str, model_id: str | None = No
 
 
 def test_an_existing_version_is_found_in_unity_catalog_shaped_results():
-    from llm_packager.registry import existing_version
+    from llm_packager.models.registry import existing_version
 
     # What Unity Catalog's search_model_versions returns: no model_id, and a storage path as the
     # source, so neither identifies the logged model; the run that logged it does.
@@ -120,7 +120,7 @@ def test_an_existing_version_is_found_in_unity_catalog_shaped_results():
 
 
 def test_the_oldest_of_duplicate_versions_is_the_one_reused():
-    from llm_packager.registry import existing_version
+    from llm_packager.models.registry import existing_version
 
     uri = "models:/m-0123456789abcdef0123456789abcdef"
     versions = [_version(5, source=uri, run_id="r"), _version(3, source=uri, run_id="r")]

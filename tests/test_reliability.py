@@ -14,8 +14,7 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from llm_packager.config import compose_config
-from llm_packager.content_hash import content_digest
+from llm_packager.config.compose import compose_config
 from llm_packager.errors import (
     InvalidParametersError,
     TrackingServerUnreachableError,
@@ -24,9 +23,10 @@ from llm_packager.errors import (
     one_line,
     retry_after_insert_race,
 )
-from llm_packager.pipeline import plan_pipeline
-from llm_packager.staging import remove_abandoned_staging, staging_folder
-from llm_packager.synthetic import build_synthetic_phi3
+from llm_packager.pipeline.driver import plan_pipeline
+from llm_packager.sources.content_hash import content_digest
+from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
+from llm_packager.sources.synthetic import build_synthetic_phi3
 
 from .support import TINY_SPEC
 

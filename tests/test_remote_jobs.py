@@ -10,15 +10,15 @@ import sys
 import pytest
 import yaml
 
-from llm_packager.parameters import fields_of
-from llm_packager.project import PROJECT_DIR
-from llm_packager.remote_jobs import (
+from llm_packager.config.parameters import fields_of
+from llm_packager.config.remote_jobs import (
     AZUREML_JOB,
     AZUREML_LOCK,
     AZUREML_OWN_SERVER_JOB,
     DATABRICKS_BUNDLE,
 )
-from llm_packager.specs import MainParameters
+from llm_packager.config.specs import MainParameters
+from llm_packager.project import PROJECT_DIR
 
 from .support import project_environment
 

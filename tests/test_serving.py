@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import pytest
 
-from llm_packager.metrics import parse_gate
-from llm_packager.specs import EvaluateParameters, RegisterParameters
+from llm_packager.config.specs import EvaluateParameters, RegisterParameters
+from llm_packager.evaluation.metrics import parse_gate
 from steps.evaluate import evaluate
 from steps.register import register
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_packager.manifest import build_manifest
-from llm_packager.synthetic import SPECIAL_TOKENS, build_synthetic_phi3
+from llm_packager.sources.manifest import build_manifest
+from llm_packager.sources.synthetic import SPECIAL_TOKENS, build_synthetic_phi3
 
 from .support import TINY_SPEC
 

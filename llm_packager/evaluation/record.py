@@ -17,8 +17,8 @@ from typing import Any
 
 from llm_packager.choices import RecommendationPolicy, Runtime
 from llm_packager.errors import UserError
-from llm_packager.evaluation import rank
-from llm_packager.metrics import PASSED, REJECTED, Verdict
+from llm_packager.evaluation.metrics import PASSED, REJECTED, Verdict
+from llm_packager.evaluation.scoring import rank
 
 EVALUATION_FILE = "evaluation.json"
 SCHEMA_VERSION = 1

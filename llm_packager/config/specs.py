@@ -4,7 +4,7 @@ A step's parameters are one frozen dataclass here. ``config`` fields are read fr
 section by the same name (``onnx.max_tokens_cap`` is ``LogOnnxParameters.max_tokens_cap``);
 ``upstream`` fields are the run ids ``main`` passes on; ``computed`` fields are set by ``main``.
 MLproject, the command-line parsers, the config schema and the README tables are all derived from
-these classes (``llm_packager.parameters``); ``python -m llm_packager.generate`` rewrites the
+these classes (``llm_packager.config.parameters``); ``python -m llm_packager.generate`` rewrites the
 generated files after a change here. See docs/architecture.md, "Adding a parameter".
 """
 
@@ -23,7 +23,8 @@ from llm_packager.choices import (
     ServingBatching,
     TorchDtype,
 )
-from llm_packager.metrics import (
+from llm_packager.config.parameters import Codec, computed, parameter, upstream
+from llm_packager.evaluation.metrics import (
     GateRule,
     GateThreshold,
     format_gate,
@@ -31,7 +32,6 @@ from llm_packager.metrics import (
     gate_to_config,
     parse_gate,
 )
-from llm_packager.parameters import Codec, computed, parameter, upstream
 
 GATE = Codec(
     "string", format_gate, parse_gate, dict[str, GateThreshold], gate_from_config,

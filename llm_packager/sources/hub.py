@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llm_packager.errors import UserError
-from llm_packager.manifest import ModelFilesError, sha256_of_file
+from llm_packager.sources.manifest import ModelFilesError, sha256_of_file
 
 _COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}")
 _PROBE_TIMEOUT_SECONDS = 5.0

@@ -20,14 +20,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from llm_packager.errors import is_server_unreachable
-from llm_packager.manifest import (
+from llm_packager.sources.manifest import (
     MANIFEST_FILE_NAME,
     ManifestEntry,
     ModelFilesError,
     read_manifest,
     verify_manifest,
 )
-from llm_packager.staging import remove_abandoned_staging, staging_folder
+from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
 
 MODEL_ARTIFACT_DIR = "hf_model"
 _CACHE_ENV = "LLM_PACKAGER_CACHE"

@@ -18,8 +18,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from llm_packager.manifest import ModelFilesError, sha256_of_file
-from llm_packager.staging import remove_abandoned_staging, staging_folder
+from llm_packager.sources.manifest import ModelFilesError, sha256_of_file
+from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
 
 _GGUF_MAGIC = b"GGUF"
 _PINNED_REQUIREMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+")

@@ -1,6 +1,7 @@
 """Answer an evaluation set with one logged model, in a process of its own.
 
-Run by the evaluate step as ``python -m llm_packager.eval_worker``: a separate process per model
+Run by the evaluate step as ``python -m llm_packager.evaluation.worker``: a separate process per
+model
 means each model's peak memory is its own, and the model is loaded by its URI through
 ``mlflow.pyfunc`` exactly as a server would load it. Writes one JSON file of answers and figures.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llm_packager.chat import load_logged_model
-from llm_packager.evaluation import load_eval_set
+from llm_packager.evaluation.scoring import load_eval_set
+from llm_packager.models.chat import load_logged_model
 from llm_packager.third_party import silence_known_warnings
 
 

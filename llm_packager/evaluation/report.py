@@ -14,8 +14,8 @@ matplotlib.use("Agg")  # files only; the step may run on a machine without a dis
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from llm_packager.evaluation_record import Evaluation
-from llm_packager.metrics import QUALITY_METRICS
+from llm_packager.evaluation.metrics import QUALITY_METRICS
+from llm_packager.evaluation.record import Evaluation
 
 RANDOM_WEIGHTS_WARNING = (
     "These models have random weights (the synthetic tiny Phi-3). Their answers are noise, so "

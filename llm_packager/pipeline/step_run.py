@@ -94,7 +94,7 @@ def exit_process(exit_code: int) -> NoReturn:
 
 def local_log_folder() -> Path:
     """Where step logs are written first: kept there when they cannot reach the tracking server."""
-    from llm_packager.upstream import cache_root
+    from llm_packager.sources.upstream import cache_root
 
     return cache_root() / "logs"
 
@@ -200,11 +200,12 @@ def run_command_line(
     prepare: Callable[[Any], None] | None = None,
 ) -> NoReturn:
     """The command-line part of a step: parse its arguments with the parser its spec defines
-    (``llm_packager.specs``), call ``prepare(parameters)`` if given (for what must happen before
+    (``llm_packager.config.specs``), call ``prepare(parameters)`` if given (for what must happen
+    before
     heavy imports), run ``work(parameters, run_id)`` in the step's run, and exit with the outcome.
     """
-    from llm_packager.parameters import parse_arguments
-    from llm_packager.specs import ENTRY_POINTS
+    from llm_packager.config.parameters import parse_arguments
+    from llm_packager.config.specs import ENTRY_POINTS
 
     parameters = parse_arguments(ENTRY_POINTS[entry_point].parameters, sys.argv[1:])
     if prepare is not None:

@@ -93,7 +93,7 @@ def load_logged_model(model_uri: str, scratch: Path) -> LoadedModel:
     timing the load (not the download)."""
     import mlflow
 
-    from llm_packager.manifest import folder_bytes
+    from llm_packager.sources.manifest import folder_bytes
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(scratch)))
     started = time.perf_counter()

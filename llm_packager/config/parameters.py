@@ -1,6 +1,7 @@
 """Step parameters declared once, as frozen dataclasses, and everything derived from them.
 
-Each step's parameters are one frozen dataclass (``llm_packager.specs``): a field per parameter,
+Each step's parameters are one frozen dataclass (``llm_packager.config.specs``): a field per
+parameter,
 with its Python type, its default and a one-line help. From that one declaration come
 
 - the step's command-line parser (`parse_arguments`), so no step writes argparse code;

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from llm_packager.choices import RecommendationPolicy
 from llm_packager.errors import UserError
-from llm_packager.metrics import (
+from llm_packager.evaluation.metrics import (
     AGREEMENT_METRICS,
     QUALITY_METRICS,
     GateRule,
     Verdict,
     apply_gate,
 )
-from llm_packager.parity import prefix_agreement
+from llm_packager.models.parity import prefix_agreement
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -172,7 +172,7 @@ def agreement(answers_a: list[str], answers_b: list[str]) -> dict[str, float]:
 
 
 def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str, float]:
-    """A candidate's figures from its worker's output (``llm_packager.eval_worker``) and the
+    """A candidate's figures from its worker's output (``llm_packager.evaluation.worker``) and the
     scores of its answers: mean quality, decode speed, latency percentiles, memory and size."""
     answers = result["answers"]
     latencies = [answer["latency_s"] for answer in answers]
@@ -238,7 +238,7 @@ def judge(
     was evaluated; the reference agrees with itself), apply the gate, and pick by the policy.
 
     Args:
-        results: each candidate's worker output (``llm_packager.eval_worker``), by name.
+        results: each candidate's worker output (``llm_packager.evaluation.worker``), by name.
         examples: the evaluation set the answers belong to, in the same order.
         reference: the candidate the others are compared with.
         rules: the gate's absolute rules.

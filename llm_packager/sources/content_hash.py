@@ -15,13 +15,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from llm_packager.manifest import model_files, sha256_of_file
+from llm_packager.sources.manifest import model_files, sha256_of_file
 
 _CACHE_NAME = "file-hashes.json"
 
 
 def _cache_file() -> Path:
-    from llm_packager.upstream import cache_root
+    from llm_packager.sources.upstream import cache_root
 
     return cache_root() / _CACHE_NAME
 

@@ -18,8 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from llm_packager.choices import LoggedModels
-from llm_packager.parameters import config_schema_fields
-from llm_packager.specs import PIPELINE
+from llm_packager.config.parameters import config_schema_fields
+from llm_packager.config.specs import PIPELINE
 
 SCHEMA_NAME = "pipeline_schema"
 # Keys that shape the pipeline rather than a step's parameters: main reads them itself.

@@ -1,6 +1,6 @@
 """Composing and validating the Hydra configuration. Only the `main` entry point imports this.
 
-conf/ is composed onto the typed schema built from the step specs (``llm_packager.config_schema``),
+conf/ is composed onto the typed schema built from the step specs (``llm_packager.config.schema``),
 so an unknown key, a value of the wrong type or an unknown choice fails here, as one line naming
 the key, before any step run exists. The rules a schema cannot express (which keys a source needs,
 pinned revisions, a model folder that exists) are checked by `validate_config`.
@@ -17,15 +17,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llm_packager import config_schema
 from llm_packager.choices import ModelSource, OnnxSource
+from llm_packager.config import schema as config_schema
 from llm_packager.errors import UserError
-from llm_packager.hub import UnpinnedRevisionError, require_pinned_revision
-from llm_packager.manifest import ModelFilesError, check_model_files
-from llm_packager.metrics import MODEL_METRICS
-from llm_packager.registry import RegistryNameError, check_alias, check_registered_model_name
+from llm_packager.evaluation.metrics import MODEL_METRICS
+from llm_packager.models.registry import RegistryNameError, check_alias, check_registered_model_name
+from llm_packager.project import PROJECT_DIR
+from llm_packager.sources.hub import UnpinnedRevisionError, require_pinned_revision
+from llm_packager.sources.manifest import ModelFilesError, check_model_files
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = PROJECT_DIR / "conf"
 SYNTHETIC_SIZE_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -190,7 +191,7 @@ def _validate_model(model: DictConfig) -> None:
 
 
 def _validate_gguf(model: DictConfig) -> None:
-    from llm_packager.gguf_source import GgufError, check_gguf_architecture
+    from llm_packager.sources.gguf import GgufError, check_gguf_architecture
 
     if not model.gguf_file:
         raise ConfigError("model.gguf_file must be set when model.source=gguf")
@@ -220,7 +221,7 @@ def _validate_gguf(model: DictConfig) -> None:
 
 def _validate_architecture(model: DictConfig) -> None:
     """Fill in the architecture where the config can know it before anything is fetched."""
-    from llm_packager.onnx_build import hf_architecture
+    from llm_packager.models.onnx_build import hf_architecture
 
     known = None
     if model.source == ModelSource.synthetic:
@@ -269,7 +270,7 @@ def onnx_candidates(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def _validate_buildable(architecture: str, prefix: str) -> None:
-    from llm_packager.onnx_build import UnsupportedArchitectureError, check_builder_supports
+    from llm_packager.models.onnx_build import UnsupportedArchitectureError, check_builder_supports
 
     try:
         check_builder_supports(architecture)
@@ -320,7 +321,7 @@ def _validate_onnx(onnx: DictConfig, prefix: str) -> None:
 
 
 def _validate_evaluate(evaluate: DictConfig, candidates: list[str]) -> None:
-    from llm_packager.evaluation import EvalSetError, resolve_eval_set
+    from llm_packager.evaluation.scoring import EvalSetError, resolve_eval_set
 
     for key in ("max_tokens", "batch_size"):
         if evaluate[key] < 1:

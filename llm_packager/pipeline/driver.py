@@ -3,8 +3,10 @@
 `plan_pipeline` turns the composed config into step runs: one per step, except ``log_onnx``, which
 runs once per ONNX candidate (the onnx section, then each of ``onnx.variants``). `run_pipeline`
 runs them in order through MLflow's local project backend, each nested under main's run, with its
-parameters (from the step's spec, ``llm_packager.specs``) and the run ids of the steps it follows.
-Before running one, it looks for a finished run with the same reuse key (``llm_packager.reuse``)
+parameters (from the step's spec, ``llm_packager.config.specs``) and the run ids of the steps it
+follows.
+Before running one, it looks for a finished run with the same reuse key
+(``llm_packager.pipeline.reuse``)
 and takes that instead. See docs/architecture.md.
 """
 
@@ -36,37 +38,35 @@ from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_BACKEND
 from omegaconf import DictConfig
 
 from llm_packager.choices import ModelSource, ModelStore
-from llm_packager.config import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
-from llm_packager.errors import TrackingServerUnreachableError, UserError
-from llm_packager.hub import is_commit
-from llm_packager.memory_budget import (
-    available_memory_mib,
-    check_memory,
-    step_memory,
-    stored_bytes_per_parameter,
-)
-from llm_packager.model_store import (
-    MODEL_STORE_TAG,
-    fail_abandoned_models,
-    resolve_model_store,
-)
-from llm_packager.parameters import (
+from llm_packager.config.compose import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
+from llm_packager.config.parameters import (
     ROLE_UPSTREAM,
     as_mlflow_parameters,
     config_values,
     fields_of,
     takes_many_runs,
 )
-from llm_packager.project import PROJECT_DIR
-from llm_packager.reuse import (
+from llm_packager.config.specs import PIPELINE, STEP_NAMES, StepDefinition
+from llm_packager.errors import TrackingServerUnreachableError, UserError
+from llm_packager.models.model_store import (
+    MODEL_STORE_TAG,
+    fail_abandoned_models,
+    resolve_model_store,
+)
+from llm_packager.pipeline.memory_budget import (
+    available_memory_mib,
+    check_memory,
+    step_memory,
+    stored_bytes_per_parameter,
+)
+from llm_packager.pipeline.reuse import (
     CODE_VERSION_TAG,
     REUSE_KEY_TAG,
     UPSTREAM_TAG_PREFIX,
     find_reusable_run,
     reuse_key,
 )
-from llm_packager.specs import PIPELINE, STEP_NAMES, StepDefinition
-from llm_packager.step_run import (
+from llm_packager.pipeline.step_run import (
     ERROR_TAG,
     EXIT_SERVER_UNREACHABLE,
     LOCAL_LOG_TAG,
@@ -74,6 +74,8 @@ from llm_packager.step_run import (
     fail_orphaned_runs,
     log_artifact_uri,
 )
+from llm_packager.project import PROJECT_DIR
+from llm_packager.sources.hub import is_commit
 
 # When main launched a step and when the launch returned (epoch seconds); with the step's own
 # timing tag this splits its wall time (benchmarks/pipeline.py).
@@ -180,7 +182,7 @@ def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list
     if step.entry_point == "fetch_model":
         return [_fetch_run(step, values)]
     if step.entry_point == "evaluate":
-        from llm_packager.evaluation import file_sha256, resolve_eval_set
+        from llm_packager.evaluation.scoring import file_sha256, resolve_eval_set
 
         # The content hash is a parameter, so editing the evaluation set invalidates earlier
         # evaluations (and the step checks the file it reads is the one hashed here).
@@ -189,7 +191,7 @@ def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list
 
 
 def _fetch_run(step: StepDefinition, values: dict[str, Any]) -> PlannedStep:
-    from llm_packager.content_hash import content_digest
+    from llm_packager.sources.content_hash import content_digest
 
     source = values["source"]
     values["content_sha256"] = ""

@@ -1,0 +1,24 @@
+"""The logged models: how they are built, what they answer, where they are stored and registered.
+
+Owns: the onnxruntime-genai model builder and the chat signature (`onnx_build`), the ONNX
+models-from-code file (`onnx_chat_model`: the pyfunc class and `set_model`, nothing else), the
+OpenAI chat-completion contract and the load-back check (`chat`), greedy decoding in both runtimes
+(`parity`), pinned pip requirements (`requirements`), LoggedModels or run artifacts
+(`model_store`), and registry names and aliases (`registry`).
+
+Public names:
+- onnx_build: OnnxBuildError, UnsupportedArchitectureError, PrebuiltMismatchError,
+  RUNTIME_DISTRIBUTIONS, builder_architectures, check_builder_supports, check_prebuilt_matches,
+  hf_architecture, builder_command, build_onnx_model, chat_signature
+- chat: FINISH_REASONS, EXAMPLE_CHAT_REQUEST, CHECK_MAX_TOKENS, MalformedCompletionError,
+  check_chat_completion, LoadBackCheck, LoadedModel, load_logged_model, load_back_and_answer
+- parity: PARITY_CHATS, REFERENCE_SAMPLE_CHAT, chat_prompt_text, chat_token_ids,
+  greedy_transformers, greedy_onnx, prefix_agreement
+- requirements: pinned
+- model_store: server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
+  fail_abandoned_models
+- registry: UNITY_CATALOG_SCHEME, RegistryNameError, is_unity_catalog,
+  check_registered_model_name, check_alias, existing_version
+
+Imports the root modules and `sources`; the served model's own code is in `serving`.
+"""
