@@ -1,8 +1,8 @@
-"""Write every file derived from the step specs: MLproject, the README's parameter tables, and the
-Databricks and Azure ML job definitions.
+"""Write every file derived from the step specs: MLproject, the parameter tables of
+docs/configuration.md, and the Databricks and Azure ML job definitions.
 
 Run ``python -m llm_packager.generate`` after changing ``llm_packager/config/specs.py`` or conf/;
-``--check`` writes nothing and exits 1 naming the stale files (``tests/test_generated.py`` does
+``--check`` writes nothing and exits 1 naming the stale files (``tests/test_parameters.py`` does
 the same check, so a stale file fails the tests).
 """
 
@@ -21,7 +21,8 @@ from llm_packager.config.specs import ENTRY_POINTS
 from llm_packager.project import PROJECT_DIR
 
 MLPROJECT = Path("MLproject")
-README = Path("README.md")
+# The page whose parameter tables are generated, between their markers.
+CONFIGURATION_DOC = Path("docs/configuration.md")
 _TABLE_HEADER = ("| key | type | default | meaning |", "|---|---|---|---|")
 _TABLE_BLOCK = re.compile(
     r"(<!-- generated: parameters of (?P<entry_point>\w+) -->\n)(?P<body>.*?)"
@@ -65,8 +66,9 @@ def render_mlproject() -> str:
     return "\n".join(lines)
 
 
-def render_readme(text: str) -> str:
-    """The README with every generated parameter table replaced by the specs' current one."""
+def render_parameter_tables(text: str) -> str:
+    """`text` (a Markdown page) with every generated parameter table replaced by the specs'
+    current one."""
 
     def table(match: re.Match) -> str:
         step = ENTRY_POINTS[match["entry_point"]]
@@ -99,7 +101,7 @@ def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
 
     return {
         MLPROJECT: render_mlproject(),
-        README: render_readme((project_dir / README).read_text()),
+        CONFIGURATION_DOC: render_parameter_tables((project_dir / CONFIGURATION_DOC).read_text()),
         DATABRICKS_BUNDLE: as_yaml(
             databricks_bundle(compose_config(model, "register=unity-catalog"))
         ),

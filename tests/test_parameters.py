@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -24,7 +25,12 @@ from llm_packager.config.specs import (
     LogOnnxParameters,
 )
 from llm_packager.evaluation.metrics import GateRule
-from llm_packager.generate import render_mlproject, render_readme, stale_files
+from llm_packager.generate import (
+    CONFIGURATION_DOC,
+    render_mlproject,
+    render_parameter_tables,
+    stale_files,
+)
 from llm_packager.project import PROJECT_DIR
 
 
@@ -115,7 +121,14 @@ def test_generated_files_are_up_to_date():
     assert stale_files() == [], "run `python -m llm_packager.generate`"
 
 
-def test_a_new_spec_field_reaches_mlproject_and_the_readme_with_no_other_edit(monkeypatch):
+def test_every_entry_point_has_one_generated_table_in_the_configuration_page():
+    # A step without a marker block would silently have no table: generate only fills blocks.
+    page = (PROJECT_DIR / CONFIGURATION_DOC).read_text()
+    tables = re.findall(r"<!-- generated: parameters of (\w+) -->", page)
+    assert sorted(tables) == sorted(ENTRY_POINTS)
+
+
+def test_a_new_spec_field_reaches_mlproject_and_the_docs_table_with_no_other_edit(monkeypatch):
     @dataclass(frozen=True, kw_only=True)
     class Extended(LogOnnxParameters):
         kv_cache_bits: int = parameter("bits per KV cache entry", 16)
@@ -125,8 +138,8 @@ def test_a_new_spec_field_reaches_mlproject_and_the_readme_with_no_other_edit(mo
     )
     assert "      kv_cache_bits: {type: int, default: 16}" in render_mlproject()
     assert "--kv-cache-bits {kv_cache_bits}" in " ".join(render_mlproject().split())
-    readme = render_readme((PROJECT_DIR / "README.md").read_text())
-    assert "| `onnx.kv_cache_bits` | int | `16` | bits per KV cache entry |" in readme
+    tables = render_parameter_tables((PROJECT_DIR / CONFIGURATION_DOC).read_text())
+    assert "| `onnx.kv_cache_bits` | int | `16` | bits per KV cache entry |" in tables
     assert parse_arguments(Extended, ["--fetch-model-run-id", "r"]).kv_cache_bits == 16
     assert ("kv_cache_bits", int) in [(name, kind) for name, kind, _ in
                                       config_schema_fields(Extended)]  # fmt: skip

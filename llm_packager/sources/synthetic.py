@@ -4,7 +4,7 @@ The model is a real `Phi3ForCausalLM` (so transformers, MLflow and the onnxrunti
 builder treat it exactly like Phi-3-mini), but its weights are random: any quality figure measured
 on it is meaningless. The tokenizer is a byte-level BPE (GPT-2 style), because onnxruntime-genai
 encodes and decodes that kind exactly as transformers does, so the two runtimes can be compared
-token for token; a byte-fallback BPE would not (docs/architecture.md, "The synthetic model").
+token for token; a byte-fallback BPE would not (docs/models.md, "The tiny model").
 """
 
 from __future__ import annotations
