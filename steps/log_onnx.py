@@ -8,8 +8,8 @@ options); the served model's generation defaults and limits; and the candidate n
 evaluated under (``main`` runs this step once per ONNX candidate).
 
 Writes (on its own run):
-    a LoggedModel ``chat_model`` logged from code (``llm_packager/models/onnx_chat_model.py``) with
-    the
+    a LoggedModel ``chat_model`` logged from code (``llm_packager/models/onnx_chat_model.py``,
+    with ``llm_packager/serving`` in its ``code/`` folder as ``llm_packager_serving``) with the
     ONNX folder as artifact ``onnx_model``; its ``models:/<id>`` URI in the tags
     ``llm_packager.outputs`` and ``llm_packager.model_uri``; tags ``llm_packager.candidate`` and
     ``llm_packager.runtime`` (``onnx``); param ``onnxruntime_genai_version``; artifacts
@@ -31,6 +31,21 @@ import mlflow
 from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
 from llm_packager.config.specs import LogOnnxParameters
 from llm_packager.errors import InvalidParametersError
+from llm_packager.keys import (
+    GREEDY_TOKEN_AGREEMENT_METRIC,
+    HF_REPO_ID_TAG,
+    LOAD_SECONDS_METRIC,
+    LOG_ARTIFACT_DIR,
+    LOG_SECONDS_METRIC,
+    MODEL_NAME_TAG,
+    ONNX_BUILDER_LOG,
+    ONNX_REPO_ID_TAG,
+    ONNX_RESOLVED_COMMIT_TAG,
+    ONNX_SIZE_BYTES_METRIC,
+    ONNXRUNTIME_GENAI_VERSION_PARAM,
+    SAMPLE_COMPLETION_ARTIFACT,
+    SAMPLE_PROMPT_ANSWER_ARTIFACT,
+)
 from llm_packager.models.chat import (
     CHECK_MAX_TOKENS,
     EXAMPLE_CHAT_REQUEST,
@@ -47,17 +62,27 @@ from llm_packager.models.onnx_build import (
     hf_architecture,
 )
 from llm_packager.models.parity import chat_prompt_text
+from llm_packager.models.served_code import MODEL_CODE, served_code_paths
 from llm_packager.pipeline.reuse import announce_model, candidate_tags
-from llm_packager.pipeline.step_run import LOG_ARTIFACT_DIR, run_command_line
-from llm_packager.project import PROJECT_DIR
+from llm_packager.pipeline.step_run import run_command_line
+from llm_packager.serving.keys import (
+    BATCH_WAIT_MS_KEY,
+    BATCHING_KEY,
+    DO_SAMPLE_KEY,
+    INTRA_OP_NUM_THREADS_KEY,
+    MAX_BATCH_SIZE_KEY,
+    MAX_NEW_TOKENS_KEY,
+    MAX_QUEUED_REQUESTS_KEY,
+    MAX_TOKENS_CAP_KEY,
+    MODEL_NAME_KEY,
+    ONNX_ARTIFACT_KEY,
+    TEMPERATURE_KEY,
+    TOP_P_KEY,
+)
 from llm_packager.sources.hub import download_pinned_snapshot
 from llm_packager.sources.manifest import check_model_files, folder_bytes
 from llm_packager.sources.upstream import FetchedModel, fetched_model
 
-MODEL_CODE = PROJECT_DIR / "llm_packager" / "models" / "onnx_chat_model.py"
-# Must equal ONNX_ARTIFACT_KEY in the model file, which cannot import this project.
-ONNX_ARTIFACT_KEY = "onnx_model"
-# The reference sample's request, unchanged: a prompt already in Phi-3's chat format.
 logger = logging.getLogger(__name__)
 
 
@@ -76,7 +101,9 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
         snapshot = download_pinned_snapshot(
             request.repo_id, request.revision, list(request.allow_patterns)
         )
-        mlflow.set_tags({"onnx.repo_id": request.repo_id, "onnx.resolved_commit": snapshot.commit})
+        mlflow.set_tags(
+            {ONNX_REPO_ID_TAG: request.repo_id, ONNX_RESOLVED_COMMIT_TAG: snapshot.commit}
+        )
         folder = snapshot.folder / request.subfolder
         check_model_files(folder)
         # A published build is for one model: never package it as another one.
@@ -84,7 +111,7 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
         return folder
     # Checked again on the fetched files: the config may not have known the architecture.
     check_builder_supports(hf_architecture(fetched.folder))
-    log_path = scratch / "onnx_builder.log"
+    log_path = scratch / ONNX_BUILDER_LOG
     try:
         return build_onnx_model(
             fetched.folder,
@@ -134,47 +161,47 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         )
     fetched = fetched_model(request.fetch_model_run_id)
     mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate, Runtime.onnx)})
-    model_name = fetched.tags.get(
-        "hf.repo_id", fetched.tags.get("llm_packager.model_name", "model")
-    )
+    model_name = fetched.tags.get(HF_REPO_ID_TAG, fetched.tags.get(MODEL_NAME_TAG, "model"))
     sample_prompt = chat_prompt_text(fetched.folder)
     with tempfile.TemporaryDirectory(prefix="log-onnx-") as scratch:
         onnx_folder = _onnx_folder(request, fetched, Path(scratch))
         check_model_files(onnx_folder)
         size = folder_bytes(onnx_folder)
-        mlflow.log_params({"onnxruntime_genai_version": onnxruntime_genai.__version__})
+        mlflow.log_params({ONNXRUNTIME_GENAI_VERSION_PARAM: onnxruntime_genai.__version__})
         agreement = _agreement(request, fetched, onnx_folder)
         started = time.perf_counter()
-        model_uri = log_chat_model(
-            mlflow.pyfunc,
-            request.model_store,
-            run_id,
-            python_model=str(MODEL_CODE),
-            artifacts={ONNX_ARTIFACT_KEY: str(onnx_folder)},
-            model_config={
-                "model_name": f"{model_name} ({request.precision.value} onnx)",
-                "max_new_tokens": request.max_new_tokens,
-                "do_sample": request.do_sample,
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-                "max_tokens_cap": request.max_tokens_cap,
-                "batching": request.batching.value,
-                "max_batch_size": request.max_batch_size,
-                "max_queued_requests": request.max_queued_requests,
-                "batch_wait_ms": request.batch_wait_ms,
-                "intra_op_num_threads": request.intra_op_num_threads,
-            },
-            signature=chat_signature(),
-            input_example=EXAMPLE_CHAT_REQUEST,
-            pip_requirements=pinned(
-                "mlflow", *RUNTIME_DISTRIBUTIONS[request.execution_provider], "numpy", "pandas"
-            ),
-            metadata={
-                "source_model": model_name,
-                "precision": request.precision.value,
-                "candidate": request.candidate,
-            },
-        )
+        with served_code_paths() as code_paths:
+            model_uri = log_chat_model(
+                mlflow.pyfunc,
+                request.model_store,
+                run_id,
+                python_model=str(MODEL_CODE),
+                code_paths=code_paths,
+                artifacts={ONNX_ARTIFACT_KEY: str(onnx_folder)},
+                model_config={
+                    MODEL_NAME_KEY: f"{model_name} ({request.precision.value} onnx)",
+                    MAX_NEW_TOKENS_KEY: request.max_new_tokens,
+                    DO_SAMPLE_KEY: request.do_sample,
+                    TEMPERATURE_KEY: request.temperature,
+                    TOP_P_KEY: request.top_p,
+                    MAX_TOKENS_CAP_KEY: request.max_tokens_cap,
+                    BATCHING_KEY: request.batching.value,
+                    MAX_BATCH_SIZE_KEY: request.max_batch_size,
+                    MAX_QUEUED_REQUESTS_KEY: request.max_queued_requests,
+                    BATCH_WAIT_MS_KEY: request.batch_wait_ms,
+                    INTRA_OP_NUM_THREADS_KEY: request.intra_op_num_threads,
+                },
+                signature=chat_signature(),
+                input_example=EXAMPLE_CHAT_REQUEST,
+                pip_requirements=pinned(
+                    "mlflow", *RUNTIME_DISTRIBUTIONS[request.execution_provider], "numpy", "pandas"
+                ),
+                metadata={
+                    "source_model": model_name,
+                    "precision": request.precision.value,
+                    "candidate": request.candidate,
+                },
+            )
         log_seconds = time.perf_counter() - started
     check = load_back_and_answer(
         model_uri, {"prompt": sample_prompt, "max_tokens": CHECK_MAX_TOKENS}
@@ -185,11 +212,13 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
         raise MalformedCompletionError(
             f"a prompt request must be answered with text, got {prompt_answer!r}"
         )
-    mlflow.log_dict(chat_answer, "sample_completion.json")
-    mlflow.log_dict({"prompt": sample_prompt, "answer": prompt_answer}, "sample_prompt_answer.json")
-    metrics = {"onnx_size_bytes": size, "load_seconds": load_seconds, "log_seconds": log_seconds}
+    mlflow.log_dict(chat_answer, SAMPLE_COMPLETION_ARTIFACT)
+    mlflow.log_dict({"prompt": sample_prompt, "answer": prompt_answer},
+                    SAMPLE_PROMPT_ANSWER_ARTIFACT)  # fmt: skip
+    metrics = {ONNX_SIZE_BYTES_METRIC: size, LOAD_SECONDS_METRIC: load_seconds,
+               LOG_SECONDS_METRIC: log_seconds}  # fmt: skip
     if agreement is not None:
-        metrics["greedy_token_agreement"] = agreement
+        metrics[GREEDY_TOKEN_AGREEMENT_METRIC] = agreement
     mlflow.log_metrics(metrics)
     announce_model(mlflow.MlflowClient(), run_id, model_uri)
     logger.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from llm_packager.models.parity import (
     greedy_onnx,
     greedy_transformers,
 )
+from llm_packager.models.served_code import SERVED_PACKAGE
 from steps.fetch_model import fetch_model
 from steps.log_onnx import log_onnx
 
@@ -32,6 +34,8 @@ from .support import REFERENCE_PROMPT_REQUEST, local_fetch_parameters, project_e
 
 PARITY_TOKENS = 20
 CAP = 64
+# The served model's modules, each of which must come from the model's own logged copy.
+SERVED_MODULES = ("keys", "requests", "sequence", "generators", "shared_rows", "decode_loop")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,83 @@ def test_fresh_process_without_pickle_answers_both_shapes_and_a_batch(logged_fp3
         check_chat_completion(completion, max_tokens=cap)
 
 
+# Run with `python -I` from an empty folder: no PYTHONPATH, no working directory on sys.path. The
+# script then drops whatever else could still find the project (a sys.path entry holding it, an
+# editable install's finder), checks that it cannot be found, and refuses any later import of it.
+_WITHOUT_THE_PROJECT = """
+import importlib.abc, importlib.util, json, os, sys
+from pathlib import Path
+
+sys.path[:] = [entry for entry in sys.path
+               if not (Path(entry or os.getcwd()) / "llm_packager").is_dir()]
+sys.meta_path[:] = [finder for finder in sys.meta_path
+                    if "editable" not in type(finder).__module__.lower()]
+assert importlib.util.find_spec("llm_packager") is None, "the project is still importable"
+
+
+class RefuseTheProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "llm_packager":
+            raise ImportError(f"the served model imported {name}")
+
+
+sys.meta_path.insert(0, RefuseTheProject())
+import mlflow
+
+model_dir = Path(sys.argv[1]).resolve()
+model = mlflow.pyfunc.load_model(str(model_dir))
+answer = model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+served = {name: str(Path(module.__file__).resolve()) for name, module in sys.modules.items()
+          if name.split(".")[0] == "llm_packager_serving"}
+print(json.dumps({"answer": answer, "served": served,
+                  "project": sorted(n for n in sys.modules if n.split(".")[0] == "llm_packager"),
+                  "model_dir": str(model_dir)}))
+"""
+
+
+def test_the_model_loads_and_answers_where_the_project_cannot_be_imported(logged_fp32, tmp_path):
+    uri, _, result = logged_fp32
+    downloaded = mlflow.artifacts.download_artifacts(
+        artifact_uri=result.model_uri, dst_path=str(tmp_path / "download"), tracking_uri=uri
+    )
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", _WITHOUT_THE_PROJECT, downloaded],
+        env={**environment, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+        cwd=empty, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    check_chat_completion(found["answer"][0], max_tokens=4)
+    assert found["project"] == []
+    # The decoders, the loop, the request checks and the keys all ran from the model's own copy.
+    logged_code = Path(found["model_dir"]) / "code" / SERVED_PACKAGE
+    assert {f"{SERVED_PACKAGE}.{module}" for module in SERVED_MODULES} <= set(found["served"])
+    assert all(Path(file).is_relative_to(logged_code) for file in found["served"].values())
+
+
+def test_each_model_loaded_in_one_process_runs_its_own_logged_code(logged_fp32, model, tmp_path):
+    """A second model loaded where the project is importable, and after another model's serving
+    package is already imported, still runs the code logged with it."""
+    uri, _, result = logged_fp32
+    downloaded = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=result.model_uri, dst_path=str(tmp_path), tracking_uri=uri
+    )).resolve()  # fmt: skip
+    second = mlflow.pyfunc.load_model(str(downloaded))
+
+    def decoder_file(loaded) -> Path:
+        # The file the decoder's code was compiled from, whatever sys.modules now holds.
+        step = type(loaded.unwrap_python_model()._loop._rows).step
+        return Path(step.__code__.co_filename).resolve()
+
+    assert decoder_file(second).is_relative_to(downloaded / "code" / SERVED_PACKAGE)
+    assert not decoder_file(model).is_relative_to(downloaded)
+    request = _chat("What is 2 + 2?", max_tokens=6)
+    assert second.predict(request)[0]["choices"] == model.predict(request)[0]["choices"]
+
+
 def test_max_tokens_counts_new_tokens_only(model):
     request = _chat("Tell me a joke about atom")
     unlimited = model.predict(dict(request, max_tokens=CAP))[0]["usage"]
@@ -266,10 +347,10 @@ def test_bad_requests_are_refused_with_a_clear_message(model, request_body, mess
 
 
 def test_non_string_content_is_refused(model):
-    from llm_packager.models.onnx_chat_model import BadRequestError, _messages
+    from llm_packager.serving.requests import BadRequestError, chat_messages
 
     with pytest.raises(BadRequestError, match=r"messages\[0\]\.content must be a string; got int"):
-        _messages([{"role": "user", "content": 42}])
+        chat_messages([{"role": "user", "content": 42}])
     with pytest.raises(MlflowException):
         model.predict({"messages": [{"role": "user", "content": 42}]})
 
@@ -359,13 +440,13 @@ def _streamed(chunks) -> tuple[dict[int, str], dict[int, str], list[dict]]:
 
 
 def test_held_back_text_is_the_longest_ending_that_could_become_a_stop_string():
-    from llm_packager.models.onnx_chat_model import _held_back
+    from llm_packager.serving.requests import held_back
 
-    assert _held_back("Hello wor", ["world"]) == 3
-    assert _held_back("Hello w", ["world", "x"]) == 1
-    assert _held_back("Hello", ["world"]) == 0
-    assert _held_back("ab", ["abc", "bcd"]) == 2
-    assert _held_back("anything", []) == 0
+    assert held_back("Hello wor", ["world"]) == 3
+    assert held_back("Hello w", ["world", "x"]) == 1
+    assert held_back("Hello", ["world"]) == 0
+    assert held_back("ab", ["abc", "bcd"]) == 2
+    assert held_back("anything", []) == 0
 
 
 def test_a_stream_adds_up_to_the_answer_and_ends_with_usage(model):

@@ -1,0 +1,53 @@
+"""The decoder for builds the shared rows cannot decode (CUDA builds, ``batching: generators``):
+onnxruntime-genai Generators, each a batch fixed when it starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime_genai as og
+
+from .sequence import Sequence
+
+
+class GeneratorBatch:
+    """Sequences decoded together by one onnxruntime-genai Generator."""
+
+    def __init__(self, model, tokenizer, pad_token: int, sequences: list[Sequence]) -> None:
+        self.sequences = sequences
+        options = sequences[0].options
+        longest = max(len(sequence.ids) for sequence in sequences)
+        search: dict[str, Any] = {
+            "max_length": longest + max(sequence.options["max_tokens"] for sequence in sequences),
+            "do_sample": options["sampling"],
+            "batch_size": len(sequences),
+        }
+        if options["sampling"]:
+            search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
+            if options["seed"] is not None:
+                search["random_seed"] = options["seed"]
+        generator_params = og.GeneratorParams(model)
+        generator_params.set_search_options(**search)
+        self.generator = og.Generator(model, generator_params)
+        # Padded on the right with the pad token, as Tokenizer.encode_batch does; onnxruntime-genai
+        # masks pad positions, so each answer equals the one the prompt gets alone.
+        prompts = np.full((len(sequences), longest), pad_token, dtype=np.int32)
+        for row, sequence in enumerate(sequences):
+            prompts[row, : len(sequence.ids)] = sequence.ids
+            sequence.stream = tokenizer.create_stream()
+        self.generator.append_tokens(prompts)
+
+    def live(self) -> bool:
+        return any(sequence.finished is None and not sequence.cancelled
+                   for sequence in self.sequences)  # fmt: skip
+
+    def step(self, end_tokens: set[int]) -> None:
+        if self.generator.is_done():
+            for sequence in self.sequences:
+                sequence.end_early()
+            return
+        self.generator.generate_next_token()
+        for sequence, token in zip(self.sequences, self.generator.get_next_tokens(), strict=True):
+            if sequence.finished is None and not sequence.cancelled:
+                sequence.take(int(token), end_tokens)
