@@ -30,9 +30,19 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
+
 from benchmarks.common import local_server, machine_description
 from benchmarks.pipeline import run_main
 from llm_packager.config.specs import STEP_NAMES
+from llm_packager.keys import (
+    MODEL_TOTAL_BYTES_METRIC,
+    MODEL_URI_TAG,
+    ONNX_SIZE_BYTES_METRIC,
+    PEAK_RSS_CHILDREN_METRIC,
+    PEAK_RSS_METRIC,
+    candidate_key,
+)
 
 PHI3_MINI_LAYERS = 32
 PHI3_MINI_WIDTH = (
@@ -101,29 +111,29 @@ def _figures(tracking_uri: str) -> dict[str, float]:
     experiment = client.get_experiment_by_name("Default")
     figures: dict[str, float] = {}
     for run in client.search_runs([experiment.experiment_id]):
-        step = run.data.tags.get("mlflow.project.entryPoint")
+        step = run.data.tags.get(MLFLOW_PROJECT_ENTRY_POINT)
         if step not in STEP_NAMES or step == "main":
             continue
         metrics = run.data.metrics
-        figures[f"{step} (own process)"] = metrics["peak_rss_mib"]
-        if metrics.get("peak_rss_children_mib", 0) > 0:
+        figures[f"{step} (own process)"] = metrics[PEAK_RSS_METRIC]
+        if metrics.get(PEAK_RSS_CHILDREN_METRIC, 0) > 0:
             child = {"log_onnx": "model builder", "evaluate": "largest candidate worker"}.get(
                 step, "child"
             )
-            figures[f"{step} ({child})"] = metrics["peak_rss_children_mib"]
+            figures[f"{step} ({child})"] = metrics[PEAK_RSS_CHILDREN_METRIC]
         if step == "evaluate":
             for candidate in ("transformers", "onnx"):
                 figures[f"evaluate ({candidate} worker)"] = metrics[
-                    f"{candidate}.peak_rss_generate_mib"
+                    candidate_key(candidate, "peak_rss_generate_mib")
                 ]
         if step in ("log_transformers", "log_onnx"):
             figures[f"mlflow models serve ({step[4:]})"] = _serving_peak_mib(
-                run.data.tags["llm_packager.model_uri"], tracking_uri
+                run.data.tags[MODEL_URI_TAG], tracking_uri
             )
         if step == "fetch_model":
-            figures["disk: fetched model (MiB)"] = metrics["model_total_bytes"] / 2**20
+            figures["disk: fetched model (MiB)"] = metrics[MODEL_TOTAL_BYTES_METRIC] / 2**20
         if step == "log_onnx":
-            figures["disk: ONNX model (MiB)"] = metrics["onnx_size_bytes"] / 2**20
+            figures["disk: ONNX model (MiB)"] = metrics[ONNX_SIZE_BYTES_METRIC] / 2**20
     return figures
 
 

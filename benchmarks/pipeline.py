@@ -36,10 +36,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
+
 from benchmarks.common import PROJECT_DIR, cell, local_server, summarise
 from llm_packager.config.specs import STEP_NAMES
-from llm_packager.pipeline.driver import LAUNCH_TIMING_TAG
-from llm_packager.pipeline.step_run import STEP_TIMING_TAG
+from llm_packager.keys import (
+    LAUNCH_TIMING_TAG,
+    MODEL_TOTAL_BYTES_METRIC,
+    ONNX_SIZE_BYTES_METRIC,
+    STEP_TIMING_TAG,
+)
 
 STEPS = STEP_NAMES
 # Each store: whether it is a fresh `mlflow server` (else the embedded SQLite store), and the
@@ -123,24 +129,24 @@ def _storage(client, experiment, artifact_root: Path) -> dict[str, object]:
         if "models" in parts and (index := parts.index("models")) + 1 < len(parts) \
                 and parts[index + 1] in models:  # fmt: skip
             model = models[parts[index + 1]]
-            step = runs[model.source_run_id].data.tags["mlflow.project.entryPoint"]
+            step = runs[model.source_run_id].data.tags[MLFLOW_PROJECT_ENTRY_POINT]
             by_source[f"{step}: LoggedModel '{model.name}'"] += path.stat().st_size
             continue
         run_ids = [part for part in parts if part in runs]
         if run_ids:
             run = runs[run_ids[0]]
-            step = run.data.tags.get("mlflow.project.entryPoint", "?")
+            step = run.data.tags.get(MLFLOW_PROJECT_ENTRY_POINT, "?")
             below = parts[parts.index(run_ids[0]) + 1 :]
             name = below[1] if len(below) > 1 and below[0] == "artifacts" else "/".join(below)
             by_source[f"{step}: {name}"] += path.stat().st_size
         else:
             by_source[f"other: {'/'.join(parts[:3])}"] += path.stat().st_size
-    fetch = next(r for r in runs.values() if r.data.tags.get("mlflow.project.entryPoint")
+    fetch = next(r for r in runs.values() if r.data.tags.get(MLFLOW_PROJECT_ENTRY_POINT)
                  == "fetch_model")  # fmt: skip
-    onnx = next(r for r in runs.values() if r.data.tags.get("mlflow.project.entryPoint")
+    onnx = next(r for r in runs.values() if r.data.tags.get(MLFLOW_PROJECT_ENTRY_POINT)
                 == "log_onnx")  # fmt: skip
-    fetched_bytes = int(fetch.data.metrics["model_total_bytes"])
-    onnx_bytes = int(onnx.data.metrics["onnx_size_bytes"])
+    fetched_bytes = int(fetch.data.metrics[MODEL_TOTAL_BYTES_METRIC])
+    onnx_bytes = int(onnx.data.metrics[ONNX_SIZE_BYTES_METRIC])
     total = sum(by_source.values())
     return {
         "total_bytes": total,
@@ -170,15 +176,15 @@ def _account(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment("0")
     mains = client.search_runs(
-        [experiment.experiment_id], "tags.`mlflow.project.entryPoint` = 'main'",
+        [experiment.experiment_id], f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = 'main'",
         order_by=["attributes.start_time ASC"],
     )  # fmt: skip
     children = client.search_runs(
-        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{mains[0].info.run_id}'"
+        [experiment.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{mains[0].info.run_id}'"
     )
-    phases = {run.data.tags["mlflow.project.entryPoint"]: _step_phases(run) for run in children}
+    phases = {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT]: _step_phases(run) for run in children}
     if set(phases) != set(STEPS) or client.search_runs(
-        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{mains[1].info.run_id}'"
+        [experiment.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{mains[1].info.run_id}'"
     ):
         raise RuntimeError("the cold run must run every step and the warm run must reuse them all")
     if tracking_uri:

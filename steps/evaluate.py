@@ -37,7 +37,6 @@ from llm_packager.config.specs import EvaluateParameters
 from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
 from llm_packager.evaluation.metrics import format_gate
 from llm_packager.evaluation.record import (
-    EVALUATION_FILE,
     CandidateResult,
     Evaluation,
     Recommendation,
@@ -51,7 +50,28 @@ from llm_packager.evaluation.scoring import (
     load_eval_set,
     resolve_eval_set,
 )
-from llm_packager.pipeline.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG, announce_outputs
+from llm_packager.keys import (
+    CANDIDATE_TAG,
+    DATASET_SHA256_TAG,
+    EVAL_TABLE_ARTIFACT,
+    EVALUATION_FILE,
+    EVALUATION_OUTPUT,
+    EVALUATION_RUN_ID_TAG,
+    MODEL_URI_TAG,
+    RANDOM_WEIGHTS_TAG,
+    RECOMMENDATION_POLICY_TAG,
+    RECOMMENDED_CANDIDATE_TAG,
+    RECOMMENDED_MODEL_URI_TAG,
+    REPORT_ARTIFACT,
+    REPORT_OUTPUT,
+    RUNTIME_TAG,
+    SYNTHETIC_RANDOM_WEIGHTS_TAG,
+    VALIDATION_REASONS_TAG,
+    VALIDATION_STATUS_TAG,
+    candidate_key,
+    run_verdict_key,
+)
+from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
 
 logger = logging.getLogger(__name__)
@@ -87,7 +107,7 @@ def _candidates(request: EvaluateParameters) -> list[tuple[str, Runtime, str, st
 def _random_weights(run_ids: list[str]) -> bool:
     client = mlflow.MlflowClient()
     return any(
-        client.get_run(run_id).data.tags.get("synthetic.random_weights") == "true"
+        client.get_run(run_id).data.tags.get(SYNTHETIC_RANDOM_WEIGHTS_TAG) == "true"
         for run_id in run_ids
     )
 
@@ -154,7 +174,7 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
     candidates = _candidates(request)
     random_weights = _random_weights([run for *_, run in candidates])
     frame = _log_dataset(examples, request.dataset, eval_set)
-    mlflow.set_tags({"dataset_sha256": digest, "random_weights": str(random_weights).lower()})
+    mlflow.set_tags({DATASET_SHA256_TAG: digest, RANDOM_WEIGHTS_TAG: str(random_weights).lower()})
 
     results = {name: _answer(name, uri, run, eval_set, request)
                for name, _, uri, run in candidates}  # fmt: skip
@@ -206,34 +226,35 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
                  table: pd.DataFrame, example_count: int) -> None:  # fmt: skip
     client = mlflow.MlflowClient()
     mlflow.log_metrics({
-        f"{candidate.name}.{metric}": value
+        candidate_key(candidate.name, metric): value
         for candidate in evaluation.candidates for metric, value in candidate.metrics.items()
     })  # fmt: skip
     for candidate in evaluation.candidates:
         mlflow.set_tags({
-            f"{candidate.name}.validation_status": candidate.verdict.status,
-            f"{candidate.name}.validation_reasons": candidate.verdict.explanation(),
+            candidate_key(candidate.name, VALIDATION_STATUS_TAG): candidate.verdict.status,
+            candidate_key(candidate.name, VALIDATION_REASONS_TAG):
+                candidate.verdict.explanation(),
         })  # fmt: skip
         verdict_tags = {
-            "validation_status": candidate.verdict.status,
-            "validation_reasons": candidate.verdict.explanation(),
-            "evaluation_run_id": run_id,
+            VALIDATION_STATUS_TAG: candidate.verdict.status,
+            VALIDATION_REASONS_TAG: candidate.verdict.explanation(),
+            EVALUATION_RUN_ID_TAG: run_id,
         }
         if candidate.model_uri.startswith("models:/m-"):
             client.set_logged_model_tags(candidate.model_uri.removeprefix("models:/"), verdict_tags)
         else:
             # A model logged as run artifacts has no LoggedModel: its run carries the verdict.
             for key, value in verdict_tags.items():
-                client.set_tag(candidate.run_id, f"llm_packager.{key}", value)
+                client.set_tag(candidate.run_id, run_verdict_key(key), value)
     recommended = evaluation.recommendation.candidate
     mlflow.set_tags({
-        "recommended_candidate": recommended or "none",
-        "recommended_model_uri": evaluation.candidate(recommended).model_uri if recommended
+        RECOMMENDED_CANDIDATE_TAG: recommended or "none",
+        RECOMMENDED_MODEL_URI_TAG: evaluation.candidate(recommended).model_uri if recommended
         else "",
-        "recommendation_policy": request.recommendation.value,
+        RECOMMENDATION_POLICY_TAG: request.recommendation.value,
     })  # fmt: skip
     mlflow.log_text(evaluation.to_json(), EVALUATION_FILE)
-    mlflow.log_table(table, "eval_table.json")
+    mlflow.log_table(table, EVAL_TABLE_ARTIFACT)
     settings = {
         "evaluation set": request.dataset, "evaluation set sha256": evaluation.dataset_sha256,
         "prompts": example_count, "max_tokens": request.max_tokens, "decoding": "greedy",
@@ -248,8 +269,8 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
         write_report(Path(scratch), evaluation, table, settings)
         mlflow.log_artifacts(scratch)
     announce_outputs(client, run_id, {
-        "evaluation": f"runs:/{run_id}/{EVALUATION_FILE}",
-        "report": f"runs:/{run_id}/report.html",
+        EVALUATION_OUTPUT: f"runs:/{run_id}/{EVALUATION_FILE}",
+        REPORT_OUTPUT: f"runs:/{run_id}/{REPORT_ARTIFACT}",
     })  # fmt: skip
     for candidate in evaluation.candidates:
         reasons = "" if candidate.verdict.passed else f" ({candidate.verdict.explanation()})"

@@ -28,6 +28,23 @@ import mlflow
 from llm_packager.choices import ModelSource
 from llm_packager.config.specs import FetchModelParameters
 from llm_packager.errors import InvalidParametersError
+from llm_packager.keys import (
+    FETCHED_MODEL_DIR,
+    GGUF_FILE_TAG,
+    GGUF_PACKAGE_TAG,
+    GGUF_SHA256_TAG,
+    HF_REPO_ID_TAG,
+    HF_RESOLVED_COMMIT_TAG,
+    HF_REVISION_TAG,
+    LOCAL_DIR_TAG,
+    MANIFEST_FILE_NAME,
+    MANIFEST_OUTPUT,
+    MODEL_NAME_TAG,
+    MODEL_OUTPUT,
+    MODEL_PARAMETER_COUNT_METRIC,
+    MODEL_TOTAL_BYTES_METRIC,
+    SYNTHETIC_RANDOM_WEIGHTS_TAG,
+)
 from llm_packager.models.onnx_build import hf_architecture
 from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
@@ -35,7 +52,6 @@ from llm_packager.sources.content_hash import content_digest
 from llm_packager.sources.gguf import convert_gguf, packaged_gguf
 from llm_packager.sources.hub import download_pinned_snapshot
 from llm_packager.sources.manifest import (
-    MANIFEST_FILE_NAME,
     ModelFilesError,
     build_manifest,
     count_safetensors_parameters,
@@ -44,7 +60,7 @@ from llm_packager.sources.manifest import (
     write_manifest,
 )
 from llm_packager.sources.synthetic import SyntheticPhi3Spec, build_synthetic_phi3
-from llm_packager.sources.upstream import MODEL_ARTIFACT_DIR, cache_root
+from llm_packager.sources.upstream import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +90,18 @@ def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, di
             allow_unpinned=request.allow_unpinned_revision,
         )
         return snapshot.folder, {
-            "hf.repo_id": request.repo_id,
-            "hf.revision": request.revision,
-            "hf.resolved_commit": snapshot.commit,
+            HF_REPO_ID_TAG: request.repo_id,
+            HF_REVISION_TAG: request.revision,
+            HF_RESOLVED_COMMIT_TAG: snapshot.commit,
         }
     if request.source == ModelSource.local:
         if not request.local_dir:
             raise InvalidParametersError("source=local needs local_dir")
-        return Path(request.local_dir).expanduser(), {"local_dir": request.local_dir}
+        return Path(request.local_dir).expanduser(), {LOCAL_DIR_TAG: request.local_dir}
     if request.source == ModelSource.gguf:
         return _from_gguf(request, scratch)
     folder = build_synthetic_phi3(_synthetic_spec(request), scratch / "synthetic-phi3")
-    return folder, {"synthetic.random_weights": "true"}
+    return folder, {SYNTHETIC_RANDOM_WEIGHTS_TAG: "true"}
 
 
 def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str]]:
@@ -99,9 +115,9 @@ def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict
         path = Path(request.gguf_file).expanduser()
     folder = convert_gguf(path, scratch / "hf-from-gguf", expected_sha256=request.gguf_sha256,
                           package=request.gguf_package)  # fmt: skip
-    provenance = {"gguf.file": request.gguf_file, "gguf.sha256": sha256_of_file(path)}
+    provenance = {GGUF_FILE_TAG: request.gguf_file, GGUF_SHA256_TAG: sha256_of_file(path)}
     if request.gguf_package:
-        provenance["gguf.package"] = request.gguf_package
+        provenance[GGUF_PACKAGE_TAG] = request.gguf_package
     return folder, provenance
 
 
@@ -138,18 +154,22 @@ def fetch_model(request: FetchModelParameters, run_id: str) -> FetchResult:
         size = total_bytes(entries)
         parameters = count_safetensors_parameters(folder)
         logger.info("%s: %d files, %d bytes, %d parameters", folder, len(entries), size, parameters)
-        mlflow.set_tags({"llm_packager.model_name": request.name, **provenance})
-        mlflow.log_metrics({"model_total_bytes": size, "model_parameter_count": parameters})
+        mlflow.set_tags({MODEL_NAME_TAG: request.name, **provenance})
+        mlflow.log_metrics(
+            {MODEL_TOTAL_BYTES_METRIC: size, MODEL_PARAMETER_COUNT_METRIC: parameters}
+        )
         mlflow.log_artifact(str(manifest_path))
-        mlflow.log_artifacts(str(folder), MODEL_ARTIFACT_DIR)
+        mlflow.log_artifacts(str(folder), FETCHED_MODEL_DIR)
     result = FetchResult(
-        model_uri=f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}",
+        model_uri=f"runs:/{run_id}/{FETCHED_MODEL_DIR}",
         manifest_uri=f"runs:/{run_id}/{MANIFEST_FILE_NAME}",
         total_bytes=size,
         parameter_count=parameters,
     )
     announce_outputs(
-        mlflow.MlflowClient(), run_id, {"model": result.model_uri, "manifest": result.manifest_uri}
+        mlflow.MlflowClient(),
+        run_id,
+        {MODEL_OUTPUT: result.model_uri, MANIFEST_OUTPUT: result.manifest_uri},
     )
     return result
 

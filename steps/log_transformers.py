@@ -29,6 +29,15 @@ import mlflow
 from llm_packager.choices import Device, Runtime, TorchDtype
 from llm_packager.config.specs import LogTransformersParameters
 from llm_packager.errors import InvalidParametersError, UserError
+from llm_packager.keys import (
+    HF_REPO_ID_TAG,
+    HF_RESOLVED_COMMIT_TAG,
+    LOAD_SECONDS_METRIC,
+    LOG_SECONDS_METRIC,
+    MODEL_NAME_TAG,
+    MODEL_SIZE_BYTES_METRIC,
+    SAMPLE_COMPLETION_ARTIFACT,
+)
 from llm_packager.models.chat import load_back_and_answer
 from llm_packager.models.model_store import log_chat_model
 from llm_packager.pipeline.reuse import announce_model, candidate_tags
@@ -83,12 +92,12 @@ def _hub_reference(fetched: FetchedModel, run_id: str) -> str:
     """The repo id to log by reference, after checking the Hub still serves the pinned commit."""
     from huggingface_hub import HfApi
 
-    repo_id = fetched.tags.get("hf.repo_id")
-    commit = fetched.tags.get("hf.resolved_commit")
+    repo_id = fetched.tags.get(HF_REPO_ID_TAG)
+    commit = fetched.tags.get(HF_RESOLVED_COMMIT_TAG)
     if not repo_id or not commit:
         raise InvalidParametersError(
             f"save_pretrained=false needs a model fetched from the Hub; fetch_model run {run_id} "
-            "has no hf.repo_id / hf.resolved_commit tags"
+            f"has no {HF_REPO_ID_TAG} / {HF_RESOLVED_COMMIT_TAG} tags"
         )
     try:
         probe_hub(hub_endpoint())
@@ -119,7 +128,7 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     fetched = fetched_model(request.fetch_model_run_id)
     mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate,
                                                                 Runtime.transformers)})  # fmt: skip
-    model_name = fetched.tags.get("llm_packager.model_name", "model")
+    model_name = fetched.tags.get(MODEL_NAME_TAG, "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(fetched.folder)
     if not tokenizer.chat_template:
         raise ChatTemplateMissingError(
@@ -135,7 +144,7 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     model.name_or_path = (
         _hub_reference(fetched, request.fetch_model_run_id)
         if not request.save_pretrained
-        else fetched.tags.get("hf.repo_id", model_name)
+        else fetched.tags.get(HF_REPO_ID_TAG, model_name)
     )
     pipeline = transformers.pipeline(
         task="text-generation", model=model, tokenizer=tokenizer, device=model.device
@@ -167,9 +176,13 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     gc.collect()
     check = load_back_and_answer(model_uri)
     size, load_seconds = check.size_bytes, check.load_seconds
-    mlflow.log_dict(check.answers[0], "sample_completion.json")
+    mlflow.log_dict(check.answers[0], SAMPLE_COMPLETION_ARTIFACT)
     mlflow.log_metrics(
-        {"model_size_bytes": size, "log_seconds": log_seconds, "load_seconds": load_seconds}
+        {
+            MODEL_SIZE_BYTES_METRIC: size,
+            LOG_SECONDS_METRIC: log_seconds,
+            LOAD_SECONDS_METRIC: load_seconds,
+        }
     )
     announce_model(mlflow.MlflowClient(), run_id, model_uri)
     logger.info(

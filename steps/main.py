@@ -29,6 +29,16 @@ from llm_packager.config.compose import ConfigError, compose_config, config_as_y
 from llm_packager.config.parameters import parse_arguments
 from llm_packager.config.specs import MainParameters
 from llm_packager.errors import bound_tracking_retries, is_server_unreachable, one_line
+from llm_packager.keys import (
+    CODE_VERSION_TAG,
+    CONFIG_ARTIFACT,
+    CONFIG_HASH_TAG,
+    ENV_MANAGER_TAG,
+    ERROR_TAG,
+    PIPELINE_STEPS_ARTIFACT,
+    STEPS_RAN_TAG,
+    STEPS_REUSED_TAG,
+)
 from llm_packager.pipeline.driver import (
     SelectionError,
     StepOutcome,
@@ -37,8 +47,7 @@ from llm_packager.pipeline.driver import (
     select_forced,
     select_steps,
 )
-from llm_packager.pipeline.reuse import CODE_VERSION_TAG
-from llm_packager.pipeline.step_run import ERROR_TAG, exit_process, run_step
+from llm_packager.pipeline.step_run import exit_process, run_step
 from llm_packager.project import code_version
 
 logger = logging.getLogger(__name__)
@@ -54,11 +63,11 @@ def run_main(
 ) -> list[StepOutcome]:
     """Log the resolved config on main's run, then run or reuse the selected steps."""
     version = code_version()
-    mlflow.log_text(config_as_yaml(cfg), "config.yaml")
+    mlflow.log_text(config_as_yaml(cfg), CONFIG_ARTIFACT)
     mlflow.set_tags(
         {
-            "llm_packager.config_hash": config_hash(cfg),
-            "llm_packager.env_manager": env_manager,
+            CONFIG_HASH_TAG: config_hash(cfg),
+            ENV_MANAGER_TAG: env_manager,
             CODE_VERSION_TAG: version,
         }
     )
@@ -98,13 +107,13 @@ def run_main(
 def _record_progress(outcomes: list[StepOutcome]) -> None:
     mlflow.set_tags(
         {
-            "llm_packager.steps_ran": ",".join(o.name for o in outcomes if not o.reused),
-            "llm_packager.steps_reused": ",".join(o.name for o in outcomes if o.reused),
+            STEPS_RAN_TAG: ",".join(o.name for o in outcomes if not o.reused),
+            STEPS_REUSED_TAG: ",".join(o.name for o in outcomes if o.reused),
         }
     )
     mlflow.log_dict(
         {o.name: {"run_id": o.run_id, "reused": o.reused} for o in outcomes},
-        "pipeline_steps.json",
+        PIPELINE_STEPS_ARTIFACT,
     )
 
 

@@ -31,21 +31,52 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-from llm_packager.choices import Runtime
-from llm_packager.config.specs import RegisterParameters
+from llm_packager.config.specs import (
+    EVALUATE,
+    FETCH_MODEL,
+    MAIN,
+    REGISTER,
+    RegisterParameters,
+    runtime_named,
+)
 from llm_packager.errors import retry_after_insert_race
 from llm_packager.evaluation.record import CandidateResult, Evaluation
+from llm_packager.keys import (
+    CODE_VERSION_TAG,
+    CONFIG_HASH_TAG,
+    DECISION_OUTPUT,
+    FETCH_RUN_TAG,
+    FLAVOR_TAG,
+    GIT_COMMIT_TAG,
+    HF_REPO_ID_TAG,
+    HF_RESOLVED_COMMIT_TAG,
+    MODEL_VERSION_OUTPUT,
+    RANDOM_WEIGHTS_TAG,
+    RECOMMENDED_BY_TAG,
+    REGISTERED_CANDIDATE_TAG,
+    REGISTERED_UNVALIDATED_TAG,
+    REGISTERED_VERSION_TAG,
+    REGISTRATION_ARTIFACT,
+    REGISTRATION_REASON_TAG,
+    REGISTRATION_STATUS_TAG,
+    SUMMARY_TAG,
+    VALIDATION_REASONS_TAG,
+    VALIDATION_STATUS_TAG,
+    VERSION_CANDIDATE_TAG,
+    VERSION_CODE_VERSION_TAG,
+    VERSION_CONFIG_HASH_TAG,
+    is_metric_lineage_key,
+    metric_lineage_key,
+    metric_of_lineage_key,
+    run_lineage_key,
+)
 from llm_packager.models.chat import load_back_and_answer
 from llm_packager.models.registry import check_alias, check_registered_model_name, existing_version
 from llm_packager.pipeline.reuse import announce_outputs
-from llm_packager.pipeline.step_run import SUMMARY_TAG, run_command_line
-from llm_packager.sources.upstream import FETCH_RUN_TAG
+from llm_packager.pipeline.step_run import run_command_line
 
-FLAVORS = {
-    Runtime.transformers: "transformers",
-    Runtime.onnx: "python_function (onnxruntime-genai)",
-}
 KEY_METRICS = ("exact_match", "token_f1", "decode_tokens_per_s", "latency_p95_s",
                "peak_rss_generate_mib", "model_size_mib")  # fmt: skip
 READY_TIMEOUT_SECONDS = 600
@@ -98,58 +129,59 @@ def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
 def _lineage(client, evaluation: Evaluation, candidate: CandidateResult,
              evaluate_run_id: str, register_run_id: str) -> dict[str, str]:  # fmt: skip
     log_run = client.get_run(candidate.run_id)
+    runtime = runtime_named(candidate.runtime.value)
     lineage = {
-        "flavor": FLAVORS[candidate.runtime],
-        "candidate": candidate.name,
-        "validation_status": candidate.verdict.status,
-        "validation_reasons": candidate.verdict.explanation(),
-        "recommended_by": evaluation.recommendation.policy.value,
-        f"run.log_{candidate.runtime.value}": candidate.run_id,
-        "run.evaluate": evaluate_run_id,
-        "run.register": register_run_id,
-        "git_commit": log_run.data.tags.get("mlflow.source.git.commit", "unknown"),
-        "code_version": log_run.data.tags.get("llm_packager.code_version", "unknown"),
-        "random_weights": str(evaluation.random_weights).lower(),
+        FLAVOR_TAG: runtime.flavor,
+        VERSION_CANDIDATE_TAG: candidate.name,
+        VALIDATION_STATUS_TAG: candidate.verdict.status,
+        VALIDATION_REASONS_TAG: candidate.verdict.explanation(),
+        RECOMMENDED_BY_TAG: evaluation.recommendation.policy.value,
+        run_lineage_key(runtime.log_step.entry_point): candidate.run_id,
+        run_lineage_key(EVALUATE.entry_point): evaluate_run_id,
+        run_lineage_key(REGISTER.entry_point): register_run_id,
+        GIT_COMMIT_TAG: log_run.data.tags.get(MLFLOW_GIT_COMMIT, "unknown"),
+        VERSION_CODE_VERSION_TAG: log_run.data.tags.get(CODE_VERSION_TAG, "unknown"),
+        RANDOM_WEIGHTS_TAG: str(evaluation.random_weights).lower(),
     }
     if fetch_run := log_run.data.tags.get(FETCH_RUN_TAG):
-        lineage["run.fetch_model"] = fetch_run
-    for key in ("hf.repo_id", "hf.resolved_commit"):
+        lineage[run_lineage_key(FETCH_MODEL.entry_point)] = fetch_run
+    for key in (HF_REPO_ID_TAG, HF_RESOLVED_COMMIT_TAG):
         if key in log_run.data.tags:
             lineage[key] = log_run.data.tags[key]
-    if parent := client.get_run(evaluate_run_id).data.tags.get("mlflow.parentRunId"):
-        lineage["run.main"] = parent
-        config_hash = client.get_run(parent).data.tags.get("llm_packager.config_hash")
+    if parent := client.get_run(evaluate_run_id).data.tags.get(MLFLOW_PARENT_RUN_ID):
+        lineage[run_lineage_key(MAIN.entry_point)] = parent
+        config_hash = client.get_run(parent).data.tags.get(CONFIG_HASH_TAG)
         if config_hash:
-            lineage["config_hash"] = config_hash
+            lineage[VERSION_CONFIG_HASH_TAG] = config_hash
     for name in KEY_METRICS:
         if name in candidate.metrics:
-            lineage[f"metric.{name}"] = f"{candidate.metrics[name]:.4g}"
+            lineage[metric_lineage_key(name)] = f"{candidate.metrics[name]:.4g}"
     return lineage
 
 
 def _description(model: str, lineage: dict[str, str]) -> str:
     figures = ", ".join(
-        f"{k.removeprefix('metric.')} {v}" for k, v in lineage.items() if k.startswith("metric.")
+        f"{metric_of_lineage_key(k)} {v}" for k, v in lineage.items() if is_metric_lineage_key(k)
     )
     warning = (
         " Random weights: quality figures mean nothing."
-        if lineage["random_weights"] == "true"
+        if lineage[RANDOM_WEIGHTS_TAG] == "true"
         else ""
     )
     return (
-        f"{model} model, gate {lineage['validation_status']} "
-        f"({lineage['validation_reasons']}); {figures}. Evaluated in run "
-        f"{lineage['run.evaluate']}.{warning}"
+        f"{model} model, gate {lineage[VALIDATION_STATUS_TAG]} "
+        f"({lineage[VALIDATION_REASONS_TAG]}); {figures}. Evaluated in run "
+        f"{lineage[run_lineage_key(EVALUATE.entry_point)]}.{warning}"
     )
 
 
 def _record_decision(client, run_id: str, decision: dict, model_version: str = "") -> None:
     # The decision is this step's output: a rerun with the same inputs reuses it, whether it
     # registered a version or deliberately registered nothing.
-    mlflow.log_dict(decision, "registration.json")
-    outputs = {"decision": f"runs:/{run_id}/registration.json"}
+    mlflow.log_dict(decision, REGISTRATION_ARTIFACT)
+    outputs = {DECISION_OUTPUT: f"runs:/{run_id}/{REGISTRATION_ARTIFACT}"}
     if model_version:
-        outputs["model_version"] = model_version
+        outputs[MODEL_VERSION_OUTPUT] = model_version
     announce_outputs(client, run_id, outputs)
 
 
@@ -171,7 +203,7 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
         if not request.allow_unvalidated:
             reason = f"no model passed the evaluation gate ({reasons})"
             summary = f"Model not registered: {reason}. Aliases were left unchanged."
-            mlflow.set_tags({"registration_status": "skipped", "registration_reason": reason,
+            mlflow.set_tags({REGISTRATION_STATUS_TAG: "skipped", REGISTRATION_REASON_TAG: reason,
                              SUMMARY_TAG: summary})  # fmt: skip
             _record_decision(client, run_id, {"status": "skipped", "reason": reason})
             logger.warning(summary)
@@ -186,7 +218,7 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     for candidate in chosen:
         lineage = _lineage(client, evaluation, candidate, request.evaluate_run_id, run_id)
         if unvalidated and candidate is winner:
-            lineage["registered_unvalidated"] = "true"
+            lineage[REGISTERED_UNVALIDATED_TAG] = "true"
         version = versions[candidate.name].version
         # A concurrent pipeline registering the same model writes the same tags on this version.
         for key, value in lineage.items():
@@ -226,9 +258,9 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
         f"models:/{name}@{request.alias}"
     )
     mlflow.set_tags({
-        "registration_status": "registered", "registration_reason": reason,
-        "registered_version": version, "registered_candidate": recommended,
-        "registered_unvalidated": str(unvalidated).lower(), SUMMARY_TAG: summary,
+        REGISTRATION_STATUS_TAG: "registered", REGISTRATION_REASON_TAG: reason,
+        REGISTERED_VERSION_TAG: version, REGISTERED_CANDIDATE_TAG: recommended,
+        REGISTERED_UNVALIDATED_TAG: str(unvalidated).lower(), SUMMARY_TAG: summary,
     })  # fmt: skip
     _record_decision(
         client, run_id,

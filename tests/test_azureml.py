@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 from llm_packager.choices import LoggedModels, ModelStore
-from llm_packager.models.model_store import MODEL_STORE_TAG, resolve_model_store
+from llm_packager.keys import MODEL_STORE_TAG
+from llm_packager.models.model_store import resolve_model_store
 from llm_packager.project import PROJECT_DIR
 
 from .loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy

@@ -20,7 +20,7 @@ from llm_packager.evaluation.metrics import MODEL_METRICS, parse_gate
 from llm_packager.evaluation.record import Evaluation
 from llm_packager.evaluation.report import RANDOM_WEIGHTS_WARNING
 from llm_packager.evaluation.scoring import EvalSetError, rank
-from llm_packager.pipeline.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.keys import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import ModelUnusableError, evaluate
 

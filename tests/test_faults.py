@@ -22,8 +22,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from llm_packager.keys import ERROR_TAG, LOCAL_LOG_TAG, PID_TAG
 from llm_packager.models.model_store import pending_models
-from llm_packager.pipeline.step_run import ERROR_TAG, LOCAL_LOG_TAG, PID_TAG
 from llm_packager.project import PROJECT_DIR
 from llm_packager.sources.upstream import fetched_model
 

@@ -7,17 +7,19 @@ import pytest
 
 from llm_packager.config.compose import compose_config
 from llm_packager.pipeline.driver import plan_pipeline
-from llm_packager.pipeline.memory_budget import (
+from llm_packager.models.memory_parts import (
     AGREEMENT,
     BUILDER,
     MIB,
     ONNX_MODEL,
     TRANSFORMERS_MODEL,
+    stored_bytes_per_parameter,
+)
+from llm_packager.pipeline.memory_budget import (
     NotEnoughMemoryError,
     available_memory_mib,
     check_memory,
     step_memory,
-    stored_bytes_per_parameter,
 )
 
 PHI3_MINI_PARAMETERS = 3_821_079_552

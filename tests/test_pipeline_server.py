@@ -17,8 +17,7 @@ from typing import ClassVar
 import pytest
 from mlflow.tracking import MlflowClient
 
-from llm_packager.pipeline.reuse import REUSE_KEY_TAG
-from llm_packager.pipeline.step_run import ERROR_TAG
+from llm_packager.keys import ERROR_TAG, REUSE_KEY_TAG
 
 from .support import TrackingServer, mlflow_run_main, runs_of
 

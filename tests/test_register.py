@@ -18,13 +18,12 @@ from llm_packager.choices import RecommendationPolicy, Runtime
 from llm_packager.config.specs import EvaluateParameters, RegisterParameters
 from llm_packager.evaluation.metrics import PASSED, REJECTED, Verdict, parse_gate
 from llm_packager.evaluation.record import (
-    EVALUATION_FILE,
     CandidateResult,
     Evaluation,
     EvaluationRecordError,
     Recommendation,
 )
-from llm_packager.pipeline.reuse import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.keys import CANDIDATE_TAG, EVALUATION_FILE, MODEL_URI_TAG, RUNTIME_TAG
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import evaluate
 from steps.register import register

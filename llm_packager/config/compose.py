@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm_packager.choices import ModelSource, OnnxSource
 from llm_packager.config import schema as config_schema
-from llm_packager.errors import UserError
+from llm_packager.config.planning import ConfigError, onnx_candidates
+from llm_packager.config.specs import candidate_names
 from llm_packager.evaluation.metrics import MODEL_METRICS
 from llm_packager.models.registry import RegistryNameError, check_alias, check_registered_model_name
 from llm_packager.project import PROJECT_DIR
@@ -38,13 +39,6 @@ SYNTHETIC_SIZE_KEYS = (
 )
 # What the synthetic model is (llm_packager.synthetic).
 SYNTHETIC_ARCHITECTURE = "Phi3ForCausalLM"
-TRANSFORMERS_CANDIDATE = "transformers"
-ONNX_CANDIDATE = "onnx"
-_VARIANT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class ConfigError(UserError, ValueError):
-    """The composed configuration is invalid; the message is one line naming the key."""
 
 
 # `${identifier:${model.name}}` in conf/: a model name as a Unity Catalog name part, whose
@@ -127,7 +121,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.source=hub (model.source is {cfg.model.source.value})"
         )
     for name, section in onnx_candidates(cfg).items():
-        prefix = "onnx" if name == ONNX_CANDIDATE else f"onnx.variants.{name}"
+        prefix = "onnx" if name == "onnx" else f"onnx.variants.{name}"
         _validate_onnx(section, prefix)
         if section.source == OnnxSource.build and cfg.model.architecture:
             _validate_buildable(cfg.model.architecture, prefix)
@@ -235,40 +229,6 @@ def _validate_architecture(model: DictConfig) -> None:
     model.architecture = known
 
 
-def onnx_candidates(cfg: DictConfig) -> dict[str, DictConfig]:
-    """Every ONNX candidate's settings: the onnx section itself (``onnx``) and each of
-    ``onnx.variants`` merged onto it (``onnx-<variant>``), typed by the onnx schema.
-
-    Raises:
-        ConfigError: a variant name or key the schema refuses, naming it.
-    """
-    base = OmegaConf.masked_copy(cfg.onnx, [key for key in cfg.onnx if key != "variants"])
-    candidates = {ONNX_CANDIDATE: base}
-    schema = OmegaConf.structured(config_schema.SECTION_SCHEMAS["onnx"])
-    for variant, changes in cfg.onnx.variants.items():
-        if not _VARIANT_NAME.fullmatch(str(variant)):
-            raise ConfigError(
-                f"onnx.variants.{variant}: a variant name may hold only letters, digits, '_' "
-                "and '-'"
-            )
-        if not isinstance(changes, DictConfig) or "variants" in changes:
-            raise ConfigError(
-                f"onnx.variants.{variant} must be a mapping of onnx keys to change, e.g. "
-                "{precision: int8}"
-            )
-        try:
-            merged = OmegaConf.merge(schema, base, changes)
-        except OmegaConfBaseException as error:
-            key = getattr(error, "full_key", "?")
-            raise ConfigError(
-                f"Invalid config at 'onnx.variants.{variant}.{key}': {str(error).splitlines()[0]}"
-            ) from error
-        candidates[f"{ONNX_CANDIDATE}-{variant}"] = OmegaConf.masked_copy(
-            merged, [key for key in merged if key != "variants"]
-        )
-    return candidates
-
-
 def _validate_buildable(architecture: str, prefix: str) -> None:
     from llm_packager.models.onnx_build import UnsupportedArchitectureError, check_builder_supports
 
@@ -280,11 +240,6 @@ def _validate_buildable(architecture: str, prefix: str) -> None:
             f"({prefix}.source=prebuilt with its repo_id, revision and subfolder), or leave "
             "log_onnx out of -P steps"
         ) from error
-
-
-def candidate_names(cfg: DictConfig) -> list[str]:
-    """The names of the candidates this config logs and evaluates, in run order."""
-    return [TRANSFORMERS_CANDIDATE, *onnx_candidates(cfg)]
 
 
 def _validate_onnx(onnx: DictConfig, prefix: str) -> None:

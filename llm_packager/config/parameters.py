@@ -153,10 +153,13 @@ def parameter(help: str, default: Any = dataclasses.MISSING, *, codec: Codec | N
     return _field(ROLE_CONFIG, help, default, codec=codec)
 
 
-def upstream(help: str, *steps: str) -> Any:
+def upstream(help: str, *steps: str, every_log_step: bool = False) -> Any:
     """Run id(s) of earlier steps (``steps``, entry points), which ``main`` passes on. A ``str``
-    field takes exactly one run; a ``tuple[str, ...]`` field takes every run of those steps."""
-    return _field(ROLE_UPSTREAM, help, dataclasses.MISSING, steps=steps)
+    field takes exactly one run; a ``tuple[str, ...]`` field takes every run of those steps.
+    ``every_log_step``: the log steps of every declared runtime, resolved when main plans
+    (``llm_packager.config.specs.upstream_steps``), so a new runtime's runs are taken too."""
+    return _field(ROLE_UPSTREAM, help, dataclasses.MISSING, steps=steps,
+                  every_log_step=every_log_step)  # fmt: skip
 
 
 def computed(help: str, default: Any) -> Any:

@@ -6,11 +6,22 @@ section by the same name (``onnx.max_tokens_cap`` is ``LogOnnxParameters.max_tok
 MLproject, the command-line parsers, the config schema and the README tables are all derived from
 these classes (``llm_packager.config.parameters``); ``python -m llm_packager.generate`` rewrites the
 generated files after a change here. See docs/architecture.md, "Adding a parameter".
+
+Each step and each runtime is declared once too (`StepDefinition`, `RuntimeDefinition`): what
+`main` plans for it, what the memory check sizes, the candidates it logs and the flavor register
+names. Adding a runtime is one `RuntimeDefinition` in `RUNTIMES`, with its parameters class, its
+log step module ``steps/log_<name>.py`` and its conf/ section.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property, partial
+from typing import Any
+
+from omegaconf import DictConfig
 
 from llm_packager.choices import (
     Device,
@@ -24,6 +35,19 @@ from llm_packager.choices import (
     TorchDtype,
 )
 from llm_packager.config.parameters import Codec, computed, parameter, upstream
+from llm_packager.config.planning import (
+    Memory,
+    Plan,
+    loads_nothing,
+    log_onnx_memory,
+    log_transformers_memory,
+    onnx_candidates,
+    plan_candidates,
+    plan_evaluate,
+    plan_fetch,
+    plan_one_run,
+    transformers_candidates,
+)
 from llm_packager.evaluation.metrics import (
     GateRule,
     GateThreshold,
@@ -31,6 +55,12 @@ from llm_packager.evaluation.metrics import (
     gate_from_config,
     gate_to_config,
     parse_gate,
+)
+from llm_packager.models.memory_parts import (
+    ONNX_MODEL,
+    TRANSFORMERS_MODEL,
+    MemoryPart,
+    StepMemory,
 )
 
 GATE = Codec(
@@ -173,7 +203,7 @@ class EvaluateParameters:
     """Compare the logged candidate models on quality, agreement, speed and memory."""
 
     candidate_run_ids: tuple[str, ...] = upstream(
-        "the log runs whose models are compared", "log_transformers", "log_onnx"
+        "the log runs whose models are compared", every_log_step=True
     )
     reference: str = parameter(
         "the candidate every other one is compared with for agreement", "transformers"
@@ -227,21 +257,124 @@ class RegisterParameters:
 
 @dataclass(frozen=True)
 class StepDefinition:
-    """An entry point: its parameters and the conf/ section its ``config`` fields come from."""
+    """An entry point: its parameters, the conf/ section its ``config`` fields come from, how
+    `main` plans its runs from the composed config (how many, with which values: ``plan``), and
+    what each run holds in memory at its peak, from its parameter values (``memory``)."""
 
     entry_point: str
     parameters: type
     section: str | None
+    plan: Plan = plan_one_run
+    memory: Memory = loads_nothing
+
+
+@dataclass(frozen=True)
+class RuntimeDefinition:
+    """What runs a candidate model, declared once: everything `main`, the memory check, evaluate
+    and register need to know about it. Its log step is ``log_<name>`` (``steps/log_<name>.py``),
+    with ``parameters`` read from the conf/ section ``section``; it makes one run per candidate
+    that ``candidates`` finds in the config (candidate name -> that candidate's section).
+    ``flavor`` is how register describes its models; ``log_memory`` is what its log step holds,
+    and ``model_memory`` its model loaded and answering (in evaluate and register)."""
+
+    name: str
+    parameters: type
+    section: str
+    candidates: Callable[[DictConfig], Mapping[str, Any]]
+    flavor: str
+    log_memory: Memory
+    model_memory: MemoryPart
+
+    @cached_property
+    def log_step(self) -> StepDefinition:
+        """The runtime's log step, one run per candidate."""
+        return StepDefinition(
+            f"log_{self.name}",
+            self.parameters,
+            self.section,
+            plan=partial(plan_candidates, self.name, self.candidates),
+            memory=self.log_memory,
+        )
+
+
+def _candidate_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory:
+    # evaluate loads each candidate in a worker of its own, one after another; register loads the
+    # one it registers, which is not known before evaluate has run: either may load any runtime's.
+    return StepMemory(tuple(runtime.model_memory for runtime in RUNTIMES),
+                      transformers_dtype=transformers_dtype)  # fmt: skip
 
 
 MAIN = StepDefinition("main", MainParameters, None)
-# In run order; each step's upstream fields name the steps it follows.
-PIPELINE = (
-    StepDefinition("fetch_model", FetchModelParameters, "model"),
-    StepDefinition("log_transformers", LogTransformersParameters, "transformers"),
-    StepDefinition("log_onnx", LogOnnxParameters, "onnx"),
-    StepDefinition("evaluate", EvaluateParameters, "evaluate"),
-    StepDefinition("register", RegisterParameters, "register"),
+FETCH_MODEL = StepDefinition("fetch_model", FetchModelParameters, "model", plan=plan_fetch)
+# The runtimes, in the order their log steps run; choices.Runtime names the same ones.
+RUNTIMES: tuple[RuntimeDefinition, ...] = (
+    RuntimeDefinition(
+        name="transformers",
+        parameters=LogTransformersParameters,
+        section="transformers",
+        candidates=transformers_candidates,
+        flavor="transformers",
+        log_memory=log_transformers_memory,
+        model_memory=TRANSFORMERS_MODEL,
+    ),
+    RuntimeDefinition(
+        name="onnx",
+        parameters=LogOnnxParameters,
+        section="onnx",
+        candidates=onnx_candidates,
+        flavor="python_function (onnxruntime-genai)",
+        log_memory=log_onnx_memory,
+        model_memory=ONNX_MODEL,
+    ),
 )
-STEP_NAMES = tuple(step.entry_point for step in PIPELINE)
+EVALUATE = StepDefinition("evaluate", EvaluateParameters, "evaluate", plan=plan_evaluate,
+                          memory=_candidate_models)  # fmt: skip
+REGISTER = StepDefinition("register", RegisterParameters, "register", memory=_candidate_models)
+
+
+def pipeline_steps() -> tuple[StepDefinition, ...]:
+    """Every step in run order (each step's upstream fields name the steps it follows): the
+    fetch, each runtime's log step, evaluate, register."""
+    return (FETCH_MODEL, *(runtime.log_step for runtime in RUNTIMES), EVALUATE, REGISTER)
+
+
+def step_names() -> tuple[str, ...]:
+    """The pipeline's entry points, in run order."""
+    return tuple(step.entry_point for step in pipeline_steps())
+
+
+def step_named(entry_point: str) -> StepDefinition:
+    """The declaration of an entry point, main included.
+
+    Raises:
+        KeyError: no step has that entry point.
+    """
+    return {step.entry_point: step for step in (MAIN, *pipeline_steps())}[entry_point]
+
+
+def runtime_named(name: str) -> RuntimeDefinition:
+    """The declaration of a runtime by its name (the ``llm_packager.runtime`` tag's value).
+
+    Raises:
+        KeyError: no runtime has that name.
+    """
+    return {runtime.name: runtime for runtime in RUNTIMES}[name]
+
+
+def upstream_steps(field: dataclasses.Field) -> tuple[str, ...]:
+    """The entry points whose runs an upstream field takes."""
+    if field.metadata.get("every_log_step"):
+        return tuple(runtime.log_step.entry_point for runtime in RUNTIMES)
+    return field.metadata["steps"]
+
+
+def candidate_names(cfg: DictConfig) -> list[str]:
+    """The names of the candidates this config logs and evaluates, in run order."""
+    return [name for runtime in RUNTIMES for name in runtime.candidates(cfg)]
+
+
+# The declared steps, fixed when this module loads: what the generated files (MLproject, the
+# config schema, the README tables) are written from.
+PIPELINE = pipeline_steps()
+STEP_NAMES = step_names()
 ENTRY_POINTS = {step.entry_point: step for step in (MAIN, *PIPELINE)}

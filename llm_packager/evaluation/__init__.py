@@ -12,7 +12,7 @@ Public names:
 - scoring: EvalSetError, EvalExample, resolve_eval_set, file_sha256, load_eval_set,
   normalise_answer, token_f1, score_answer, agreement, candidate_metrics, rank, Judgement, judge
 - worker: peak_rss_mib, answer_eval_set, main
-- record: EVALUATION_FILE, SCHEMA_VERSION, EvaluationRecordError, CandidateResult, Recommendation,
+- record: SCHEMA_VERSION, EvaluationRecordError, CandidateResult, Recommendation,
   Evaluation
 - report: RANDOM_WEIGHTS_WARNING, quality_chart, latency_chart, speed_chart, memory_chart,
   html_report, write_report

@@ -19,8 +19,8 @@ from llm_packager.choices import RecommendationPolicy, Runtime
 from llm_packager.errors import UserError
 from llm_packager.evaluation.metrics import PASSED, REJECTED, Verdict
 from llm_packager.evaluation.scoring import rank
+from llm_packager.keys import EVALUATION_FILE
 
-EVALUATION_FILE = "evaluation.json"
 SCHEMA_VERSION = 1
 
 

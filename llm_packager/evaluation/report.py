@@ -16,6 +16,16 @@ import pandas as pd
 
 from llm_packager.evaluation.metrics import QUALITY_METRICS
 from llm_packager.evaluation.record import Evaluation
+from llm_packager.keys import (
+    CHARTS_DIR,
+    COMPARISON_CSV,
+    COMPARISON_JSON,
+    LATENCY_CHART,
+    MEMORY_CHART,
+    QUALITY_CHART,
+    REPORT_ARTIFACT,
+    SPEED_CHART,
+)
 
 RANDOM_WEIGHTS_WARNING = (
     "These models have random weights (the synthetic tiny Phi-3). Their answers are noise, so "
@@ -229,19 +239,19 @@ def write_report(
     """Write ``comparison.csv``, ``comparison.json``, the four charts and ``report.html``."""
     metrics = {candidate.name: candidate.metrics for candidate in evaluation.candidates}
     comparison = pd.DataFrame(metrics)
-    comparison.to_csv(folder / "comparison.csv")
-    (folder / "comparison.json").write_text(comparison.to_json(indent=2))
+    comparison.to_csv(folder / COMPARISON_CSV)
+    (folder / COMPARISON_JSON).write_text(comparison.to_json(indent=2))
     per_category = table.groupby("category")[[f"{name}_exact_match" for name in metrics]].mean()
-    charts_folder = folder / "charts"
+    charts_folder = folder / CHARTS_DIR
     charts_folder.mkdir()
     note = "random weights: these numbers mean nothing" if evaluation.random_weights else ""
     charts = [
-        quality_chart(metrics, charts_folder / "quality.png", note=note),
+        quality_chart(metrics, charts_folder / QUALITY_CHART, note=note),
         latency_chart({name: list(table[f"{name}_latency_s"]) for name in metrics},
-                      charts_folder / "latency.png"),
-        speed_chart(metrics, charts_folder / "speed.png"),
-        memory_chart(metrics, charts_folder / "memory.png"),
+                      charts_folder / LATENCY_CHART),
+        speed_chart(metrics, charts_folder / SPEED_CHART),
+        memory_chart(metrics, charts_folder / MEMORY_CHART),
     ]  # fmt: skip
     report = html_report(evaluation=evaluation, comparison=comparison,
                          per_category=per_category, settings=settings, charts=charts)  # fmt: skip
-    (folder / "report.html").write_text(report, encoding="utf-8")
+    (folder / REPORT_ARTIFACT).write_text(report, encoding="utf-8")

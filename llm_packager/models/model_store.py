@@ -22,10 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import LoggedModels, ModelStore
-
-# The artifact path of every logged chat model, in both stores.
-MODEL_ARTIFACT_PATH = "chat_model"
-MODEL_STORE_TAG = "llm_packager.model_store"
+from llm_packager.keys import MODEL_ARTIFACT_PATH, MODEL_STORE_TAG
 
 logger = logging.getLogger(__name__)
 

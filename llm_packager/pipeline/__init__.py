@@ -1,18 +1,19 @@
 """Driving the pipeline: which step runs happen, which are reused, and each step run's life cycle.
 
 Owns: planning and running the steps for `main` (`driver`), the reuse key and the outputs a step
-announces (`reuse`), a step run's life cycle and command line (`step_run`), and each step's
-memory estimate, checked before it is launched (`memory_budget`).
+announces (`reuse`), a step run's life cycle and command line (`step_run`), and the memory
+check before a step is launched (`memory_budget`). What each step plans and loads is declared
+with the step (``llm_packager.config.specs``); the driver asks, and never branches on a name.
 
 Public names:
-- driver: SelectionError, StepFailedError, PlannedStep, StepOutcome, select_steps,
+- driver: SelectionError, StepFailedError, PlannedStep (from config.planning), StepOutcome,
+  select_steps,
   select_forced, resolve_env_manager, plan_pipeline, run_pipeline
 - reuse: reuse_key, announce_outputs, announce_model, candidate_tags, announced_outputs,
   output_exists, outputs_exist, find_reusable_run
 - step_run: EXIT_SERVER_UNREACHABLE, log_artifact_uri, peak_memory_mib, exit_process,
   local_log_folder, run_step, run_command_line, fail_orphaned_runs
-- memory_budget: NotEnoughMemoryError, MemoryPart, StepMemory, step_memory,
-  available_memory_mib, check_memory, stored_bytes_per_parameter
+- memory_budget: NotEnoughMemoryError, step_memory, available_memory_mib, check_memory
 
 The top layer: it may import every other subpackage; nothing imports it but the steps.
 """

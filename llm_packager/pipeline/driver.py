@@ -1,13 +1,11 @@
 """The driver behind the ``main`` entry point: which step runs happen, with what, which are reused.
 
-`plan_pipeline` turns the composed config into step runs: one per step, except ``log_onnx``, which
-runs once per ONNX candidate (the onnx section, then each of ``onnx.variants``). `run_pipeline`
-runs them in order through MLflow's local project backend, each nested under main's run, with its
-parameters (from the step's spec, ``llm_packager.config.specs``) and the run ids of the steps it
-follows.
-Before running one, it looks for a finished run with the same reuse key
-(``llm_packager.pipeline.reuse``)
-and takes that instead. See docs/architecture.md.
+`plan_pipeline` asks each step's declaration (``llm_packager.config.specs``) for its runs: one per
+step, except a runtime's log step, which runs once per candidate of that runtime (for ONNX, the
+onnx section, then each of ``onnx.variants``). `run_pipeline` runs them in order through MLflow's
+local project backend, each nested under main's run, with its parameters and the run ids of the
+steps it follows. Before running one, it looks for a finished run with the same reuse key
+(``llm_packager.pipeline.reuse``) and takes that instead. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -37,49 +35,39 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_BACKEND
 from omegaconf import DictConfig
 
-from llm_packager.choices import ModelSource, ModelStore
-from llm_packager.config.compose import ONNX_CANDIDATE, TRANSFORMERS_CANDIDATE, onnx_candidates
+from llm_packager.choices import ModelStore
 from llm_packager.config.parameters import (
     ROLE_UPSTREAM,
     as_mlflow_parameters,
-    config_values,
     fields_of,
     takes_many_runs,
 )
-from llm_packager.config.specs import PIPELINE, STEP_NAMES, StepDefinition
+from llm_packager.config.planning import PlannedStep
+from llm_packager.config.specs import FETCH_MODEL, pipeline_steps, step_names, upstream_steps
 from llm_packager.errors import TrackingServerUnreachableError, UserError
-from llm_packager.models.model_store import (
-    MODEL_STORE_TAG,
-    fail_abandoned_models,
-    resolve_model_store,
-)
-from llm_packager.pipeline.memory_budget import (
-    available_memory_mib,
-    check_memory,
-    step_memory,
-    stored_bytes_per_parameter,
-)
-from llm_packager.pipeline.reuse import (
+from llm_packager.keys import (
     CODE_VERSION_TAG,
-    REUSE_KEY_TAG,
-    UPSTREAM_TAG_PREFIX,
-    find_reusable_run,
-    reuse_key,
-)
-from llm_packager.pipeline.step_run import (
     ERROR_TAG,
-    EXIT_SERVER_UNREACHABLE,
+    LAUNCH_TIMING_TAG,
     LOCAL_LOG_TAG,
+    MODEL_PARAMETER_COUNT_METRIC,
+    MODEL_STORE_TAG,
+    MODEL_TOTAL_BYTES_METRIC,
+    REUSE_KEY_TAG,
     SUMMARY_TAG,
+    upstream_tag,
+)
+from llm_packager.models.memory_parts import stored_bytes_per_parameter
+from llm_packager.models.model_store import fail_abandoned_models, resolve_model_store
+from llm_packager.pipeline.memory_budget import available_memory_mib, check_memory, step_memory
+from llm_packager.pipeline.reuse import find_reusable_run, reuse_key
+from llm_packager.pipeline.step_run import (
+    EXIT_SERVER_UNREACHABLE,
     fail_orphaned_runs,
     log_artifact_uri,
 )
 from llm_packager.project import PROJECT_DIR
-from llm_packager.sources.hub import is_commit
 
-# When main launched a step and when the launch returned (epoch seconds); with the step's own
-# timing tag this splits its wall time (benchmarks/pipeline.py).
-LAUNCH_TIMING_TAG = "llm_packager.timing.launch"
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 
 logger = logging.getLogger(__name__)
@@ -94,18 +82,6 @@ class StepFailedError(UserError):
 
 
 @dataclass(frozen=True)
-class PlannedStep:
-    """One step run the config asks for: its name (the entry point, or ``log_onnx:<variant>``
-    for an ONNX variant), its parameter values, upstream run ids aside, and whether an earlier
-    run may stand in for it (not when its inputs can change under the same parameters)."""
-
-    name: str
-    definition: StepDefinition
-    values: dict[str, Any]
-    reusable: bool = True
-
-
-@dataclass(frozen=True)
 class StepOutcome:
     """One step run of a pipeline run, ran or reused."""
 
@@ -116,13 +92,14 @@ class StepOutcome:
 
 
 def _parse_step_list(value: str, option: str, *, allow: tuple[str, ...]) -> list[str]:
+    known = step_names()
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise SelectionError(f"{option}: give 'all' or a comma list of {', '.join(STEP_NAMES)}")
-    if unknown := [name for name in names if name not in STEP_NAMES]:
+        raise SelectionError(f"{option}: give 'all' or a comma list of {', '.join(known)}")
+    if unknown := [name for name in names if name not in known]:
         raise SelectionError(
             f"{option}: unknown step '{unknown[0]}'; known steps: "
-            f"{', '.join(STEP_NAMES)}{' (or ' + ', '.join(allow) + ')' if allow else ''}"
+            f"{', '.join(known)}{' (or ' + ', '.join(allow) + ')' if allow else ''}"
         )
     return names
 
@@ -130,9 +107,9 @@ def _parse_step_list(value: str, option: str, *, allow: tuple[str, ...]) -> list
 def select_steps(steps: str) -> list[str]:
     """Steps to run, in pipeline order, from ``all`` or a comma list."""
     if steps.strip() == "all":
-        return list(STEP_NAMES)
+        return list(step_names())
     chosen = set(_parse_step_list(steps, "steps", allow=("all",)))
-    return [name for name in STEP_NAMES if name in chosen]
+    return [name for name in step_names() if name in chosen]
 
 
 def select_forced(force: str) -> set[str]:
@@ -140,7 +117,7 @@ def select_forced(force: str) -> set[str]:
     if force.strip() == "none":
         return set()
     if force.strip() == "all":
-        return set(STEP_NAMES)
+        return set(step_names())
     return set(_parse_step_list(force, "force", allow=("none", "all")))
 
 
@@ -164,46 +141,6 @@ def resolve_env_manager(requested: str) -> str:
     return "local"
 
 
-def _step_runs(step: StepDefinition, cfg: DictConfig, store: ModelStore) -> list[PlannedStep]:
-    if step.entry_point == "log_onnx":
-        return [
-            PlannedStep(
-                step.entry_point if name == ONNX_CANDIDATE
-                else f"{step.entry_point}:{name.removeprefix(ONNX_CANDIDATE + '-')}",
-                step,
-                {**config_values(step.parameters, section), "candidate": name,
-                 "model_store": store},
-            )
-            for name, section in onnx_candidates(cfg).items()
-        ]  # fmt: skip
-    values = config_values(step.parameters, cfg[step.section])
-    if step.entry_point == "log_transformers":
-        values |= {"candidate": TRANSFORMERS_CANDIDATE, "model_store": store}
-    if step.entry_point == "fetch_model":
-        return [_fetch_run(step, values)]
-    if step.entry_point == "evaluate":
-        from llm_packager.evaluation.scoring import file_sha256, resolve_eval_set
-
-        # The content hash is a parameter, so editing the evaluation set invalidates earlier
-        # evaluations (and the step checks the file it reads is the one hashed here).
-        values["dataset_sha256"] = file_sha256(resolve_eval_set(values["dataset"]))
-    return [PlannedStep(step.entry_point, step, values)]
-
-
-def _fetch_run(step: StepDefinition, values: dict[str, Any]) -> PlannedStep:
-    from llm_packager.sources.content_hash import content_digest
-
-    source = values["source"]
-    values["content_sha256"] = ""
-    if source == ModelSource.local:
-        values["content_sha256"] = content_digest(Path(values["local_dir"]))
-    elif source == ModelSource.gguf and not values["gguf_package"]:
-        values["content_sha256"] = content_digest(Path(values["gguf_file"]))
-    # A branch or tag can move to another commit while the parameters stay the same.
-    pinned = source != ModelSource.hub or is_commit(values["revision"])
-    return PlannedStep(step.entry_point, step, values, reusable=pinned)
-
-
 def plan_pipeline(
     cfg: DictConfig,
     steps: list[str] | None = None,
@@ -213,9 +150,9 @@ def plan_pipeline(
     steps put their models in ``store``."""
     return [
         planned
-        for step in PIPELINE
+        for step in pipeline_steps()
         if steps is None or step.entry_point in steps
-        for planned in _step_runs(step, cfg, store)
+        for planned in step.plan(step, cfg, store)
     ]
 
 
@@ -224,7 +161,7 @@ def _upstream_values(planned: PlannedStep, done: list[StepOutcome]) -> dict[str,
     spec = planned.definition.parameters
     values: dict[str, Any] = {}
     for field in fields_of(spec, ROLE_UPSTREAM):
-        steps = field.metadata["steps"]
+        steps = upstream_steps(field)
         runs = tuple(outcome.run_id for outcome in done if outcome.entry_point in steps)
         if not runs:
             raise StepFailedError(
@@ -368,7 +305,7 @@ def run_pipeline(
             # Tagged only after success, so a run that failed or was cut off is never reused.
             client.set_tag(run_id, CODE_VERSION_TAG, code_version)
             for name, upstream_id in upstream_runs.items():
-                client.set_tag(run_id, UPSTREAM_TAG_PREFIX + name, upstream_id)
+                client.set_tag(run_id, upstream_tag(name), upstream_id)
             client.set_tag(run_id, REUSE_KEY_TAG, key)
             outcomes.append(StepOutcome(entry_point, planned.name, run_id, False))
         if summary := client.get_run(outcomes[-1].run_id).data.tags.get(SUMMARY_TAG):
@@ -380,13 +317,13 @@ def _check_memory(cfg: DictConfig, client: MlflowClient, planned: PlannedStep, v
                   outcomes: list[StepOutcome]) -> None:  # fmt: skip
     """Refuse, before it is launched, a step whose model will not fit in the memory available,
     estimated from the fetched model's parameter count (llm_packager.memory_budget)."""
-    fetch = next((o for o in outcomes if o.entry_point == "fetch_model"), None)
+    fetch = next((o for o in outcomes if o.entry_point == FETCH_MODEL.entry_point), None)
     if not cfg.memory.refuse_if_short or fetch is None:
         return
     metrics = client.get_run(fetch.run_id).data.metrics
-    if not (parameter_count := int(metrics.get("model_parameter_count", 0))):
+    if not (parameter_count := int(metrics.get(MODEL_PARAMETER_COUNT_METRIC, 0))):
         return
-    stored = stored_bytes_per_parameter(metrics["model_total_bytes"], parameter_count)
+    stored = stored_bytes_per_parameter(metrics[MODEL_TOTAL_BYTES_METRIC], parameter_count)
     memory = step_memory(planned.definition.entry_point, values, cfg.transformers.dtype)
     available = available_memory_mib(cfg.memory.available_mib)
     check_memory(planned.name, memory, parameter_count, stored, available)

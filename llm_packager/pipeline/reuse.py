@@ -21,15 +21,15 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import Runtime
+from llm_packager.keys import (
+    CANDIDATE_TAG,
+    MODEL_OUTPUT,
+    MODEL_URI_TAG,
+    OUTPUTS_TAG,
+    REUSE_KEY_TAG,
+    RUNTIME_TAG,
+)
 
-REUSE_KEY_TAG = "llm_packager.reuse_key"
-CODE_VERSION_TAG = "llm_packager.code_version"
-OUTPUTS_TAG = "llm_packager.outputs"
-MODEL_URI_TAG = "llm_packager.model_uri"
-UPSTREAM_TAG_PREFIX = "llm_packager.upstream."
-# A log step's model is a candidate of the evaluation: its name there, and what runs it.
-CANDIDATE_TAG = "llm_packager.candidate"
-RUNTIME_TAG = "llm_packager.runtime"
 _CANDIDATES_CHECKED = 20
 
 
@@ -57,7 +57,7 @@ def announce_outputs(client: MlflowClient, run_id: str, outputs: dict[str, str])
 def announce_model(client: MlflowClient, run_id: str, model_uri: str) -> None:
     """Record the ``models:/<id>`` URI of the model a step logged, as its one output."""
     client.set_tag(run_id, MODEL_URI_TAG, model_uri)
-    announce_outputs(client, run_id, {"model": model_uri})
+    announce_outputs(client, run_id, {MODEL_OUTPUT: model_uri})
 
 
 def candidate_tags(candidate: str, runtime: Runtime) -> dict[str, str]:

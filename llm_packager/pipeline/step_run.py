@@ -25,19 +25,19 @@ import mlflow
 import psutil
 
 from llm_packager.errors import UserError, is_server_unreachable, one_line
+from llm_packager.keys import (
+    ERROR_TAG,
+    HOST_TAG,
+    LOCAL_LOG_TAG,
+    LOG_ARTIFACT_DIR,
+    PEAK_RSS_CHILDREN_METRIC,
+    PEAK_RSS_METRIC,
+    PID_TAG,
+    STEP_TIMING_TAG,
+    step_log_artifact,
+)
 from llm_packager.third_party import silence_known_warnings
 
-LOG_ARTIFACT_DIR = "logs"
-ERROR_TAG = "llm_packager.error"
-# One line a step leaves for `main` to print, e.g. why a model was not registered.
-SUMMARY_TAG = "llm_packager.summary"
-# When the step's process started and when its own work started and finished (epoch seconds), so
-# the pipeline benchmark can split a step's wall time into start-up, work and bookkeeping.
-STEP_TIMING_TAG = "llm_packager.timing.step"
-HOST_TAG = "llm_packager.host"
-PID_TAG = "llm_packager.pid"
-# Where a step's log stayed (host:path) when the tracking server would not store it.
-LOCAL_LOG_TAG = "llm_packager.local_log"
 # Exit code of a step that failed and could not tell the tracking server: main, which launched
 # it, then knows not to ask the server about the run.
 EXIT_SERVER_UNREACHABLE = 3
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 def log_artifact_uri(run_id: str, entry_point: str) -> str:
     """Where a step run keeps its log."""
-    return f"runs:/{run_id}/{LOG_ARTIFACT_DIR}/{entry_point}.log"
+    return f"runs:/{run_id}/{step_log_artifact(entry_point)}"
 
 
 def _process_started() -> float:
@@ -72,7 +72,7 @@ def peak_memory_mib() -> dict[str, float]:
 
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"peak_rss_mib": own / 1024, "peak_rss_children_mib": children / 1024}
+    return {PEAK_RSS_METRIC: own / 1024, PEAK_RSS_CHILDREN_METRIC: children / 1024}
 
 
 def exit_process(exit_code: int) -> NoReturn:

@@ -12,12 +12,12 @@ Public names:
   check_gguf_architecture, packaged_gguf, convert_gguf
 - synthetic: SyntheticPhi3Spec, STORED_DTYPES, PHI3_CHAT_TEMPLATE, build_tokenizer,
   build_synthetic_phi3
-- manifest: MANIFEST_FILE_NAME, ModelFilesError, ManifestEntry, sha256_of_file, model_files,
+- manifest: ModelFilesError, ManifestEntry, sha256_of_file, model_files,
   check_model_files, count_safetensors_parameters, build_manifest, write_manifest, read_manifest,
   verify_manifest, folder_bytes, total_bytes
 - content_hash: content_digest
 - staging: staging_folder, remove_abandoned_staging
-- upstream: MODEL_ARTIFACT_DIR, FetchedModel, cache_root, fetched_model
+- upstream: FetchedModel, cache_root, fetched_model
 
 Imports only the root modules (`errors`, `choices`, `keys`), never another subpackage.
 """

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from llm_packager.errors import UserError
 
-MANIFEST_FILE_NAME = "manifest.json"
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 # Real LFS pointers are ~130 bytes; anything bigger than this cannot be one.
 _LFS_POINTER_MAX_BYTES = 1024

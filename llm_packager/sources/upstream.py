@@ -20,8 +20,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from llm_packager.errors import is_server_unreachable
+from llm_packager.keys import FETCH_RUN_TAG, FETCHED_MODEL_DIR, LINEAGE_TAGS, MANIFEST_FILE_NAME
 from llm_packager.sources.manifest import (
-    MANIFEST_FILE_NAME,
     ManifestEntry,
     ModelFilesError,
     read_manifest,
@@ -29,14 +29,10 @@ from llm_packager.sources.manifest import (
 )
 from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
 
-MODEL_ARTIFACT_DIR = "hf_model"
 _CACHE_ENV = "LLM_PACKAGER_CACHE"
 
 logger = logging.getLogger(__name__)
 
-
-LINEAGE_TAGS = ("hf.repo_id", "hf.revision", "hf.resolved_commit", "synthetic.random_weights")
-FETCH_RUN_TAG = "llm_packager.fetch_model_run_id"
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ def fetched_model(run_id: str) -> FetchedModel:
         raise ModelFilesError(f"Upstream fetch_model run {run_id} not found: {error}") from error
     with tempfile.TemporaryDirectory(prefix="manifest-") as scratch:
         manifest_path = _download(
-            f"runs:/{run_id}/{MANIFEST_FILE_NAME}", Path(scratch), "manifest.json", run_id
+            f"runs:/{run_id}/{MANIFEST_FILE_NAME}", Path(scratch), MANIFEST_FILE_NAME, run_id
         )
         manifest_bytes = manifest_path.read_bytes()
         manifest = read_manifest(manifest_path)
@@ -105,7 +101,9 @@ def fetched_model(run_id: str) -> FetchedModel:
             shutil.rmtree(cached)
     staging = staging_folder(cached.parent)
     try:
-        folder = _download(f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", staging, "hf_model", run_id)
+        folder = _download(
+            f"runs:/{run_id}/{FETCHED_MODEL_DIR}", staging, FETCHED_MODEL_DIR, run_id
+        )
         try:
             verify_manifest(folder, manifest)
         except ModelFilesError as error:
