@@ -30,9 +30,12 @@ def _decoder(folder: Path, name: str):
     """A function that starts ``count`` sequences and returns (one step, stop)."""
     import onnxruntime_genai as og
 
-    from llm_packager.models import onnx_chat_model as served
+    from llm_packager.serving.decode_loop import usable_cores
+    from llm_packager.serving.generators import GeneratorBatch
+    from llm_packager.serving.sequence import Sequence
+    from llm_packager.serving.shared_rows import SharedRows
 
-    threads = served._usable_cores()
+    threads = usable_cores()
     config = og.Config(str(folder))
     config.overlay(json.dumps(
         {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
@@ -42,7 +45,7 @@ def _decoder(folder: Path, name: str):
     if name == "generators":
         model = og.Model(config)
     else:
-        rows = served._SharedRows.open(folder, genai_config, tokenizer, threads)
+        rows = SharedRows.open(folder, genai_config, tokenizer, threads)
         if rows is None:
             raise SystemExit(f"{folder}: the shared-rows decoder does not apply to this build")
 
@@ -50,13 +53,13 @@ def _decoder(folder: Path, name: str):
         options = {"max_tokens": steps + 8, "sampling": False, "temperature": 1.0, "top_p": 1.0,
                    "seed": None, "stop": []}  # fmt: skip
         sequences = [
-            served._Sequence(index, [int(t) for t in tokenizer.encode(
+            Sequence(index, [int(t) for t in tokenizer.encode(
                 BATCH_PROMPTS[index % len(BATCH_PROMPTS)])], options,
                 lambda *event: None, owner=None, streaming=False)
             for index in range(count)
         ]  # fmt: skip
         if name == "generators":
-            batch = served._Batch(model, tokenizer, int(tokenizer.pad_token_id), sequences)
+            batch = GeneratorBatch(model, tokenizer, int(tokenizer.pad_token_id), sequences)
             return (lambda: batch.step(set())), (lambda: None)
         rows.add(sequences, set())
 

@@ -37,6 +37,14 @@ from pathlib import Path
 
 from benchmarks.common import PROJECT_DIR, cell
 from llm_packager.evaluation.worker import peak_rss_mib
+from llm_packager.models.served_code import MODEL_CODE, SERVING_SOURCE, served_code_paths
+from llm_packager.serving.keys import (
+    BATCHING_KEY,
+    MAX_BATCH_SIZE_KEY,
+    MAX_TOKENS_CAP_KEY,
+    MODEL_NAME_KEY,
+    ONNX_ARTIFACT_KEY,
+)
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the capital of Spain and atoms."}]
 PROXY_SIZES = {
@@ -245,18 +253,17 @@ def _onnx_bytes_per_token(onnx_dir: Path) -> int:
     return total
 
 
-MODEL_CODE = PROJECT_DIR / "llm_packager" / "onnx_chat_model.py"
-
-
 def prepare_proxy(
     workdir: Path,
     model_code: Path = MODEL_CODE,
     model_config: dict | None = None,
     build: str = "onnx-int4",
+    serving_code: Path = SERVING_SOURCE,
 ) -> tuple[Path, Path, Path]:
     """The proxy's Hugging Face folder, its ``build`` (one of ``BUILDS``), and that build saved as
-    our pyfunc from ``model_code`` (another version of the model's file, to compare against it),
-    with ``model_config`` added to its serving settings."""
+    our pyfunc from ``model_code`` and ``serving_code`` (the model's file and its serving package;
+    another version of them, to compare against it), with ``model_config`` added to its serving
+    settings."""
     import mlflow
 
     from llm_packager.choices import ExecutionProvider, OnnxPrecision
@@ -277,19 +284,21 @@ def prepare_proxy(
     pyfunc_dir = workdir / "pyfunc"
     # Saved afresh every time: it carries a copy of the model code, which may have changed.
     shutil.rmtree(pyfunc_dir, ignore_errors=True)
-    mlflow.pyfunc.save_model(
-        str(pyfunc_dir),
-        python_model=str(model_code),
-        artifacts={"onnx_model": str(onnx_dir)},
-        model_config={
-            "model_name": "proxy",
-            "max_tokens_cap": 1024,
-            "max_batch_size": 8,
-            "batching": "auto",
-            **(model_config or {}),
-        },
-        signature=chat_signature(),
-    )
+    with served_code_paths(serving_code) as code_paths:
+        mlflow.pyfunc.save_model(
+            str(pyfunc_dir),
+            python_model=str(model_code),
+            code_paths=code_paths,
+            artifacts={ONNX_ARTIFACT_KEY: str(onnx_dir)},
+            model_config={
+                MODEL_NAME_KEY: "proxy",
+                MAX_TOKENS_CAP_KEY: 1024,
+                MAX_BATCH_SIZE_KEY: 8,
+                BATCHING_KEY: "auto",
+                **(model_config or {}),
+            },
+            signature=chat_signature(),
+        )
     return hf_dir, onnx_dir, pyfunc_dir
 
 

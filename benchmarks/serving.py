@@ -12,10 +12,12 @@ is measured ``--repeats`` times and figures are the median with min and max.
   one thread per client: MLflow's local scoring server does not stream, so this is where streaming
   can be measured on a laptop. Time to first token is when the first content arrives.
 
-``--model-code`` serves another version of the model's file, which is how the figures before a
-change are taken (``git show <commit>:llm_packager/models/onnx_chat_model.py > before.py``); a
-version
-without ``predict_stream`` is measured whole only.
+``--model-code`` and ``--serving-code`` serve another version of the model's file and of its
+serving package, which is how the figures before a change are taken (``git worktree add before
+<commit>``, then ``--model-code before/llm_packager/models/onnx_chat_model.py --serving-code
+before/llm_packager/serving``; a model file from before the package was split out holds all its
+code and needs only ``--model-code``); a version without ``predict_stream`` is measured whole
+only.
 
 ``--max-tokens 8,64`` mixes short and long answers (each client asks for them in turn), the load
 where a batch that requests join and leave at every step matters most.
@@ -41,9 +43,10 @@ from benchmarks.model_speed import (
     BATCH_PROMPTS,
     BUILDS,
     DEFAULT_WORKDIR,
-    MODEL_CODE,
     prepare_proxy,
 )
+from llm_packager.models.served_code import MODEL_CODE, SERVING_SOURCE
+from llm_packager.serving.keys import BATCH_WAIT_MS_KEY
 
 CONCURRENCY = (1, 4, 8, 16)
 
@@ -174,12 +177,13 @@ def measure(
     model_code: Path = MODEL_CODE,
     batch_wait_ms: int | None = None,
     build: str = "onnx-int4",
+    serving_code: Path = SERVING_SOURCE,
 ) -> dict[str, object]:
     """Each concurrency level's figures (median, min, max over ``repeats``), whole and streamed."""
     import mlflow
 
-    config = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
-    _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config, build)
+    config = {} if batch_wait_ms is None else {BATCH_WAIT_MS_KEY: batch_wait_ms}
+    _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config, build, serving_code)
     modes = {}
     with served_model(pyfunc_dir) as uri:
         modes["whole"] = _levels(_whole(uri), "whole", requests_per_client, max_tokens, repeats)
@@ -191,6 +195,7 @@ def measure(
     one_request = _one_request(model, max_tokens, repeats)
     return {
         "model_code": str(model_code),
+        "serving_code": str(serving_code),
         "build": build,
         "batch_wait_ms": batch_wait_ms,
         "requests_per_client": requests_per_client,
@@ -271,6 +276,10 @@ def main() -> None:
         "--model-code", type=Path, default=MODEL_CODE, help="the model file to serve"
     )
     parser.add_argument(
+        "--serving-code", type=Path, default=SERVING_SOURCE,
+        help="the serving package logged with it (a folder like llm_packager/serving)",
+    )  # fmt: skip
+    parser.add_argument(
         "--batch-wait-ms", type=int, default=None, help="the model's batch_wait_ms (its default)"
     )
     parser.add_argument(
@@ -279,7 +288,7 @@ def main() -> None:
     arguments = parser.parse_args()
     figures = measure(
         arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir,
-        arguments.model_code, arguments.batch_wait_ms, arguments.build,
+        arguments.model_code, arguments.batch_wait_ms, arguments.build, arguments.serving_code,
     )  # fmt: skip
     print(markdown(figures))
     if arguments.json:

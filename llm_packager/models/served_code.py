@@ -33,9 +33,10 @@ def _forget_served_package() -> None:
 
 
 @contextmanager
-def served_code_paths() -> Iterator[list[str]]:
-    """The ``code_paths`` to log the ONNX model with: a copy of ``llm_packager/serving`` named
-    ``llm_packager_serving``, in a folder that lives as long as this context.
+def served_code_paths(source: Path = SERVING_SOURCE) -> Iterator[list[str]]:
+    """The ``code_paths`` to log the ONNX model with: a copy of ``source`` (``llm_packager/serving``
+    unless a benchmark compares another version) named ``llm_packager_serving``, in a folder that
+    lives as long as this context.
 
     While the context lasts, that folder is also on ``sys.path``: MLflow runs the model file when
     it logs it (to find its ``set_model``), before it copies ``code_paths``, and the file imports
@@ -44,9 +45,7 @@ def served_code_paths() -> Iterator[list[str]]:
     """
     with tempfile.TemporaryDirectory(prefix="served-code-") as scratch:
         staged = Path(scratch) / SERVED_PACKAGE
-        shutil.copytree(
-            SERVING_SOURCE, staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+        shutil.copytree(source, staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         sys.path.insert(0, scratch)
         try:
             yield [str(staged)]
