@@ -157,7 +157,7 @@ def docstrings(path: Path) -> str:
 def documents(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
     """What the drift check reads: README.md, docs/*.md, and the docstrings of the code."""
     texts = {project_dir / "README.md": (project_dir / "README.md").read_text()}
-    texts |= {path: path.read_text() for path in sorted((project_dir / "docs").glob("*.md"))}
+    texts |= {path: path.read_text() for path in sorted((project_dir / "docs").rglob("*.md"))}
     for folder in DOCSTRING_FOLDERS:
         for path in sorted((project_dir / folder).rglob("*.py")):
             if "__pycache__" not in path.parts:
