@@ -10,7 +10,7 @@ with its Python type, its default and a one-line help. From that one declaration
   writes MLproject from it);
 - the typed schema of the step's conf/ section (`config_schema_fields`), and the step's values
   from a composed config, matched by field name (`config_values`);
-- the README's parameter tables (`markdown_rows`).
+- the parameter tables of docs/configuration.md (`markdown_rows`).
 
 A field has one of three roles: ``config`` (from the step's conf/ section, by the same name),
 ``upstream`` (run ids of earlier steps, which ``main`` passes on) or ``pipeline`` (computed by
@@ -319,8 +319,9 @@ def _config_text(value: Any) -> str:
 
 
 def markdown_rows(spec: type, section: str | None) -> list[str]:
-    """README table rows ``| key | type | default | meaning |`` for a spec's parameters: for
-    ``config`` fields the conf/ key and its YAML form, for the others the step parameter."""
+    """Table rows ``| key | type | default | meaning |`` (docs/configuration.md) for a spec's
+    parameters: for ``config`` fields the conf/ key and its YAML form, for the others the step
+    parameter."""
     rows = []
     for field in fields_of(spec):
         codec = codec_of(spec, field)

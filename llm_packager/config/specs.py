@@ -3,7 +3,7 @@
 A step's parameters are one frozen dataclass here. ``config`` fields are read from the step's conf/
 section by the same name (``onnx.max_tokens_cap`` is ``LogOnnxParameters.max_tokens_cap``);
 ``upstream`` fields are the run ids ``main`` passes on; ``computed`` fields are set by ``main``.
-MLproject, the command-line parsers, the config schema and the README tables are all derived from
+MLproject, the command-line parsers, the config schema and the docs tables are all derived from
 these classes (``llm_packager.config.parameters``); ``python -m llm_packager.generate`` rewrites the
 generated files after a change here. See docs/architecture.md, "Adding a parameter".
 
@@ -374,7 +374,7 @@ def candidate_names(cfg: DictConfig) -> list[str]:
 
 
 # The declared steps, fixed when this module loads: what the generated files (MLproject, the
-# config schema, the README tables) are written from.
+# config schema, the tables in docs/configuration.md) are written from.
 PIPELINE = pipeline_steps()
 STEP_NAMES = step_names()
 ENTRY_POINTS = {step.entry_point: step for step in (MAIN, *PIPELINE)}

@@ -7,8 +7,8 @@ layers, so a least-squares line per part gives its copies of the weights (the sl
 fixed part (the intercept). Parts that load the Hugging Face weights scale with the dtype they
 load in; the ONNX parts scale with the parameter count alone (their precision is the build's).
 Each step's and each runtime's declaration (``llm_packager.config.specs``) names its parts; the
-check before a step is launched is ``llm_packager.pipeline.memory_budget``. See README, "Memory
-and disk each step needs for Phi-3-mini".
+check before a step is launched is ``llm_packager.pipeline.memory_budget``. See docs/performance.md,
+"Memory and disk each step needs for Phi-3-mini".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An OOM kill loses the step's work and explains nothing, so `main` estimates each
 memory from the fetched model's parameter count before launching it, and refuses in one line
 when the machine does not have it. What each step holds at its peak, as measured parts of the
 weights, is in ``llm_packager.models.memory_parts``; which parts a step loads is in its
-declaration. See README, "Memory and disk each step needs for Phi-3-mini".
+declaration. See docs/performance.md, "Memory and disk each step needs for Phi-3-mini".
 """
 
 from __future__ import annotations
