@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from llm_packager.keys import MODEL_TOTAL_BYTES_METRIC
 from llm_packager.sources.manifest import ModelFilesError, build_manifest
 from steps.fetch_model import fetch_model
 
@@ -34,7 +35,7 @@ def test_local_folder_is_logged_with_its_manifest(local_tracking, tiny_model_dir
     assert result.total_bytes == sum(row["size"] for row in manifest["files"])
     finished = local_tracking.get_run(run.info.run_id)
     assert finished.data.tags["local_dir"] == str(tiny_model_dir)
-    assert finished.data.metrics["model_total_bytes"] == result.total_bytes
+    assert finished.data.metrics[MODEL_TOTAL_BYTES_METRIC] == result.total_bytes
 
 
 def test_lfs_pointer_in_a_local_folder_fails_the_step(local_tracking, tiny_model_dir, tmp_path):

@@ -10,6 +10,24 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from llm_packager.keys import (
+    CANDIDATE_TAG,
+    COMPARISON_CSV,
+    COMPARISON_JSON,
+    EVAL_TABLE_ARTIFACT,
+    EVALUATION_FILE,
+    MODEL_URI_TAG,
+    PIPELINE_STEPS_ARTIFACT,
+    RECOMMENDED_CANDIDATE_TAG,
+    REGISTRATION_STATUS_TAG,
+    REPORT_ARTIFACT,
+    STEPS_REUSED_TAG,
+    VALIDATION_STATUS_TAG,
+    VERSION_CANDIDATE_TAG,
+    candidate_key,
+    upstream_tag,
+)
+
 from .support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
@@ -24,7 +42,7 @@ CHAT_OUTPUTS = {"id", "object", "created", "model", "choices", "usage"}
 
 
 def _check_chat_model(client: MlflowClient, run) -> str:
-    model_uri = run.data.tags["llm_packager.model_uri"]
+    model_uri = run.data.tags[MODEL_URI_TAG]
     assert model_uri.startswith("models:/m-")
     info = mlflow.models.get_model_info(model_uri)
     assert {spec.name for spec in info.signature.inputs} >= CHAT_INPUTS
@@ -44,10 +62,10 @@ def server(tracking_server: TrackingServer, monkeypatch) -> MlflowClient:
 def _check_evaluation(client: MlflowClient, run, models: set[str]) -> None:
     assert run.info.status == "FINISHED"
     for model in models:
-        assert run.data.tags[f"{model}.validation_status"] == "passed"
+        assert run.data.tags[candidate_key(model, VALIDATION_STATUS_TAG)] == "passed"
     artifacts = {info.path for info in client.list_artifacts(run.info.run_id)}
-    assert {"evaluation.json", "eval_table.json", "comparison.csv", "comparison.json",
-            "report.html"} <= artifacts  # fmt: skip
+    assert {EVALUATION_FILE, EVAL_TABLE_ARTIFACT, COMPARISON_CSV, COMPARISON_JSON,
+            REPORT_ARTIFACT} <= artifacts  # fmt: skip
     charts = {info.path for info in client.list_artifacts(run.info.run_id, "charts")}
     assert charts == {f"charts/{name}.png" for name in ("quality", "latency", "speed", "memory")}
 
@@ -61,7 +79,7 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
     for step in LOG_STEPS:
         (logged,) = runs_of(server, EXPERIMENT, step)
         assert logged.data.params["fetch_model_run_id"] == fetch.info.run_id
-        assert logged.data.tags["llm_packager.upstream.fetch_model"] == fetch.info.run_id
+        assert logged.data.tags[upstream_tag("fetch_model")] == fetch.info.run_id
         first_models[step] = _check_chat_model(server, logged)
     assert runs_of(server, EXPERIMENT, "log_onnx")[0].data.params["precision"] == "int4"
     (evaluation,) = runs_of(server, EXPERIMENT, "evaluate")
@@ -70,7 +88,7 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
         m: evaluation.data.metrics[f"{m}.decode_tokens_per_s"] for m in ("transformers", "onnx")
     }
     fastest = max(speeds, key=speeds.get)
-    assert evaluation.data.tags["recommended_candidate"] == fastest
+    assert evaluation.data.tags[RECOMMENDED_CANDIDATE_TAG] == fastest
     assert evaluation.data.tags["recommended_model_uri"] == first_models[f"log_{fastest}"]
 
     champion = server.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
@@ -80,7 +98,7 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
     assert completed.returncode == 0, completed.stderr
     for step in (*LOG_STEPS, "evaluate", "register"):
         assert len(runs_of(server, EXPERIMENT, step)) == 1
-    assert runs_of(server, EXPERIMENT, "main")[0].data.tags["llm_packager.steps_reused"] == (
+    assert runs_of(server, EXPERIMENT, "main")[0].data.tags[STEPS_REUSED_TAG] == (
         "fetch_model,log_transformers,log_onnx,evaluate,register"
     )
     assert len(server.search_model_versions("name = 'tiny-random-phi3-chat'")) == 2
@@ -113,7 +131,7 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
     table = client.download_artifacts(evaluation.info.run_id, "eval_table.json", str(tmp_path))
     assert len(json.loads(Path(table).read_text())["data"]) == 48
     (registration,) = runs_of(client, "Default", "register")
-    assert registration.data.tags["registration_status"] == "registered"
+    assert registration.data.tags[REGISTRATION_STATUS_TAG] == "registered"
     champion = client.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
     assert champion.source == evaluation.data.tags["recommended_model_uri"]
 
@@ -129,13 +147,13 @@ def test_an_onnx_variant_is_a_third_candidate_from_log_to_registry(tmp_path, tra
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     client = MlflowClient(tracking_uri=tracking_server.uri)
-    logged = {run.data.tags["llm_packager.candidate"]: run
+    logged = {run.data.tags[CANDIDATE_TAG]: run
               for run in runs_of(client, experiment, "log_onnx")}  # fmt: skip
     assert set(logged) == {"onnx", "onnx-int8"}
     assert logged["onnx-int8"].data.params["precision"] == "int8"
     (main_run,) = runs_of(client, experiment, "main")
     record = json.loads(Path(client.download_artifacts(
-        main_run.info.run_id, "pipeline_steps.json")).read_text())  # fmt: skip
+        main_run.info.run_id, PIPELINE_STEPS_ARTIFACT)).read_text())  # fmt: skip
     assert list(record) == ["fetch_model", "log_transformers", "log_onnx", "log_onnx:int8",
                             "evaluate", "register"]  # fmt: skip
     (evaluation,) = runs_of(client, experiment, "evaluate")
@@ -143,7 +161,7 @@ def test_an_onnx_variant_is_a_third_candidate_from_log_to_registry(tmp_path, tra
         record[name]["run_id"] for name in ("log_transformers", "log_onnx", "log_onnx:int8")
     )
     for name in ("transformers", "onnx", "onnx-int8"):
-        assert evaluation.data.tags[f"{name}.validation_status"] == "passed"
+        assert evaluation.data.tags[candidate_key(name, VALIDATION_STATUS_TAG)] == "passed"
     champion = client.get_model_version_by_alias("third-candidate-chat", "champion")
     assert champion.source == evaluation.data.tags["recommended_model_uri"]
-    assert champion.tags["candidate"] == evaluation.data.tags["recommended_candidate"]
+    assert champion.tags[VERSION_CANDIDATE_TAG] == evaluation.data.tags[RECOMMENDED_CANDIDATE_TAG]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from llm_packager.config.compose import compose_config
-from llm_packager.pipeline.driver import plan_pipeline
 from llm_packager.models.memory_parts import (
     AGREEMENT,
     BUILDER,
@@ -15,6 +14,7 @@ from llm_packager.models.memory_parts import (
     TRANSFORMERS_MODEL,
     stored_bytes_per_parameter,
 )
+from llm_packager.pipeline.driver import plan_pipeline
 from llm_packager.pipeline.memory_budget import (
     NotEnoughMemoryError,
     available_memory_mib,

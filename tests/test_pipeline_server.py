@@ -16,8 +16,21 @@ from typing import ClassVar
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from llm_packager.keys import ERROR_TAG, REUSE_KEY_TAG
+from llm_packager.keys import (
+    CONFIG_ARTIFACT,
+    CONFIG_HASH_TAG,
+    ERROR_TAG,
+    MODEL_PARAMETER_COUNT_METRIC,
+    OUTPUTS_TAG,
+    PEAK_RSS_CHILDREN_METRIC,
+    PEAK_RSS_METRIC,
+    PIPELINE_STEPS_ARTIFACT,
+    REUSE_KEY_TAG,
+    STEPS_RAN_TAG,
+    STEPS_REUSED_TAG,
+)
 
 from .support import TrackingServer, mlflow_run_main, runs_of
 
@@ -50,7 +63,7 @@ class Pipeline:
         return runs_of(self.client, self.experiment, entry_point)
 
     def steps_record(self, main_run_id: str) -> dict:
-        path = self.client.download_artifacts(main_run_id, "pipeline_steps.json")
+        path = self.client.download_artifacts(main_run_id, PIPELINE_STEPS_ARTIFACT)
         return json.loads(Path(path).read_text())
 
 
@@ -66,16 +79,16 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
     (fetch_run,) = pipeline.runs("fetch_model")
     client = pipeline.client
     assert fetch_run.info.status == "FINISHED"
-    assert fetch_run.data.tags["mlflow.parentRunId"] == main_run.info.run_id
+    assert fetch_run.data.tags[MLFLOW_PARENT_RUN_ID] == main_run.info.run_id
     assert fetch_run.data.params["source"] == "synthetic"
     assert fetch_run.data.params["num_hidden_layers"] == "2"
-    assert fetch_run.data.metrics["model_parameter_count"] > 0
+    assert fetch_run.data.metrics[MODEL_PARAMETER_COUNT_METRIC] > 0
     # What the step needed: at least the interpreter with torch and MLflow imported.
-    assert fetch_run.data.metrics["peak_rss_mib"] > 100
-    assert "peak_rss_children_mib" in fetch_run.data.metrics
-    assert main_run.data.tags["llm_packager.steps_ran"] == "fetch_model"
-    assert len(main_run.data.tags["llm_packager.config_hash"]) == 64
-    config = Path(client.download_artifacts(main_run.info.run_id, "config.yaml")).read_text()
+    assert fetch_run.data.metrics[PEAK_RSS_METRIC] > 100
+    assert PEAK_RSS_CHILDREN_METRIC in fetch_run.data.metrics
+    assert main_run.data.tags[STEPS_RAN_TAG] == "fetch_model"
+    assert len(main_run.data.tags[CONFIG_HASH_TAG]) == 64
+    config = Path(client.download_artifacts(main_run.info.run_id, CONFIG_ARTIFACT)).read_text()
     assert "tiny-random-phi3" in config
 
     run_id = fetch_run.info.run_id
@@ -85,7 +98,7 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
     }
     assert {row["path"] for row in manifest["files"]} == logged
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= logged
-    assert json.loads(fetch_run.data.tags["llm_packager.outputs"]) == {
+    assert json.loads(fetch_run.data.tags[OUTPUTS_TAG]) == {
         "model": f"runs:/{run_id}/hf_model",
         "manifest": f"runs:/{run_id}/manifest.json",
     }
@@ -100,7 +113,7 @@ def test_identical_rerun_reuses_the_fetch_run(pipeline):
 
     assert [run.info.run_id for run in pipeline.runs("fetch_model")] == [previous.info.run_id]
     newest_main = pipeline.runs("main")[0]
-    assert newest_main.data.tags["llm_packager.steps_reused"] == "fetch_model"
+    assert newest_main.data.tags[STEPS_REUSED_TAG] == "fetch_model"
     assert pipeline.steps_record(newest_main.info.run_id) == {
         "fetch_model": {"run_id": previous.info.run_id, "reused": True}
     }
@@ -111,7 +124,7 @@ def test_an_int_written_as_03_reuses_the_run_made_with_3(pipeline):
     pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=03")
     (fetch_run,) = pipeline.runs("fetch_model")
     assert fetch_run.data.params["num_hidden_layers"] == "3"
-    assert pipeline.runs("main")[0].data.tags["llm_packager.steps_reused"] == "fetch_model"
+    assert pipeline.runs("main")[0].data.tags[STEPS_REUSED_TAG] == "fetch_model"
 
 
 def test_deleted_announced_artifact_makes_a_new_run(pipeline):
@@ -142,7 +155,7 @@ def test_force_reruns_and_the_newest_match_wins(pipeline):
     pipeline.run_ok(*TINY_FETCH)
     pipeline.run_ok(*TINY_FETCH, "force=fetch_model")
     forced, _ = pipeline.runs("fetch_model")
-    assert pipeline.runs("main")[0].data.tags["llm_packager.steps_ran"] == "fetch_model"
+    assert pipeline.runs("main")[0].data.tags[STEPS_RAN_TAG] == "fetch_model"
 
     pipeline.run_ok(*TINY_FETCH)
     newest_main = pipeline.runs("main")[0]
@@ -196,7 +209,7 @@ def test_main_records_the_steps_that_ran_before_one_failed(pipeline):
     (failed,) = pipeline.runs("log_onnx")
     assert failed.info.status == "FAILED"
     assert "no_such_algo" in failed.data.tags[ERROR_TAG]
-    assert main_run.data.tags["llm_packager.steps_ran"] == "fetch_model"
+    assert main_run.data.tags[STEPS_RAN_TAG] == "fetch_model"
     assert pipeline.steps_record(main_run.info.run_id) == {
         "fetch_model": {"run_id": fetch_run.info.run_id, "reused": False}
     }
@@ -273,4 +286,4 @@ def test_a_machine_too_small_for_a_step_is_told_before_the_step_starts(pipeline)
                     "overrides=memory.available_mib=1 memory.refuse_if_short=false")  # fmt: skip
     (logged,) = pipeline.runs("log_transformers")
     assert logged.info.status == "FINISHED"
-    assert logged.data.metrics["peak_rss_mib"] > 1
+    assert logged.data.metrics[PEAK_RSS_METRIC] > 1
