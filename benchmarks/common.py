@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine description, summary statistics and table rows."""
+"""What every benchmark shares: the machine description, summary statistics, table rows, and
+servers on loopback (which the tests share too)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -72,6 +74,89 @@ def machine_description() -> dict[str, object]:
     }
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LoopbackProcess:
+    """A server process on a free loopback port, polled until it answers; it can be stopped and
+    started again on the same port (a test's outage). ``environment`` is added to this
+    process's environment; the output goes to the file ``log``.
+
+    It lives here, not under tests/, because the benchmarks and the tests both start servers this
+    way, and this module needs nothing but the standard library: a test importing it pulls in no
+    benchmark, while a benchmark importing the tests would pull in pytest fixtures and the test
+    data (``tests/support.py`` reads conf/ when it is imported).
+    """
+
+    def __init__(
+        self,
+        command: Callable[[int], list[str]],
+        ready_path: str,
+        *,
+        log: Path,
+        environment: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        start_seconds: float = 120,
+        stop_seconds: float = 30,
+    ) -> None:
+        self.port = free_loopback_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._command = command(self.port)
+        self._ready_url = f"{self.uri}{ready_path}"
+        self._environment = environment or {}
+        self._cwd = cwd
+        self._start_seconds = start_seconds
+        self._stop_seconds = stop_seconds
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> LoopbackProcess:
+        """Start the command and return once ``ready_path`` answers (any 2xx or 3xx status).
+
+        Raises:
+            RuntimeError: the process exited, or did not answer within ``start_seconds``; the
+                message ends with its log.
+        """
+        # Appended to, so that a restarted process keeps what it said before; the child keeps
+        # its own copy of the file descriptor.
+        with self.log.open("a") as log:
+            self._process = subprocess.Popen(
+                self._command, stdout=log, stderr=subprocess.STDOUT, cwd=self._cwd,
+                # Read at each start: a restarted server sees the environment as it is then.
+                env={**os.environ, **self._environment},
+            )  # fmt: skip
+        deadline = time.monotonic() + self._start_seconds
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(self._ready_url, timeout=10):
+                return self
+            if self._process.poll() is not None:
+                self._fail(f"exited with code {self._process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                self._fail(f"did not answer {self._ready_url} in {self._start_seconds:.0f} s")
+            time.sleep(0.5)
+
+    def _fail(self, why: str) -> None:
+        told = self.log.read_text(errors="replace")[-5000:] if self.log.is_file() else ""
+        raise RuntimeError(f"{' '.join(self._command[:4])} {why}; its log:\n{told}")
+
+    def stop(self) -> None:
+        """Terminate the process (kill it if it does not end within ``stop_seconds``)."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=self._stop_seconds)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
 @contextlib.contextmanager
 def local_server(
     command: Callable[[int], list[str]],
@@ -79,29 +164,20 @@ def local_server(
     *,
     environment: dict[str, str],
     start_seconds: float,
+    log: Path | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[str]:
-    """Start ``command(port)`` on a free loopback port; yield its URL once ``ready_path`` answers.
+    """Start ``command(port)`` on a free loopback port; yield its URL once ``ready_path`` answers,
+    and stop it on the way out. Its output goes to ``log`` (a temporary file if none).
 
     Raises:
         RuntimeError: the server exited, or did not answer within ``start_seconds``.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_seconds
-        while True:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{uri}{ready_path}", timeout=10)
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(command(port)[:4])} did not start")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with contextlib.ExitStack() as stack:
+        if log is None:
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "server.log"
+        server = LoopbackProcess(command, ready_path, log=log, environment=environment,
+                                 cwd=cwd, start_seconds=start_seconds)  # fmt: skip
+        server.start()
+        stack.callback(server.stop)
+        yield server.uri

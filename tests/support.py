@@ -1,18 +1,23 @@
-"""Helpers shared by the tests: the tiny model's sizes, the server handle, `mlflow run` calls."""
+"""Helpers shared by the tests: the tiny model's sizes, the tracking server, the tracking-URI
+swap, steps run as processes and `mlflow run` calls."""
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import yaml
+from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 
+from benchmarks.common import LoopbackProcess
 from llm_packager.choices import ModelSource
 from llm_packager.config.specs import FetchModelParameters
 from llm_packager.project import PROJECT_DIR
@@ -33,6 +38,8 @@ SMOLLM2_WHEEL_FILE = _SMOLLM2["gguf_file"]
 SMOLLM2_GGUF_SHA256 = _SMOLLM2["gguf_sha256"]
 # The pipeline's own GGUF cache: the file is verified by its sha256 on every use.
 GGUF_CACHE = Path.home() / ".cache" / "llm_packager" / "gguf"
+
+_TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 
 TINY_SPEC = SyntheticPhi3Spec(
     vocab_size=1024,
@@ -64,67 +71,89 @@ class TrackingServer:
     artifact_root: Path
 
 
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class MlflowServer:
+class MlflowServer(LoopbackProcess):
     """`mlflow server` on a fixed loopback port, with an SQLite store and artifacts in ``root``,
     that a test can stop and start again on the same port and store (an outage)."""
-
-    START_SECONDS = 90
 
     def __init__(self, root: Path, artifact_root: Path | None = None) -> None:
         self.root = root
         self.artifact_root = artifact_root or root / "artifacts"
-        self.port = free_loopback_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self._process: subprocess.Popen | None = None
+
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "mlflow", "server",
+                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                    "--artifacts-destination", str(self.artifact_root),
+                    "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]  # fmt: skip
+
+        super().__init__(
+            command, "/health", log=root / "server.log", cwd=root, start_seconds=90,
+            stop_seconds=20,
+            # The server's job runner (for GenAI scorers, unused here) starts about seven
+            # processes that each import MLflow: seconds of CPU taken from the tests.
+            environment={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )  # fmt: skip
 
     def start(self) -> MlflowServer:
-        # The child keeps its own copy of the file descriptor.
-        with (self.root / "server.log").open("a") as log:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server",
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                 "--artifacts-destination", str(self.artifact_root),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                # The server's job runner (for GenAI scorers, unused here) starts about seven
-                # processes that each import MLflow: seconds of CPU taken from the tests.
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            )  # fmt: skip
-        deadline = time.monotonic() + self.START_SECONDS
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited: {(self.root / 'server.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+        super().start()
+        return self
 
     def handle(self) -> TrackingServer:
         return TrackingServer(uri=self.uri, artifact_root=self.artifact_root)
+
+
+@contextmanager
+def tracking_uri(uri: str) -> Iterator[str]:
+    """Make ``uri`` MLflow's tracking URI (and so its registry URI, which follows it) inside the
+    block, and put back exactly what was there before on the way out, error or not.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment (for child
+    processes), and `set_tracking_uri(None)` deletes it, so both are saved and restored: a test
+    that set the variable with monkeypatch keeps it, and none leaks into the next test.
+    """
+    # MLflow has no public getter for "set or not": get_tracking_uri() falls back to the
+    # environment and the default, which would turn "unset" into a fixed URI on restore.
+    saved_uri = mlflow_tracking_utils._tracking_uri
+    saved_environment = os.environ.get(_TRACKING_URI_VARIABLE)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_environment is None:
+            os.environ.pop(_TRACKING_URI_VARIABLE, None)
+        else:
+            os.environ[_TRACKING_URI_VARIABLE] = saved_environment
+
+
+def copy_tracking_store(empty_store: Path, folder: Path) -> str:
+    """A new SQLite tracking store ``folder/mlflow.db``, copied from the empty store
+    ``empty_store``; its URI. The Default experiment keeps its artifacts in ``folder/mlruns/0``,
+    where MLflow would have put them had it made the store there (it writes that path into the
+    store when it makes it)."""
+    store = folder / "mlflow.db"
+    shutil.copyfile(empty_store, store)
+    with closing(sqlite3.connect(store)) as connection, connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(folder / "mlruns" / "0"),),
+        )
+    return f"sqlite:///{store}"
+
+
+def step_command(step: str, *arguments: str) -> list[str]:
+    """`python -m steps.<step> ARGUMENTS`: an entry point as `mlflow run` starts it."""
+    return [sys.executable, "-m", f"steps.{step}", *arguments]
+
+
+def run_step(
+    step: str, *arguments: str, timeout: float = 300, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """Run one step's module in a fresh process from the project folder, with the project's
+    environment plus ``environment`` (its tracking URI, experiment...); its output captured."""
+    return subprocess.run(
+        step_command(step, *arguments), cwd=PROJECT_DIR, env=project_environment(**environment),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def project_environment(**extra: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ from llm_packager.models.model_store import resolve_model_store
 from llm_packager.project import PROJECT_DIR
 
 from .loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy
-from .support import TrackingServer, mlflow_run_main, project_environment, runs_of
+from .support import TrackingServer, mlflow_run_main, project_environment, runs_of, tracking_uri
 
 AZURE_LOCK = PROJECT_DIR / "requirements-azureml.txt"
 STEPS = ("model=tiny-random-phi3", "overrides=evaluate.limit=4")
@@ -124,13 +124,10 @@ def test_the_whole_pipeline_runs_without_the_logged_model_api(tracking_server, t
         )
         assert len(client.search_model_versions(f"name = '{name}'")) == versions
 
-        mlflow.set_tracking_uri(uri)
-        try:
+        with tracking_uri(uri):
             answer = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
                 {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
             )
-        finally:
-            mlflow.set_tracking_uri(None)
         assert answer[0]["object"] == "chat.completion"
     # The server did refuse the API: the probe asked, and so did MLflow's own downloads of run
     # artifacts (which look for a LoggedModel of the same name and go on without one).

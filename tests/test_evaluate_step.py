@@ -6,8 +6,6 @@ Each evaluation loads every candidate in a worker process of its own, so these t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -24,7 +22,7 @@ from llm_packager.keys import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import ModelUnusableError, evaluate
 
-from .support import project_environment
+from .support import run_step
 
 pytestmark = pytest.mark.slow
 
@@ -123,13 +121,11 @@ def test_a_third_candidate_is_evaluated_reported_and_compared_with_the_reference
 
 def test_a_gate_no_candidate_can_meet_rejects_all_with_reasons_and_exits_0(logged_models_tracking):
     client, runs = logged_models_tracking
-    completed = subprocess.run(
-        [sys.executable, "-m", "steps.evaluate",
-         "--candidate-run-ids", f"{runs['log_transformers']},{runs['log_onnx']}",
-         "--limit", "3", "--max-tokens", "4", "--ttft-requests", "1", "--gate", "exact_match>=0.9"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600,
-        env=project_environment(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
-                                MLFLOW_EXPERIMENT_ID=runs["experiment_id"]),
+    completed = run_step(
+        "evaluate", "--candidate-run-ids", f"{runs['log_transformers']},{runs['log_onnx']}",
+        "--limit", "3", "--max-tokens", "4", "--ttft-requests", "1", "--gate", "exact_match>=0.9",
+        timeout=600, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
+        MLFLOW_EXPERIMENT_ID=runs["experiment_id"],
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     (run,) = client.search_runs([runs["experiment_id"]], "tags.recommended_candidate = 'none'")

@@ -12,13 +12,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -27,7 +25,14 @@ from llm_packager.models.model_store import pending_models
 from llm_packager.project import PROJECT_DIR
 from llm_packager.sources.upstream import fetched_model
 
-from .support import MlflowServer, project_environment, runs_of, start_mlflow_run_main
+from .support import (
+    MlflowServer,
+    project_environment,
+    runs_of,
+    start_mlflow_run_main,
+    step_command,
+    tracking_uri,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -238,19 +243,16 @@ def test_two_pipelines_at_once_with_the_same_inputs(tmp_path, server):
                                for run in experiment.runs("evaluate")}  # fmt: skip
     cache = Path(os.environ["LLM_PACKAGER_CACHE"]) / "models"
     assert [entry.name for entry in cache.glob(".download-*")] == []
-    mlflow.set_tracking_uri(server.uri)
-    try:
+    with tracking_uri(server.uri):
         for fetch_run in experiment.runs("fetch_model"):
             # Verified against its manifest, file by file, from the shared cache.
             assert fetched_model(fetch_run.info.run_id).folder.is_relative_to(cache)
-    finally:
-        mlflow.set_tracking_uri(None)
 
     # Two register steps on one evaluate run, at once: one version per logged model.
     evaluate_run = experiment.runs("evaluate")[0]
     again = f"{name}-again"
-    command = [sys.executable, "-m", "steps.register", "--evaluate-run-id",
-               evaluate_run.info.run_id, "--registered-model-name", again]  # fmt: skip
+    command = step_command("register", "--evaluate-run-id", evaluate_run.info.run_id,
+                           "--registered-model-name", again)  # fmt: skip
     environment = project_environment(**experiment.env)
     registers = [subprocess.Popen(command, cwd=PROJECT_DIR, env=environment, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -20,7 +20,7 @@ from llm_packager.models.onnx_build import build_onnx_model
 from llm_packager.models.parity import chat_token_ids, greedy_onnx, greedy_transformers
 from llm_packager.project import PROJECT_DIR
 
-from .support import TrackingServer, mlflow_run_main, runs_of
+from .support import TrackingServer, mlflow_run_main, runs_of, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +61,8 @@ def smollm2_pipeline(tracking_server: TrackingServer, tmp_path_factory) -> dict[
 
 def _evaluation(client: MlflowClient) -> Evaluation:
     # Evaluation.load reads through the current tracking URI, as the register step does.
-    mlflow.set_tracking_uri(client.tracking_uri)
-    try:
+    with tracking_uri(client.tracking_uri):
         return Evaluation.load(runs_of(client, EXPERIMENT, "evaluate")[0].info.run_id)
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_the_packaged_model_is_judged_against_its_reference_and_a_champion_registered(
@@ -91,11 +88,8 @@ def test_the_packaged_model_is_judged_against_its_reference_and_a_champion_regis
 
 
 def test_the_champion_answers_held_out_factual_questions(smollm2_pipeline, tracking_server):
-    mlflow.set_tracking_uri(tracking_server.uri)
-    try:
+    with tracking_uri(tracking_server.uri):
         champion = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    finally:
-        mlflow.set_tracking_uri(None)
     facts = load_eval_set(HELD_OUT)
     answers = [
         champion.predict(fact.chat_request(24))[0]["choices"][0]["message"]["content"]

@@ -7,8 +7,6 @@ tests are slow.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -24,11 +22,10 @@ from llm_packager.evaluation.record import (
     Recommendation,
 )
 from llm_packager.keys import CANDIDATE_TAG, EVALUATION_FILE, MODEL_URI_TAG, RUNTIME_TAG
-from llm_packager.project import PROJECT_DIR
 from steps.evaluate import evaluate
 from steps.register import register
 
-from .support import project_environment
+from .support import run_step
 
 pytestmark = pytest.mark.slow
 
@@ -110,12 +107,9 @@ def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(logged_m
     versions_before = len(client.search_model_versions("name = 'gate-test'"))
     failing = _evaluation(runs, FAILING_GATE)
 
-    completed = subprocess.run(
-        [sys.executable, "-m", "steps.register", "--evaluate-run-id", failing,
-         "--registered-model-name", "gate-test"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300,
-        env=project_environment(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
-                                MLFLOW_EXPERIMENT_ID=runs["experiment_id"]),
+    completed = run_step(
+        "register", "--evaluate-run-id", failing, "--registered-model-name", "gate-test",
+        MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), MLFLOW_EXPERIMENT_ID=runs["experiment_id"],
     )  # fmt: skip
 
     assert completed.returncode == 0, completed.stderr

@@ -20,7 +20,7 @@ from llm_packager.config.remote_jobs import (
 from llm_packager.config.specs import MainParameters
 from llm_packager.project import PROJECT_DIR
 
-from .support import project_environment
+from .support import project_environment, run_step
 
 MAIN_FLAGS = [f"--{field.name.replace('_', '-')}" for field in fields_of(MainParameters)]
 
@@ -185,11 +185,9 @@ def test_the_databricks_task_script_refuses_an_unknown_entry_point():
 def test_main_reads_overrides_none_as_no_overrides(tmp_path):
     # The Azure ML job passes "none" (the service refuses empty inputs); an unknown step is
     # reported only after the config composed, so "none" must have been accepted.
-    completed = subprocess.run(
-        [sys.executable, "-m", "steps.main", "--model", "tiny-random-phi3",
-         "--overrides", "none", "--steps", "bogus"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
-        env=project_environment(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    completed = run_step(
+        "main", "--model", "tiny-random-phi3", "--overrides", "none", "--steps", "bogus",
+        timeout=120, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )  # fmt: skip
     assert completed.returncode == 2
     assert "error: steps: unknown step 'bogus'" in completed.stderr
