@@ -59,41 +59,31 @@ def test_config_hash_changes_with_the_config():
     )
 
 
-def test_unknown_override_key_is_named():
-    with pytest.raises(ConfigError, match=r"^Unknown config key 'model\.no_such_key' in overrides"):
-        compose_config("tiny-random-phi3", "model.no_such_key=1")
-
-
-def test_appended_unknown_key_is_rejected_by_the_schema():
-    with pytest.raises(ConfigError, match=r"^Invalid config at 'model\.no_such_key'"):
-        compose_config("tiny-random-phi3", "+model.no_such_key=1")
-
-
-def test_bad_type_is_named():
-    with pytest.raises(
-        ConfigError,
-        match=r"^Invalid config at 'model\.hidden_size': Value 'abc' of type 'str' could not be "
-        r"converted to Integer$",
-    ):
-        compose_config("tiny-random-phi3", "model.hidden_size=abc")
-
-
-def test_unknown_source_is_named():
-    with pytest.raises(ConfigError, match=r"^Invalid config at 'model\.source'"):
-        compose_config("tiny-random-phi3", "model.source=ftp")
-
-
-def test_unknown_model_choice_lists_the_available_ones():
-    with pytest.raises(
-        ConfigError,
-        match=r"available: phi3-mini-4k-instruct, smollm2-135m-instruct, tiny-random-phi3$",
-    ):
-        compose_config("tiny", "")
-
-
-def test_unbalanced_quote_in_overrides_is_reported():
-    with pytest.raises(ConfigError, match=r"^Cannot split overrides"):
-        compose_config("tiny-random-phi3", "model.name='unclosed")
+@pytest.mark.parametrize(
+    ("model", "overrides", "error"),
+    [
+        pytest.param("tiny-random-phi3", "model.no_such_key=1",
+                     r"^Unknown config key 'model\.no_such_key' in overrides",
+                     id="unknown-override-key-is-named"),
+        pytest.param("tiny-random-phi3", "+model.no_such_key=1",
+                     r"^Invalid config at 'model\.no_such_key'",
+                     id="appended-unknown-key-is-rejected-by-the-schema"),
+        pytest.param("tiny-random-phi3", "model.hidden_size=abc",
+                     r"^Invalid config at 'model\.hidden_size': Value 'abc' of type 'str' could "
+                     r"not be converted to Integer$",
+                     id="bad-type-is-named"),
+        pytest.param("tiny-random-phi3", "model.source=ftp",
+                     r"^Invalid config at 'model\.source'", id="unknown-source-is-named"),
+        pytest.param("tiny", "",
+                     r"available: phi3-mini-4k-instruct, smollm2-135m-instruct, tiny-random-phi3$",
+                     id="unknown-model-choice-lists-the-available-ones"),
+        pytest.param("tiny-random-phi3", "model.name='unclosed", r"^Cannot split overrides",
+                     id="unbalanced-quote-in-overrides-is-reported"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_fails_with_one_line_that_names_it(model, overrides, error):
+    with pytest.raises(ConfigError, match=error):
+        compose_config(model, overrides)
 
 
 def test_branch_name_revision_is_rejected_unless_allowed():

@@ -107,48 +107,38 @@ def test_tokenizer_without_chat_template_fails_before_logging(
     assert mlflow.search_logged_models(output_format="list") == []
 
 
-def test_upstream_run_with_missing_files_is_named(local_tracking, tiny_model_dir):
-    fetch_run_id = _fetch(tiny_model_dir)
-    shutil.rmtree(_artifact_folder(local_tracking, fetch_run_id) / "hf_model")
-    with pytest.raises(
-        ModelFilesError,
-        match=rf"^Upstream fetch_model run {fetch_run_id} has no usable hf_model \(.*\); "
-        "rerun it with -P force=fetch_model$",
-    ):
-        _log(fetch_run_id)
-
-
-def test_upstream_run_with_a_file_missing_is_named(local_tracking, tiny_model_dir):
-    fetch_run_id = _fetch(tiny_model_dir)
-    (_artifact_folder(local_tracking, fetch_run_id) / "hf_model" / "tokenizer.json").unlink()
-    with pytest.raises(
-        ModelFilesError,
-        match=rf"^Upstream fetch_model run {fetch_run_id}: the logged model does not match its "
-        r"manifest: .* is missing 1 file\(s\), first: tokenizer\.json$",
-    ):
-        _log(fetch_run_id)
-
-
-def test_upstream_run_with_changed_file_is_named(local_tracking, tiny_model_dir):
-    fetch_run_id = _fetch(tiny_model_dir)
-    config = _artifact_folder(local_tracking, fetch_run_id) / "hf_model" / "config.json"
+def _change_config(artifacts: Path) -> None:
+    config = artifacts / "hf_model" / "config.json"
     config.write_text(config.read_text().replace("64", "66", 1))
-    with pytest.raises(
-        ModelFilesError,
-        match=rf"^Upstream fetch_model run {fetch_run_id}: the logged model does not match its "
-        r"manifest: config\.json: sha256 does not match the manifest$",
-    ):
-        _log(fetch_run_id)
 
 
-def test_upstream_run_without_manifest_is_named(local_tracking, tiny_model_dir):
+# How a fetch_model run's artifacts were damaged, and what log_transformers says about it
+# ({run} is the damaged run's id).
+_DAMAGED_UPSTREAM = [
+    pytest.param(lambda artifacts: shutil.rmtree(artifacts / "hf_model"),
+                 r"^Upstream fetch_model run {run} has no usable hf_model \(.*\); "
+                 "rerun it with -P force=fetch_model$",
+                 id="missing-files"),
+    pytest.param(lambda artifacts: (artifacts / "hf_model" / "tokenizer.json").unlink(),
+                 r"^Upstream fetch_model run {run}: the logged model does not match its "
+                 r"manifest: .* is missing 1 file\(s\), first: tokenizer\.json$",
+                 id="a-file-missing"),
+    pytest.param(_change_config,
+                 r"^Upstream fetch_model run {run}: the logged model does not match its "
+                 r"manifest: config\.json: sha256 does not match the manifest$",
+                 id="changed-file"),
+    pytest.param(lambda artifacts: (artifacts / "manifest.json").unlink(),
+                 r"^Upstream fetch_model run {run} has no usable manifest\.json .*"
+                 "rerun it with -P force=fetch_model$",
+                 id="without-manifest"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("damage", "error"), _DAMAGED_UPSTREAM)
+def test_a_damaged_upstream_run_is_named(local_tracking, tiny_model_dir, damage, error):
     fetch_run_id = _fetch(tiny_model_dir)
-    (_artifact_folder(local_tracking, fetch_run_id) / "manifest.json").unlink()
-    with pytest.raises(
-        ModelFilesError,
-        match=rf"^Upstream fetch_model run {fetch_run_id} has no usable manifest\.json .*"
-        "rerun it with -P force=fetch_model$",
-    ):
+    damage(_artifact_folder(local_tracking, fetch_run_id))
+    with pytest.raises(ModelFilesError, match=error.format(run=fetch_run_id)):
         _log(fetch_run_id)
 
 
