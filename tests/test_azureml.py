@@ -19,7 +19,14 @@ from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 from llm_packager.choices import LoggedModels, ModelStore
-from llm_packager.keys import MODEL_STORE_TAG
+from llm_packager.keys import (
+    MODEL_ARTIFACT_PATH,
+    MODEL_STORE_TAG,
+    MODEL_URI_TAG,
+    STEPS_REUSED_TAG,
+    VALIDATION_STATUS_TAG,
+    run_verdict_key,
+)
 from llm_packager.models.model_store import resolve_model_store
 from llm_packager.project import PROJECT_DIR
 
@@ -93,13 +100,13 @@ def _check_artifact_mode_pipeline(client: MlflowClient, experiment: str, name: s
     for step in ("log_transformers", "log_onnx"):
         (logged,) = runs_of(client, experiment, step)
         assert logged.data.tags[MODEL_STORE_TAG] == "run_artifacts"
-        assert logged.data.tags["llm_packager.model_uri"] == (
-            f"runs:/{logged.info.run_id}/chat_model"
+        assert logged.data.tags[MODEL_URI_TAG] == (
+            f"runs:/{logged.info.run_id}/{MODEL_ARTIFACT_PATH}"
         )
-        assert logged.data.tags["llm_packager.validation_status"] == "passed"
+        assert logged.data.tags[run_verdict_key(VALIDATION_STATUS_TAG)] == "passed"
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.status == "READY"
-    assert champion.tags["validation_status"] == "passed"
+    assert champion.tags[VALIDATION_STATUS_TAG] == "passed"
     assert champion.run_id in {run.info.run_id for run in runs_of(client, experiment, "log_onnx")
                                + runs_of(client, experiment, "log_transformers")}  # fmt: skip
 
@@ -119,7 +126,7 @@ def test_the_whole_pipeline_runs_without_the_logged_model_api(tracking_server, t
         # A rerun reuses every step, and registers no second version of the same model.
         completed = mlflow_run_main(tmp_path, STEPS[0], overrides, **env)
         assert completed.returncode == 0, completed.stderr[-4000:]
-        assert runs_of(client, experiment, "main")[0].data.tags["llm_packager.steps_reused"] == (
+        assert runs_of(client, experiment, "main")[0].data.tags[STEPS_REUSED_TAG] == (
             "fetch_model,log_transformers,log_onnx,evaluate,register"
         )
         assert len(client.search_model_versions(f"name = '{name}'")) == versions

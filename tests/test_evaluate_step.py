@@ -18,7 +18,15 @@ from llm_packager.evaluation.metrics import MODEL_METRICS, parse_gate
 from llm_packager.evaluation.record import Evaluation
 from llm_packager.evaluation.report import RANDOM_WEIGHTS_WARNING
 from llm_packager.evaluation.scoring import EvalSetError, rank
-from llm_packager.keys import CANDIDATE_TAG, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.keys import (
+    CANDIDATE_TAG,
+    MODEL_URI_TAG,
+    RECOMMENDED_CANDIDATE_TAG,
+    REPORT_ARTIFACT,
+    RUNTIME_TAG,
+    VALIDATION_STATUS_TAG,
+    candidate_key,
+)
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import ModelUnusableError, evaluate
 
@@ -61,9 +69,9 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
                 candidate.metrics[metric]
             )
         assert candidate.verdict.passed
-        assert run.data.tags[f"{candidate.name}.validation_status"] == "passed"
+        assert run.data.tags[candidate_key(candidate.name, VALIDATION_STATUS_TAG)] == "passed"
         model_tags = client.get_logged_model(candidate.model_uri.removeprefix("models:/")).tags
-        assert model_tags["validation_status"] == "passed"
+        assert model_tags[VALIDATION_STATUS_TAG] == "passed"
         assert model_tags["evaluation_run_id"] == run_id
     assert result.reference == "transformers"
     assert result.candidate("transformers").metrics["identical_rate"] == 1.0
@@ -71,7 +79,7 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
     # is on six tiny prompts depends on machine load, so the policy is checked, not the winner).
     metrics = {c.name: c.metrics for c in result.candidates}
     fastest = rank(RecommendationPolicy.fastest_passed, metrics)[0]
-    assert run.data.tags["recommended_candidate"] == result.recommendation.candidate == fastest
+    assert run.data.tags[RECOMMENDED_CANDIDATE_TAG] == result.recommendation.candidate == fastest
     assert run.data.tags["random_weights"] == "true"
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "eval_set.jsonl"
@@ -87,7 +95,7 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
     for chart in ("quality", "latency", "speed", "memory"):
         height, width, _ = matplotlib.image.imread(folder / "charts" / f"{chart}.png").shape
         assert height > 300 and width > 500
-    report = (folder / "report.html").read_text()
+    report = (folder / REPORT_ARTIFACT).read_text()
     assert "<h1>Model comparison: transformers, onnx</h1>" in report
     assert "<h2>Against the reference</h2>" in report
     assert RANDOM_WEIGHTS_WARNING in report
@@ -128,12 +136,14 @@ def test_a_gate_no_candidate_can_meet_rejects_all_with_reasons_and_exits_0(logge
         MLFLOW_EXPERIMENT_ID=runs["experiment_id"],
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
-    (run,) = client.search_runs([runs["experiment_id"]], "tags.recommended_candidate = 'none'")
+    (run,) = client.search_runs(
+        [runs["experiment_id"]], f"tags.{RECOMMENDED_CANDIDATE_TAG} = 'none'"
+    )
     evaluation = Evaluation.load(run.info.run_id)
     assert evaluation.recommendation.candidate is None
     for candidate in evaluation.candidates:
         assert candidate.verdict.reasons == ("exact_match 0 < 0.9",)
-        assert run.data.tags[f"{candidate.name}.validation_status"] == "rejected"
+        assert run.data.tags[candidate_key(candidate.name, VALIDATION_STATUS_TAG)] == "rejected"
     assert run.info.status == "FINISHED"
 
 

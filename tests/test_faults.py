@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from llm_packager.keys import ERROR_TAG, LOCAL_LOG_TAG, PID_TAG
+from llm_packager.keys import (
+    ERROR_TAG,
+    LOCAL_LOG_TAG,
+    MODEL_URI_TAG,
+    PID_TAG,
+    STEPS_RAN_TAG,
+    STEPS_REUSED_TAG,
+)
 from llm_packager.models.model_store import pending_models
 from llm_packager.project import PROJECT_DIR
 from llm_packager.sources.upstream import fetched_model
@@ -171,10 +178,10 @@ def test_the_tracking_server_going_away_mid_step(tmp_path, server):
     process, output = experiment.start(TINY, LOG_STEPS)
     experiment.finish(process, output)
     newest_main = experiment.runs("main")[0]
-    assert newest_main.data.tags["llm_packager.steps_reused"] == (
+    assert newest_main.data.tags[STEPS_REUSED_TAG] == (
         "fetch_model,log_transformers,log_onnx"
     )
-    assert newest_main.data.tags["llm_packager.steps_ran"] == ""
+    assert newest_main.data.tags[STEPS_RAN_TAG] == ""
     assert [run.info.run_id for run in experiment.all_runs() if run.info.status == "RUNNING"] == []
     for orphan in (cut_off, main_run):
         closed = experiment.client.get_run(orphan.info.run_id)
@@ -219,9 +226,9 @@ def test_a_step_killed_while_it_logs_its_model(tmp_path, server):
     experiment.finish(process, output)
     newest, _ = experiment.runs("log_transformers")
     assert newest.info.run_id != victim.info.run_id and newest.info.status == "FINISHED"
-    assert experiment.runs("main")[0].data.tags["llm_packager.steps_reused"] == "fetch_model"
+    assert experiment.runs("main")[0].data.tags[STEPS_REUSED_TAG] == "fetch_model"
     assert experiment.client.get_logged_model(half_logged.model_id).status == "FAILED"
-    assert newest.data.tags["llm_packager.model_uri"] != f"models:/{half_logged.model_id}"
+    assert newest.data.tags[MODEL_URI_TAG] != f"models:/{half_logged.model_id}"
     assert not abandoned.exists()
     assert [entry.name for entry in models_cache.glob(".download-*")] == []
 

@@ -13,6 +13,7 @@ import pytest
 
 from llm_packager.config.compose import ConfigError, compose_config
 from llm_packager.config.specs import LogTransformersParameters
+from llm_packager.keys import MODEL_OUTPUT, OUTPUTS_TAG
 from llm_packager.pipeline.reuse import output_exists, outputs_exist
 from llm_packager.sources.manifest import ModelFilesError
 from steps.fetch_model import fetch_model
@@ -56,7 +57,7 @@ def test_logged_model_has_the_openai_chat_signature_and_answers(local_tracking, 
     assert "torch==2.13.0" in pins
     assert not any(pin.startswith("torchvision") for pin in pins)
     run = local_tracking.get_run(run_id)
-    assert json.loads(run.data.tags["llm_packager.outputs"]) == {"model": result.model_uri}
+    assert json.loads(run.data.tags[OUTPUTS_TAG]) == {MODEL_OUTPUT: result.model_uri}
     assert outputs_exist(local_tracking, run)
     assert not output_exists(local_tracking, "models:/m-00000000000000000000000000000000")
     assert run.data.metrics["model_size_bytes"] == result.model_size_bytes > 800_000

@@ -21,7 +21,25 @@ from llm_packager.evaluation.record import (
     EvaluationRecordError,
     Recommendation,
 )
-from llm_packager.keys import CANDIDATE_TAG, EVALUATION_FILE, MODEL_URI_TAG, RUNTIME_TAG
+from llm_packager.keys import (
+    CANDIDATE_TAG,
+    EVALUATION_FILE,
+    FLAVOR_TAG,
+    GIT_COMMIT_TAG,
+    MODEL_URI_TAG,
+    RANDOM_WEIGHTS_TAG,
+    RECOMMENDED_BY_TAG,
+    REGISTERED_UNVALIDATED_TAG,
+    REGISTRATION_ARTIFACT,
+    REGISTRATION_REASON_TAG,
+    REGISTRATION_STATUS_TAG,
+    RUNTIME_TAG,
+    VALIDATION_STATUS_TAG,
+    VERSION_CANDIDATE_TAG,
+    VERSION_CODE_VERSION_TAG,
+    metric_lineage_key,
+    run_lineage_key,
+)
 from steps.evaluate import evaluate
 from steps.register import register
 
@@ -70,20 +88,20 @@ def test_winner_gets_champion_runner_up_gets_challenger_with_lineage(logged_mode
     assert champion.status == challenger.status == "READY"
     assert champion.source == evaluation.candidate(winner).model_uri
     tags = champion.tags
-    assert tags["flavor"] == FLAVORS[winner]
-    assert tags["candidate"] == winner
-    assert tags["validation_status"] == "passed"
-    assert tags["run.fetch_model"] == runs["fetch_model"]
-    assert tags[f"run.log_{winner}"] == runs[f"log_{winner}"]
-    assert tags["run.evaluate"] == evaluate_run_id
-    assert tags["run.register"] == register_run_id
-    assert tags["random_weights"] == "true"
-    assert {"git_commit", "code_version", "metric.exact_match",
-            "metric.decode_tokens_per_s"} <= set(tags)  # fmt: skip
+    assert tags[FLAVOR_TAG] == FLAVORS[winner]
+    assert tags[VERSION_CANDIDATE_TAG] == winner
+    assert tags[VALIDATION_STATUS_TAG] == "passed"
+    assert tags[run_lineage_key("fetch_model")] == runs["fetch_model"]
+    assert tags[run_lineage_key(f"log_{winner}")] == runs[f"log_{winner}"]
+    assert tags[run_lineage_key("evaluate")] == evaluate_run_id
+    assert tags[run_lineage_key("register")] == register_run_id
+    assert tags[RANDOM_WEIGHTS_TAG] == "true"
+    assert {GIT_COMMIT_TAG, VERSION_CODE_VERSION_TAG, metric_lineage_key("exact_match"),
+            metric_lineage_key("decode_tokens_per_s")} <= set(tags)  # fmt: skip
     assert "Random weights: quality figures mean nothing." in champion.description
-    assert challenger.tags["flavor"] == FLAVORS[other]
+    assert challenger.tags[FLAVOR_TAG] == FLAVORS[other]
     decision = json.loads(Path(mlflow.artifacts.download_artifacts(
-        f"runs:/{register_run_id}/registration.json")).read_text())  # fmt: skip
+        f"runs:/{register_run_id}/{REGISTRATION_ARTIFACT}")).read_text())  # fmt: skip
     assert decision["aliases"] == aliases
     answer = mlflow.pyfunc.load_model("models:/lineage-test@champion").predict(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -118,8 +136,10 @@ def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(logged_m
     )
     assert client.get_registered_model("gate-test").aliases == before
     assert len(client.search_model_versions("name = 'gate-test'")) == versions_before
-    (run,) = client.search_runs([runs["experiment_id"]], "tags.registration_status = 'skipped'")
-    assert "exact_match 0 < 0.9" in run.data.tags["registration_reason"]
+    (run,) = client.search_runs(
+        [runs["experiment_id"]], f"tags.{REGISTRATION_STATUS_TAG} = 'skipped'"
+    )
+    assert "exact_match 0 < 0.9" in run.data.tags[REGISTRATION_REASON_TAG]
 
 
 def test_allow_unvalidated_registers_says_so_and_removes_a_stale_challenger(
@@ -132,8 +152,8 @@ def test_allow_unvalidated_registers_says_so_and_removes_a_stale_challenger(
                           allow_unvalidated=True)  # fmt: skip
     assert result.status == "registered"
     champion = client.get_model_version_by_alias("unvalidated-test", "champion")
-    assert champion.tags["registered_unvalidated"] == "true"
-    assert champion.tags["validation_status"] == "rejected"
+    assert champion.tags[REGISTERED_UNVALIDATED_TAG] == "true"
+    assert champion.tags[VALIDATION_STATUS_TAG] == "rejected"
     # No second candidate passed, so @challenger no longer points at the earlier run's model.
     assert "challenger" not in client.get_registered_model("unvalidated-test").aliases
 
@@ -155,9 +175,9 @@ def test_with_three_candidates_the_runner_up_by_the_policy_is_the_challenger(
     # The runner-up is the best-ranked candidate that is another model than the winner.
     runner_up = next(c for c in others if c.model_uri != winner.model_uri)
     challenger = client.get_model_version_by_alias("three-test", "challenger")
-    assert challenger.tags["candidate"] == runner_up.name
+    assert challenger.tags[VERSION_CANDIDATE_TAG] == runner_up.name
     champion = client.get_model_version_by_alias("three-test", "champion")
-    assert champion.tags["candidate"] == winner.name
+    assert champion.tags[VERSION_CANDIDATE_TAG] == winner.name
 
 
 def test_an_evaluate_run_without_its_contract_is_refused(logged_models_tracking):
@@ -222,9 +242,11 @@ def test_every_policy_registers_its_pick_with_and_without_allow_unvalidated(
         assert (result.status, result.candidate) == ("registered", winner)
         champion = client.get_model_version_by_alias(name, "champion")
         challenger = client.get_model_version_by_alias(name, "challenger")
-        assert (champion.tags["candidate"], challenger.tags["candidate"]) == (winner, runner_up)
-        assert champion.tags["recommended_by"] == policy.value
-        assert "registered_unvalidated" not in champion.tags
+        assert (champion.tags[VERSION_CANDIDATE_TAG], challenger.tags[VERSION_CANDIDATE_TAG]) == (
+            winner, runner_up
+        )
+        assert champion.tags[RECOMMENDED_BY_TAG] == policy.value
+        assert REGISTERED_UNVALIDATED_TAG not in champion.tags
 
     aliases = client.get_registered_model(name).aliases
     _, skipped = _register(runs, rejected, name)
@@ -235,7 +257,7 @@ def test_every_policy_registers_its_pick_with_and_without_allow_unvalidated(
     # Nothing passed: the policy still picks, among every candidate, and the version says so.
     assert (forced.status, forced.candidate) == ("registered", winner)
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.tags["registered_unvalidated"] == "true"
-    assert champion.tags["validation_status"] == REJECTED
+    assert champion.tags[REGISTERED_UNVALIDATED_TAG] == "true"
+    assert champion.tags[VALIDATION_STATUS_TAG] == REJECTED
     assert "challenger" not in client.get_registered_model(name).aliases
     assert len(client.search_model_versions(f"name = '{name}'")) == 2

@@ -18,6 +18,7 @@ from llm_packager.config.remote_jobs import (
     DATABRICKS_BUNDLE,
 )
 from llm_packager.config.specs import MainParameters
+from llm_packager.keys import MODEL_NAME_TAG
 from llm_packager.project import PROJECT_DIR
 
 from .support import project_environment, run_step
@@ -170,7 +171,7 @@ def test_the_databricks_task_script_runs_an_entry_point_module(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     run = mlflow.MlflowClient(tracking_uri).search_runs(["0"])[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["llm_packager.model_name"] == "tiny"
+    assert run.data.tags[MODEL_NAME_TAG] == "tiny"
 
 
 def test_the_databricks_task_script_refuses_an_unknown_entry_point():
