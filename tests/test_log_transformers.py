@@ -13,7 +13,7 @@ import pytest
 
 from llm_packager.config.compose import ConfigError, compose_config
 from llm_packager.config.specs import LogTransformersParameters
-from llm_packager.keys import MODEL_OUTPUT, OUTPUTS_TAG
+from llm_packager.keys import MODEL_OUTPUT, MODEL_SIZE_BYTES_METRIC, OUTPUTS_TAG
 from llm_packager.pipeline.reuse import output_exists, outputs_exist
 from llm_packager.sources.manifest import ModelFilesError
 from steps.fetch_model import fetch_model
@@ -60,7 +60,7 @@ def test_logged_model_has_the_openai_chat_signature_and_answers(local_tracking, 
     assert json.loads(run.data.tags[OUTPUTS_TAG]) == {MODEL_OUTPUT: result.model_uri}
     assert outputs_exist(local_tracking, run)
     assert not output_exists(local_tracking, "models:/m-00000000000000000000000000000000")
-    assert run.data.metrics["model_size_bytes"] == result.model_size_bytes > 800_000
+    assert run.data.metrics[MODEL_SIZE_BYTES_METRIC] == result.model_size_bytes > 800_000
     sample = json.loads(Path(mlflow.artifacts.download_artifacts(
         f"runs:/{run_id}/sample_completion.json")).read_text())  # fmt: skip
     assert sample["object"] == "chat.completion"
