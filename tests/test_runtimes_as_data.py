@@ -1,5 +1,6 @@
 """A runtime is one declaration: main plans its log step, the memory check sizes it, evaluate takes
-its runs and register knows its flavor, with no other edit (llm_packager.config.specs).
+its runs, register knows its flavor and the config is checked by its rules, with no other edit
+(llm_packager.config.specs).
 
 The fixture declares a throwaway runtime, ``echo``, by adding one `RuntimeDefinition` to
 ``RUNTIMES``. Its figures are chosen to differ from every real runtime's, so code that still
@@ -8,6 +9,7 @@ branched on step or runtime names would plan, size or describe it wrongly and fa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, fields
 
@@ -16,7 +18,7 @@ import pytest
 import steps.register
 from llm_packager.choices import ModelStore, Runtime, TorchDtype
 from llm_packager.config import specs
-from llm_packager.config.compose import compose_config
+from llm_packager.config.compose import ConfigError, compose_config
 from llm_packager.config.parameters import computed, parameter, upstream
 from llm_packager.config.specs import (
     EvaluateParameters,
@@ -122,6 +124,16 @@ def test_register_finds_the_new_runtimes_flavor_and_log_step(echo):
     assert "runtime_named(" in source
     for runtime in specs.RUNTIMES:
         assert runtime.flavor not in source
+
+
+def test_the_config_is_checked_by_the_new_runtimes_own_rules(echo, monkeypatch):
+    def refuse(cfg) -> None:
+        raise ConfigError("echo.greeting must not be empty")
+
+    strict = dataclasses.replace(echo, check=refuse)
+    monkeypatch.setattr(specs, "RUNTIMES", (*specs.RUNTIMES[:-1], strict))
+    with pytest.raises(ConfigError, match=r"echo\.greeting must not be empty"):
+        compose_config("tiny-random-phi3", "")
 
 
 def test_the_runtime_choice_names_the_declared_runtimes():

@@ -4,9 +4,10 @@ from them.
 Owns: the parameter machinery (`parameters`: codecs, parsers, MLproject entries, schema fields,
 documentation rows), the declarations themselves (`specs`: each entry point's parameters, each
 step's and each runtime's definition), how a step's runs are planned from the config and what
-each holds in memory (`planning`), the typed conf/ schema (`schema`), composing and validating
-conf/ (`compose`; only the `main` entry point imports it), and the Databricks and Azure ML job
-definitions (`remote_jobs`).
+each holds in memory (`planning`), each runtime's rules for its conf/ sections
+(`runtime_checks`), the typed conf/ schema (`schema`), composing and validating conf/ (`compose`;
+only the `main` entry point imports it), and the Databricks and Azure ML job definitions
+(`remote_jobs`).
 
 Public names:
 - parameters: Codec, enum_codec, parameter, upstream, computed, fields_of, codec_of, default_of,
@@ -19,6 +20,7 @@ Public names:
 - planning: ConfigError, PlannedStep, plan_one_run, plan_fetch, plan_evaluate, plan_candidates,
   transformers_candidates, onnx_candidates, loads_nothing, log_transformers_memory,
   log_onnx_memory
+- runtime_checks: checks_nothing, check_transformers, check_onnx
 - schema: SCHEMA_NAME, PIPELINE_KEYS, TrackingConfig, MemoryConfig, PIPELINE_SECTIONS
 - compose: ConfigError (from planning), compose_config, validate_config, config_as_yaml,
   config_hash

@@ -48,6 +48,7 @@ from llm_packager.config.planning import (
     plan_one_run,
     transformers_candidates,
 )
+from llm_packager.config.runtime_checks import check_onnx, check_transformers, checks_nothing
 from llm_packager.evaluation.metrics import (
     GateRule,
     GateThreshold,
@@ -275,7 +276,9 @@ class RuntimeDefinition:
     with ``parameters`` read from the conf/ section ``section``; it makes one run per candidate
     that ``candidates`` finds in the config (candidate name -> that candidate's section).
     ``flavor`` is how register describes its models; ``log_memory`` is what its log step holds,
-    and ``model_memory`` its model loaded and answering (in evaluate and register)."""
+    and ``model_memory`` its model loaded and answering (in evaluate and register). ``check``
+    refuses, naming the key, what the typed schema cannot (``llm_packager.config.compose``
+    runs it when the config is composed)."""
 
     name: str
     parameters: type
@@ -284,6 +287,7 @@ class RuntimeDefinition:
     flavor: str
     log_memory: Memory
     model_memory: MemoryPart
+    check: Callable[[DictConfig], None] = checks_nothing
 
     @cached_property
     def log_step(self) -> StepDefinition:
@@ -316,6 +320,7 @@ RUNTIMES: tuple[RuntimeDefinition, ...] = (
         flavor="transformers",
         log_memory=log_transformers_memory,
         model_memory=TRANSFORMERS_MODEL,
+        check=check_transformers,
     ),
     RuntimeDefinition(
         name="onnx",
@@ -325,6 +330,7 @@ RUNTIMES: tuple[RuntimeDefinition, ...] = (
         flavor="python_function (onnxruntime-genai)",
         log_memory=log_onnx_memory,
         model_memory=ONNX_MODEL,
+        check=check_onnx,
     ),
 )
 EVALUATE = StepDefinition("evaluate", EvaluateParameters, "evaluate", plan=plan_evaluate,
