@@ -31,8 +31,12 @@ from .support import (
 
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """Start `mlflow server` on a free loopback port for the whole session, then stop it."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    """Start `mlflow server` on a free loopback port for the whole session, then stop it.
+
+    One worker: its clients (tests, `mlflow run` one at a time) never need two, and each worker
+    process imports the whole server (about 5 s of the 2 cores at every session's start). The
+    fault tests, which run pipelines at once, start servers of their own with two."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), workers=1).start()
     try:
         yield server.handle()
     finally:

@@ -73,9 +73,10 @@ class TrackingServer:
 
 class MlflowServer(LoopbackProcess):
     """`mlflow server` on a fixed loopback port, with an SQLite store and artifacts in ``root``,
-    that a test can stop and start again on the same port and store (an outage)."""
+    that a test can stop and start again on the same port and store (an outage). It runs
+    ``workers`` server processes, as a team's server would (2 by default)."""
 
-    def __init__(self, root: Path, artifact_root: Path | None = None) -> None:
+    def __init__(self, root: Path, artifact_root: Path | None = None, workers: int = 2) -> None:
         self.root = root
         self.artifact_root = artifact_root or root / "artifacts"
 
@@ -83,7 +84,8 @@ class MlflowServer(LoopbackProcess):
             return [sys.executable, "-m", "mlflow", "server",
                     "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                     "--artifacts-destination", str(self.artifact_root),
-                    "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]  # fmt: skip
+                    "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", str(workers)]  # fmt: skip
 
         super().__init__(
             command, "/health", log=root / "server.log", cwd=root, start_seconds=90,
