@@ -30,13 +30,16 @@ from .support import (
 
 
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+def tracking_server(
+    tmp_path_factory: pytest.TempPathFactory, empty_tracking_store: Path
+) -> Iterator[TrackingServer]:
     """Start `mlflow server` on a free loopback port for the whole session, then stop it.
 
     One worker: its clients (tests, `mlflow run` one at a time) never need two, and each worker
     process imports the whole server (about 5 s of the 2 cores at every session's start). The
     fault tests, which run pipelines at once, start servers of their own with two."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), workers=1).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), workers=1,
+                          empty_store=empty_tracking_store).start()  # fmt: skip
     try:
         yield server.handle()
     finally:

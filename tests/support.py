@@ -74,11 +74,23 @@ class TrackingServer:
 class MlflowServer(LoopbackProcess):
     """`mlflow server` on a fixed loopback port, with an SQLite store and artifacts in ``root``,
     that a test can stop and start again on the same port and store (an outage). It runs
-    ``workers`` server processes, as a team's server would (2 by default)."""
+    ``workers`` server processes, as a team's server would (2 by default). Given an
+    ``empty_store`` (the `empty_tracking_store` fixture), its store starts as a copy of it, which
+    spares the server MLflow's migrations (about 7 s of a 21 s start on 2 cores)."""
 
-    def __init__(self, root: Path, artifact_root: Path | None = None, workers: int = 2) -> None:
+    # What `mlflow server` writes as the Default experiment's artifacts when it serves them.
+    DEFAULT_ARTIFACTS = "mlflow-artifacts:/0"
+
+    def __init__(
+        self,
+        root: Path,
+        artifact_root: Path | None = None,
+        workers: int = 2,
+        empty_store: Path | None = None,
+    ) -> None:
         self.root = root
         self.artifact_root = artifact_root or root / "artifacts"
+        self._empty_store = empty_store
 
         def command(port: int) -> list[str]:
             return [sys.executable, "-m", "mlflow", "server",
@@ -96,6 +108,8 @@ class MlflowServer(LoopbackProcess):
         )  # fmt: skip
 
     def start(self) -> MlflowServer:
+        if self._empty_store is not None and not (self.root / "mlflow.db").exists():
+            copy_tracking_store(self._empty_store, self.root, self.DEFAULT_ARTIFACTS)
         super().start()
         return self
 
@@ -127,17 +141,19 @@ def tracking_uri(uri: str) -> Iterator[str]:
             os.environ[_TRACKING_URI_VARIABLE] = saved_environment
 
 
-def copy_tracking_store(empty_store: Path, folder: Path) -> str:
+def copy_tracking_store(
+    empty_store: Path, folder: Path, default_artifacts: str | None = None
+) -> str:
     """A new SQLite tracking store ``folder/mlflow.db``, copied from the empty store
-    ``empty_store``; its URI. The Default experiment keeps its artifacts in ``folder/mlruns/0``,
-    where MLflow would have put them had it made the store there (it writes that path into the
-    store when it makes it)."""
+    ``empty_store``; its URI. MLflow writes where the Default experiment keeps its artifacts into
+    the store when it makes it: ``default_artifacts``, or else ``folder/mlruns/0``, where a client
+    whose working folder is ``folder`` would have put them."""
     store = folder / "mlflow.db"
     shutil.copyfile(empty_store, store)
     with closing(sqlite3.connect(store)) as connection, connection:
         connection.execute(
             "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-            (str(folder / "mlruns" / "0"),),
+            (default_artifacts or str(folder / "mlruns" / "0"),),
         )
     return f"sqlite:///{store}"
 

@@ -117,10 +117,10 @@ class Experiment:
 
 
 @pytest.fixture
-def server(tmp_path) -> MlflowServer:
+def server(tmp_path, empty_tracking_store) -> MlflowServer:
     root = tmp_path / "server"
     root.mkdir()
-    handle = MlflowServer(root).start()
+    handle = MlflowServer(root, empty_store=empty_tracking_store).start()
     yield handle
     handle.stop()
 
@@ -296,10 +296,14 @@ def _fill(filesystem: Path) -> None:
             pass
 
 
-def test_a_full_artifact_store_fails_the_step_and_registers_nothing(tmp_path, small_artifact_store):
+def test_a_full_artifact_store_fails_the_step_and_registers_nothing(
+    tmp_path, small_artifact_store, empty_tracking_store
+):
     root = tmp_path / "server"
     root.mkdir()
-    server = MlflowServer(root, artifact_root=small_artifact_store).start()
+    server = MlflowServer(
+        root, artifact_root=small_artifact_store, empty_store=empty_tracking_store
+    ).start()
     try:
         experiment = Experiment(server, tmp_path)
         name = f"disk-{uuid.uuid4().hex[:6]}"

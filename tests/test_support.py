@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.common import LoopbackProcess, local_server
 
-from .support import copy_tracking_store, tracking_uri
+from .support import MlflowServer, copy_tracking_store, tracking_uri
 
 
 def test_the_tracking_uri_swap_restores_an_unset_uri_even_after_an_error(tmp_path, monkeypatch):
@@ -101,3 +101,17 @@ def test_a_copied_tracking_store_is_the_store_mlflow_would_make_there(
     ]
     assert contents(copied / "mlflow.db") == expected
     assert expected["experiments"][0][2] == str(copied / "mlruns" / "0")
+
+
+def test_a_server_started_on_a_copied_store_keeps_default_artifacts_where_it_keeps_others(
+    tracking_server,
+):
+    # The session server's store is a copy (see MlflowServer); the server itself says where an
+    # experiment's artifacts go when it makes one.
+    client = mlflow.MlflowClient(tracking_server.uri)
+    made = client.get_experiment(client.create_experiment("where-artifacts-go"))
+    default = client.get_experiment("0")
+    assert default.artifact_location == made.artifact_location.replace(
+        f"/{made.experiment_id}", "/0"
+    )
+    assert default.artifact_location == MlflowServer.DEFAULT_ARTIFACTS
