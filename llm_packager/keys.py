@@ -166,6 +166,11 @@ MANIFEST_FILE_NAME = "manifest.json"
 MODEL_ARTIFACT_PATH = "chat_model"
 SAMPLE_COMPLETION_ARTIFACT = "sample_completion.json"
 SAMPLE_PROMPT_ANSWER_ARTIFACT = "sample_prompt_answer.json"
+# The log steps: keys of a logged model's metadata (its MLmodel file): the model it was made from,
+# and for ONNX its weight precision and candidate name.
+SOURCE_MODEL_METADATA = "source_model"
+PRECISION_METADATA = "precision"
+CANDIDATE_METADATA = "candidate"
 # evaluate
 EVALUATION_FILE = "evaluation.json"
 EVAL_TABLE_ARTIFACT = "eval_table.json"

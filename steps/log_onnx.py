@@ -32,6 +32,7 @@ from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
 from llm_packager.config.specs import LogOnnxParameters
 from llm_packager.errors import InvalidParametersError
 from llm_packager.keys import (
+    CANDIDATE_METADATA,
     GREEDY_TOKEN_AGREEMENT_METRIC,
     HF_REPO_ID_TAG,
     LOAD_SECONDS_METRIC,
@@ -43,8 +44,10 @@ from llm_packager.keys import (
     ONNX_RESOLVED_COMMIT_TAG,
     ONNX_SIZE_BYTES_METRIC,
     ONNXRUNTIME_GENAI_VERSION_PARAM,
+    PRECISION_METADATA,
     SAMPLE_COMPLETION_ARTIFACT,
     SAMPLE_PROMPT_ANSWER_ARTIFACT,
+    SOURCE_MODEL_METADATA,
 )
 from llm_packager.models.chat import (
     CHECK_MAX_TOKENS,
@@ -197,9 +200,9 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
                     "mlflow", *RUNTIME_DISTRIBUTIONS[request.execution_provider], "numpy", "pandas"
                 ),
                 metadata={
-                    "source_model": model_name,
-                    "precision": request.precision.value,
-                    "candidate": request.candidate,
+                    SOURCE_MODEL_METADATA: model_name,
+                    PRECISION_METADATA: request.precision.value,
+                    CANDIDATE_METADATA: request.candidate,
                 },
             )
         log_seconds = time.perf_counter() - started

@@ -37,6 +37,7 @@ from llm_packager.keys import (
     MODEL_NAME_TAG,
     MODEL_SIZE_BYTES_METRIC,
     SAMPLE_COMPLETION_ARTIFACT,
+    SOURCE_MODEL_METADATA,
 )
 from llm_packager.models.chat import load_back_and_answer
 from llm_packager.models.model_store import log_chat_model
@@ -167,7 +168,7 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
         # flavor offers no way to skip that check. The task gives the OpenAI chat signature, and
         # the load-back check below answers the same example from the logged model.
         model_card=ModelCard.load(readme) if readme.is_file() else None,
-        metadata={"source_model": model_name},
+        metadata={SOURCE_MODEL_METADATA: model_name},
     )
     log_seconds = time.perf_counter() - started
     # One copy of the weights at a time: the logged model is loaded back for the check only
