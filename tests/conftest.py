@@ -26,6 +26,7 @@ from .support import (
     copy_tracking_store,
     tiny_fetch_parameters,
     tracking_uri,
+    tracking_uri_restored,
 )
 
 
@@ -44,6 +45,23 @@ def tracking_server(
         yield server.handle()
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leak() -> Iterator[None]:
+    """Whatever a test does to MLflow's tracking URI ends with it, so that no test depends on
+    which ran before it (an unset URI pinned to the default by one test made another ignore the
+    MLFLOW_TRACKING_URI it set)."""
+    with tracking_uri_restored():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tracking_uri_leak_from_a_module() -> Iterator[None]:
+    """The same for a test module's own module-scoped fixtures, which end after its last test:
+    one that put back `mlflow.get_tracking_uri()` pinned the default URI for later modules."""
+    with tracking_uri_restored():
+        yield
 
 
 @pytest.fixture(autouse=True)

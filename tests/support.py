@@ -118,27 +118,37 @@ class MlflowServer(LoopbackProcess):
 
 
 @contextmanager
-def tracking_uri(uri: str) -> Iterator[str]:
-    """Make ``uri`` MLflow's tracking URI (and so its registry URI, which follows it) inside the
-    block, and put back exactly what was there before on the way out, error or not.
+def tracking_uri_restored() -> Iterator[None]:
+    """On the way out of the block, error or not, put MLflow's tracking URI back exactly as it is
+    now: set or unset, and the MLFLOW_TRACKING_URI variable with it.
 
     `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment (for child
-    processes), and `set_tracking_uri(None)` deletes it, so both are saved and restored: a test
-    that set the variable with monkeypatch keeps it, and none leaks into the next test.
+    processes), and `set_tracking_uri(None)` deletes it, so both are saved: a test that set the
+    variable with monkeypatch keeps it, and none leaks into the next test. Restoring
+    `mlflow.get_tracking_uri()` instead would turn "unset" into the default URI pinned for good,
+    and later tests that set the variable would be ignored.
     """
     # MLflow has no public getter for "set or not": get_tracking_uri() falls back to the
-    # environment and the default, which would turn "unset" into a fixed URI on restore.
+    # environment and the default.
     saved_uri = mlflow_tracking_utils._tracking_uri
     saved_environment = os.environ.get(_TRACKING_URI_VARIABLE)
-    mlflow.set_tracking_uri(uri)
     try:
-        yield uri
+        yield
     finally:
         mlflow.set_tracking_uri(saved_uri)
         if saved_environment is None:
             os.environ.pop(_TRACKING_URI_VARIABLE, None)
         else:
             os.environ[_TRACKING_URI_VARIABLE] = saved_environment
+
+
+@contextmanager
+def tracking_uri(uri: str) -> Iterator[str]:
+    """Make ``uri`` MLflow's tracking URI (and so its registry URI, which follows it) inside the
+    block; what was there before comes back on the way out (`tracking_uri_restored`)."""
+    with tracking_uri_restored():
+        mlflow.set_tracking_uri(uri)
+        yield uri
 
 
 def copy_tracking_store(
