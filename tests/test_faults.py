@@ -3,7 +3,7 @@ coming back, a step killed with SIGKILL while it logs a model, two pipelines at 
 artifact store that runs out of space.
 
 Each test starts its own `mlflow server`, which it stops, restarts or starves. The times they
-print (``-s``) are the figures the README's "What happens when…" table quotes.
+print (``-s``) are the figures the "What happens when…" table of docs/operations.md quotes.
 """
 
 from __future__ import annotations
