@@ -1,4 +1,4 @@
-"""The package's layers: no import climbs back up, steps use public names, folders say what they own.
+"""Layers: no import climbs back up, steps use public names, folders say what they own.
 
 The layers, lowest first, are written out in docs/architecture.md ("The map"). These tests read the
 source with `ast`, so an import inside a function counts as much as one at the top of a module.
