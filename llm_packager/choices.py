@@ -82,13 +82,6 @@ class ModelStore(Enum):
     run_artifacts = "run_artifacts"
 
 
-class Runtime(Enum):
-    """What runs a candidate model; each log step logs candidates of one runtime."""
-
-    transformers = "transformers"
-    onnx = "onnx"
-
-
 class GateDirection(Enum):
     """Whether a gate metric must stay above (higher) or below (lower) its threshold."""
 

@@ -32,8 +32,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from llm_packager.choices import Runtime
-from llm_packager.config.specs import EvaluateParameters
+from llm_packager.config.specs import EvaluateParameters, runtime_named
 from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
 from llm_packager.evaluation.metrics import format_gate
 from llm_packager.evaluation.record import (
@@ -81,7 +80,7 @@ class ModelUnusableError(UserError, ValueError):
     """An upstream model could not be loaded or did not answer."""
 
 
-def _candidates(request: EvaluateParameters) -> list[tuple[str, Runtime, str, str]]:
+def _candidates(request: EvaluateParameters) -> list[tuple[str, str, str, str]]:
     """``(name, runtime, model_uri, run_id)`` of every upstream log run, in the order given."""
     client = mlflow.MlflowClient()
     candidates = []
@@ -95,7 +94,8 @@ def _candidates(request: EvaluateParameters) -> list[tuple[str, Runtime, str, st
                 f"log run {run_id} does not name its candidate (tags {CANDIDATE_TAG}, "
                 f"{RUNTIME_TAG}); it was logged by an older version: rerun its log step"
             )
-        candidates.append((tags[CANDIDATE_TAG], Runtime(tags[RUNTIME_TAG]), uri, run_id))
+        runtime = runtime_named(tags[RUNTIME_TAG]).name
+        candidates.append((tags[CANDIDATE_TAG], runtime, uri, run_id))
     names = [name for name, *_ in candidates]
     if duplicated := sorted({name for name in names if names.count(name) > 1}):
         raise InvalidParametersError(f"two candidate runs are both named '{duplicated[0]}'")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import mlflow
 
-from llm_packager.choices import ExecutionProvider, OnnxSource, Runtime
-from llm_packager.config.specs import LogOnnxParameters
+from llm_packager.choices import ExecutionProvider, OnnxSource
+from llm_packager.config.specs import ONNX, LogOnnxParameters
 from llm_packager.errors import InvalidParametersError
 from llm_packager.keys import (
     CANDIDATE_METADATA,
@@ -163,7 +163,7 @@ def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
             "CUDA); see README, 'Run on a GPU', or use a CPU onnx choice"
         )
     fetched = fetched_model(request.fetch_model_run_id)
-    mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate, Runtime.onnx)})
+    mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate, ONNX.name)})
     model_name = fetched.tags.get(HF_REPO_ID_TAG, fetched.tags.get(MODEL_NAME_TAG, "model"))
     sample_prompt = chat_prompt_text(fetched.folder)
     with tempfile.TemporaryDirectory(prefix="log-onnx-") as scratch:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import mlflow
 
-from llm_packager.choices import Device, Runtime, TorchDtype
-from llm_packager.config.specs import LogTransformersParameters
+from llm_packager.choices import Device, TorchDtype
+from llm_packager.config.specs import TRANSFORMERS, LogTransformersParameters
 from llm_packager.errors import InvalidParametersError, UserError
 from llm_packager.keys import (
     HF_REPO_ID_TAG,
@@ -128,7 +128,7 @@ def log_transformers(request: LogTransformersParameters, run_id: str) -> LogTran
     dtype = _torch_dtype(request)
     fetched = fetched_model(request.fetch_model_run_id)
     mlflow.set_tags({**fetched.lineage_tags(), **candidate_tags(request.candidate,
-                                                                Runtime.transformers)})  # fmt: skip
+                                                                TRANSFORMERS.name)})  # fmt: skip
     model_name = fetched.tags.get(MODEL_NAME_TAG, "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(fetched.folder)
     if not tokenizer.chat_template:

@@ -129,7 +129,7 @@ def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
 def _lineage(client, evaluation: Evaluation, candidate: CandidateResult,
              evaluate_run_id: str, register_run_id: str) -> dict[str, str]:  # fmt: skip
     log_run = client.get_run(candidate.run_id)
-    runtime = runtime_named(candidate.runtime.value)
+    runtime = runtime_named(candidate.runtime)
     lineage = {
         FLAVOR_TAG: runtime.flavor,
         VERSION_CANDIDATE_TAG: candidate.name,

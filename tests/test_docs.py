@@ -7,7 +7,7 @@ top-level file or folder git tracks (`llm_packager/...`, `conf/model/*.yaml`, `M
 `git show <commit>:llm_packager/...` are not read as paths of today's tree). `<placeholder>`
 segments and `*` are globs, `{a,b}` is expanded, and a path is there when its glob matches
 something. Dotted module names count too (`python -m benchmarks.memory`,
-`llm_packager.choices.Runtime`): each component must be a module or package, and the first name
+`llm_packager.choices.Device`): each component must be a module or package, and the first name
 after a module must occur in that module's source. Two-part `llm_packager.<name>` is a tag key
 (`llm_packager.outputs`) unless `python -m` runs it. Relative Markdown links in the docs must
 reach a file, and their `#anchor` a heading of it.
@@ -78,7 +78,7 @@ def missing_paths(paths: set[str], project_dir: Path = PROJECT_DIR) -> list[str]
 
 def module_names(text: str) -> set[str]:
     """Dotted module references: `steps.main`, `benchmarks.memory`, `llm_packager.config.specs`,
-    `llm_packager.choices.Runtime` and `python -m llm_packager.generate`. A two-part
+    `llm_packager.choices.Device` and `python -m llm_packager.generate`. A two-part
     `llm_packager.<name>` is a tag key."""
     roots = "|".join(MODULE_ROOTS)
     dotted = re.compile(
@@ -255,7 +255,7 @@ def test_a_planted_missing_path_is_reported():
 
 def test_a_planted_missing_module_name_is_reported():
     names = module_names(
-        "python -m benchmarks.memory, `llm_packager.choices.Runtime`, the tag llm_packager.outputs,"
+        "python -m benchmarks.memory, `llm_packager.choices.Device`, the tag llm_packager.outputs,"
         " python -m benchmarks.nothing, llm_packager.choices.NoSuchName, steps.<step>,"
         " [x](steps.md)"
     )

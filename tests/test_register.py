@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from llm_packager.choices import RecommendationPolicy, Runtime
+from llm_packager.choices import RecommendationPolicy
 from llm_packager.config.specs import EvaluateParameters, RegisterParameters
 from llm_packager.evaluation.metrics import PASSED, REJECTED, Verdict, parse_gate
 from llm_packager.evaluation.record import (
@@ -210,7 +210,7 @@ def _hand_made_evaluation(client, runs, policy: RecommendationPolicy, passed: bo
     verdict = Verdict(PASSED) if passed else Verdict(REJECTED, ("exact_match 0.3 < 0.9",))
     candidates = tuple(
         CandidateResult(
-            name=name, runtime=Runtime(name), run_id=runs[f"log_{name}"], verdict=verdict,
+            name=name, runtime=name, run_id=runs[f"log_{name}"], verdict=verdict,
             model_uri=client.get_run(runs[f"log_{name}"]).data.tags[MODEL_URI_TAG],
             metrics=figures,
         )

@@ -16,17 +16,20 @@ from dataclasses import dataclass, fields
 import pytest
 
 import steps.register
-from llm_packager.choices import ModelStore, Runtime, TorchDtype
+from llm_packager.choices import ModelStore, RecommendationPolicy, TorchDtype
 from llm_packager.config import specs
 from llm_packager.config.compose import ConfigError, compose_config
 from llm_packager.config.parameters import computed, parameter, upstream
 from llm_packager.config.specs import (
     EvaluateParameters,
     RuntimeDefinition,
+    UnknownRuntimeError,
     candidate_names,
     runtime_named,
     upstream_steps,
 )
+from llm_packager.evaluation.metrics import PASSED, Verdict
+from llm_packager.evaluation.record import CandidateResult, Evaluation, Recommendation
 from llm_packager.models.memory_parts import MemoryPart, StepMemory
 from llm_packager.pipeline.driver import plan_pipeline, select_steps
 from llm_packager.pipeline.memory_budget import NotEnoughMemoryError, check_memory, step_memory
@@ -136,6 +139,18 @@ def test_the_config_is_checked_by_the_new_runtimes_own_rules(echo, monkeypatch):
         compose_config("tiny-random-phi3", "")
 
 
-def test_the_runtime_choice_names_the_declared_runtimes():
-    # The tag a log step sets and evaluation.json store a choices.Runtime; each must be declared.
-    assert [runtime.value for runtime in Runtime] == [r.name for r in specs.RUNTIMES]
+def test_evaluation_json_carries_the_new_runtime_and_an_undeclared_one_is_named(echo):
+    # evaluate hands register the runtime's name in evaluation.json; no enum has to learn it.
+    candidate = CandidateResult(
+        name="echo", runtime="echo", model_uri="models:/m-1", run_id="r1",
+        metrics={"exact_match": 1.0}, verdict=Verdict(PASSED),
+    )  # fmt: skip
+    evaluation = Evaluation(
+        candidates=(candidate,), reference="echo",
+        recommendation=Recommendation(RecommendationPolicy.best_quality_passed, "echo", "only one"),
+        random_weights=False, dataset="data/eval_set.jsonl", dataset_sha256="0" * 64,
+    )  # fmt: skip
+    parsed = Evaluation.from_json(evaluation.to_json())
+    assert runtime_named(parsed.candidate("echo").runtime) is echo
+    with pytest.raises(UnknownRuntimeError, match=r"no runtime is named 'mystery'.*echo"):
+        runtime_named("mystery")

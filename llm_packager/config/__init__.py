@@ -16,7 +16,8 @@ Public names:
 - specs: MainParameters, FetchModelParameters, GenerationParameters, LogTransformersParameters,
   LogOnnxParameters, EvaluateParameters, RegisterParameters, StepDefinition, RuntimeDefinition,
   MAIN, FETCH_MODEL, RUNTIMES, EVALUATE, REGISTER, pipeline_steps, step_names, step_named,
-  runtime_named, upstream_steps, candidate_names, PIPELINE, STEP_NAMES, ENTRY_POINTS, GATE
+  runtime_named, UnknownRuntimeError, TRANSFORMERS, ONNX, upstream_steps, candidate_names,
+  PIPELINE, STEP_NAMES, ENTRY_POINTS, GATE
 - planning: ConfigError, PlannedStep, plan_one_run, plan_fetch, plan_evaluate, plan_candidates,
   transformers_candidates, onnx_candidates, loads_nothing, log_transformers_memory,
   log_onnx_memory

@@ -49,6 +49,7 @@ from llm_packager.config.planning import (
     transformers_candidates,
 )
 from llm_packager.config.runtime_checks import check_onnx, check_transformers, checks_nothing
+from llm_packager.errors import UserError
 from llm_packager.evaluation.metrics import (
     GateRule,
     GateThreshold,
@@ -310,29 +311,29 @@ def _candidate_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory
 
 MAIN = StepDefinition("main", MainParameters, None)
 FETCH_MODEL = StepDefinition("fetch_model", FetchModelParameters, "model", plan=plan_fetch)
-# The runtimes, in the order their log steps run; choices.Runtime names the same ones.
-RUNTIMES: tuple[RuntimeDefinition, ...] = (
-    RuntimeDefinition(
-        name="transformers",
-        parameters=LogTransformersParameters,
-        section="transformers",
-        candidates=transformers_candidates,
-        flavor="transformers",
-        log_memory=log_transformers_memory,
-        model_memory=TRANSFORMERS_MODEL,
-        check=check_transformers,
-    ),
-    RuntimeDefinition(
-        name="onnx",
-        parameters=LogOnnxParameters,
-        section="onnx",
-        candidates=onnx_candidates,
-        flavor="python_function (onnxruntime-genai)",
-        log_memory=log_onnx_memory,
-        model_memory=ONNX_MODEL,
-        check=check_onnx,
-    ),
+TRANSFORMERS = RuntimeDefinition(
+    name="transformers",
+    parameters=LogTransformersParameters,
+    section="transformers",
+    candidates=transformers_candidates,
+    flavor="transformers",
+    log_memory=log_transformers_memory,
+    model_memory=TRANSFORMERS_MODEL,
+    check=check_transformers,
 )
+ONNX = RuntimeDefinition(
+    name="onnx",
+    parameters=LogOnnxParameters,
+    section="onnx",
+    candidates=onnx_candidates,
+    flavor="python_function (onnxruntime-genai)",
+    log_memory=log_onnx_memory,
+    model_memory=ONNX_MODEL,
+    check=check_onnx,
+)
+# The runtimes, in the order their log steps run. A new runtime is one more declaration here and
+# its log step, steps/log_<name>.py.
+RUNTIMES: tuple[RuntimeDefinition, ...] = (TRANSFORMERS, ONNX)
 EVALUATE = StepDefinition("evaluate", EvaluateParameters, "evaluate", plan=plan_evaluate,
                           memory=_candidate_models)  # fmt: skip
 REGISTER = StepDefinition("register", RegisterParameters, "register", memory=_candidate_models)
@@ -358,13 +359,27 @@ def step_named(entry_point: str) -> StepDefinition:
     return {step.entry_point: step for step in (MAIN, *pipeline_steps())}[entry_point]
 
 
+class UnknownRuntimeError(UserError, KeyError):
+    """A runtime name that no declaration in `RUNTIMES` has."""
+
+    def __str__(self) -> str:
+        # KeyError would quote the message; a one-line error reads as written.
+        return str(self.args[0])
+
+
 def runtime_named(name: str) -> RuntimeDefinition:
     """The declaration of a runtime by its name (the ``llm_packager.runtime`` tag's value).
 
     Raises:
-        KeyError: no runtime has that name.
+        UnknownRuntimeError: no runtime has that name (a run logged by another version).
     """
-    return {runtime.name: runtime for runtime in RUNTIMES}[name]
+    declared = {runtime.name: runtime for runtime in RUNTIMES}
+    if name not in declared:
+        raise UnknownRuntimeError(
+            f"no runtime is named '{name}' (declared: {', '.join(declared)}); the run was logged "
+            "by another version of this project: rerun its log step"
+        )
+    return declared[name]
 
 
 def upstream_steps(field: dataclasses.Field) -> tuple[str, ...]:

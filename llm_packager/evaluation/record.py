@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_packager.choices import RecommendationPolicy, Runtime
+from llm_packager.choices import RecommendationPolicy
 from llm_packager.errors import UserError
 from llm_packager.evaluation.metrics import PASSED, REJECTED, Verdict
 from llm_packager.evaluation.scoring import rank
@@ -33,7 +33,9 @@ class CandidateResult:
     """One evaluated candidate model."""
 
     name: str
-    runtime: Runtime
+    # The name of a declared runtime (llm_packager.config.specs.RUNTIMES); this layer cannot
+    # read the declarations, so register checks it against them.
+    runtime: str
     model_uri: str
     run_id: str
     metrics: dict[str, float]
@@ -86,8 +88,6 @@ class Evaluation:
     def to_json(self) -> str:
         """The contract as JSON (enums as their values)."""
         document = asdict(self)
-        for candidate, original in zip(document["candidates"], self.candidates, strict=True):
-            candidate["runtime"] = original.runtime.value
         document["recommendation"]["policy"] = self.recommendation.policy.value
         return json.dumps(document, indent=2, sort_keys=True)
 
@@ -187,7 +187,7 @@ def _candidate(row: Any, prefix: str) -> CandidateResult:
         )
     return CandidateResult(
         name=_field(row, "name", str, prefix),
-        runtime=_enum(Runtime, _field(row, "runtime", str, prefix), prefix + "runtime"),
+        runtime=_field(row, "runtime", str, prefix),
         model_uri=_field(row, "model_uri", str, prefix),
         run_id=_field(row, "run_id", str, prefix),
         metrics={str(key): float(value) for key, value in metrics.items()},

@@ -169,7 +169,7 @@ def html_report(
 ) -> str:
     """One HTML page with everything inlined (tables and PNGs), readable without the MLflow UI."""
     verdict_rows = "".join(
-        f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.runtime.value)}</td>"
+        f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.runtime)}</td>"
         f"<td>{html.escape(c.verdict.status)}</td>"
         f"<td>{html.escape('; '.join(c.verdict.reasons) or '-')}</td></tr>"
         for c in evaluation.candidates

@@ -20,7 +20,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from llm_packager.choices import Runtime
 from llm_packager.keys import (
     CANDIDATE_TAG,
     MODEL_OUTPUT,
@@ -60,9 +59,10 @@ def announce_model(client: MlflowClient, run_id: str, model_uri: str) -> None:
     announce_outputs(client, run_id, {MODEL_OUTPUT: model_uri})
 
 
-def candidate_tags(candidate: str, runtime: Runtime) -> dict[str, str]:
-    """The tags that name a log step's model among the evaluated candidates."""
-    return {CANDIDATE_TAG: candidate, RUNTIME_TAG: runtime.value}
+def candidate_tags(candidate: str, runtime: str) -> dict[str, str]:
+    """The tags that name a log step's model among the evaluated candidates, and the name of the
+    runtime that runs it."""
+    return {CANDIDATE_TAG: candidate, RUNTIME_TAG: runtime}
 
 
 def announced_outputs(run: Run) -> dict[str, str]:
