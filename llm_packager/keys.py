@@ -43,6 +43,9 @@ UPSTREAM_TAG_PREFIX = "llm_packager.upstream."
 LAUNCH_TIMING_TAG = "llm_packager.timing.launch"
 # Where the log steps put their models (a ModelStore value), on main's run and each log run.
 MODEL_STORE_TAG = "llm_packager.model_store"
+# On a log run while its LoggedModel is being logged, removed once it is: a run that ended with
+# it still set may have left its model PENDING (llm_packager.models.model_store).
+LOGGING_MODEL_TAG = "llm_packager.logging_model"
 
 # ----- Tags on main's own run (steps/main.py) -----
 CONFIG_HASH_TAG = "llm_packager.config_hash"

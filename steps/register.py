@@ -74,6 +74,7 @@ from llm_packager.keys import (
 )
 from llm_packager.models.chat import load_back_and_answer
 from llm_packager.models.registry import check_alias, check_registered_model_name, existing_version
+from llm_packager.models.search_pages import MODEL_VERSIONS_PAGE_SIZE, all_pages
 from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
 
@@ -105,9 +106,15 @@ def _wait_until_ready(client, version: ModelVersion) -> ModelVersion:
     return version
 
 
+def _versions_of(client, name: str) -> list[ModelVersion]:
+    """Every version of the registered model ``name``, a page at a time within the limit."""
+    return list(all_pages(client.search_model_versions, MODEL_VERSIONS_PAGE_SIZE,
+                          filter_string=f"name = '{name}'"))  # fmt: skip
+
+
 def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
     """The existing version of this candidate's model, or a new one; READY either way."""
-    versions = client.search_model_versions(f"name = '{name}'")
+    versions = _versions_of(client, name)
     if version := existing_version(versions, candidate.model_uri, candidate.run_id):
         logger.info("%s version %s already holds %s", name, version.version, candidate.model_uri)
         return _wait_until_ready(client, version)
@@ -115,8 +122,8 @@ def _version_for(client, name: str, candidate: CandidateResult) -> ModelVersion:
     # Two pipelines may both have found no version and both registered one. Version numbers
     # follow creation order, and the later creator always sees the earlier version here: the
     # oldest stays, and whoever created a newer duplicate deletes it (no alias points at it yet).
-    oldest = existing_version(client.search_model_versions(f"name = '{name}'"),
-                              candidate.model_uri, candidate.run_id)  # fmt: skip
+    oldest = existing_version(_versions_of(client, name), candidate.model_uri,
+                              candidate.run_id)  # fmt: skip
     if oldest is not None and oldest.version != created.version:
         logger.info("%s version %s already holds %s (registered concurrently); removing the "
                     "duplicate version %s", name, oldest.version, candidate.model_uri,

@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import LoggedModels, ModelStore
-from llm_packager.keys import MODEL_ARTIFACT_PATH, MODEL_STORE_TAG
+from llm_packager.keys import LOGGING_MODEL_TAG, MODEL_ARTIFACT_PATH, MODEL_STORE_TAG
+from llm_packager.models.search_pages import LOGGED_MODELS_PAGE_SIZE, RUNS_PAGE_SIZE, all_pages
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,14 @@ def log_chat_model(flavor: ModuleType, store: ModelStore, run_id: str, **options
     Returns:
         The model's URI: ``models:/<id>`` or ``runs:/<run id>/chat_model``.
     """
-    mlflow.set_tag(MODEL_STORE_TAG, store.value)
     if store == ModelStore.logged_models:
-        return flavor.log_model(name=MODEL_ARTIFACT_PATH, **options).model_uri
+        # Marked while logging: a run that ends with the mark still set (its process killed
+        # mid-upload) left its model PENDING, and the next main finds it by the mark.
+        mlflow.set_tags({MODEL_STORE_TAG: store.value, LOGGING_MODEL_TAG: "true"})
+        model_uri = flavor.log_model(name=MODEL_ARTIFACT_PATH, **options).model_uri
+        MlflowClient().delete_tag(run_id, LOGGING_MODEL_TAG)
+        return model_uri
+    mlflow.set_tag(MODEL_STORE_TAG, store.value)
     with tempfile.TemporaryDirectory(prefix="chat-model-") as scratch:
         folder = Path(scratch) / MODEL_ARTIFACT_PATH
         flavor.save_model(path=str(folder), **options)
@@ -70,29 +76,44 @@ def log_chat_model(flavor: ModuleType, store: ModelStore, run_id: str, **options
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
 
-def pending_models(client: MlflowClient, experiment_id: str) -> list:
-    """The experiment's LoggedModels still PENDING (logging started, never finished)."""
-    # Filtered here, not by the server: MLflow 3.17's SQL store compares the filter's status
-    # name ('PENDING') with the integer it stores, so `status = 'PENDING'` matches nothing.
-    pending, token = [], None
-    while True:
-        page = client.search_logged_models(
-            experiment_ids=[experiment_id], max_results=1000, page_token=token
-        )
-        pending += [model for model in page if model.status == LoggedModelStatus.PENDING]
-        token = page.token
-        if not token:
-            return pending
+def pending_models(client: MlflowClient, experiment_id: str,
+                   source_run_id: str | None = None) -> list:  # fmt: skip
+    """The experiment's LoggedModels still PENDING (logging started, never finished), only those
+    ``source_run_id`` logged if given, searched a page at a time within the server's limit."""
+    # Status is filtered here, not by the server: MLflow 3.17's SQL store compares the filter's
+    # status name ('PENDING') with the integer it stores, so `status = 'PENDING'` matches nothing.
+    query = f"source_run_id = '{source_run_id}'" if source_run_id else None
+    models = all_pages(client.search_logged_models, LOGGED_MODELS_PAGE_SIZE,
+                       experiment_ids=[experiment_id], filter_string=query)  # fmt: skip
+    return [model for model in models if model.status == LoggedModelStatus.PENDING]
+
+
+def runs_left_logging(client: MlflowClient, experiment_id: str) -> list:
+    """The runs that ended while logging a LoggedModel: `log_chat_model` marks a run before it
+    logs and unmarks it once the model is logged, so only these may hold a model left PENDING.
+
+    Found by that mark, not by scanning the experiment's models: the search returns only the
+    runs that need cleaning, however many models the experiment holds.
+    """
+    marked = all_pages(client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
+                       filter_string=f"tags.`{LOGGING_MODEL_TAG}` = 'true'")  # fmt: skip
+    return [run for run in marked if run.info.status != "RUNNING"]
 
 
 def fail_abandoned_models(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark FAILED the LoggedModels left PENDING by a run that ended (a step killed while it was
-    logging): nothing would ever finish them, and no step uses a model that is not READY."""
+    logging): nothing would ever finish them, and no step uses a model that is not READY.
+
+    Runs left RUNNING by a process that is gone must be ended first (``fail_orphaned_runs``);
+    a run still RUNNING may still finish its model.
+    """
     abandoned = []
-    for model in pending_models(client, experiment_id):
-        if model.source_run_id and client.get_run(model.source_run_id).info.status != "RUNNING":
+    for run in runs_left_logging(client, experiment_id):
+        run_id = run.info.run_id
+        for model in pending_models(client, experiment_id, source_run_id=run_id):
             client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             abandoned.append(model.model_id)
             logger.warning("Marked LoggedModel %s FAILED: its run %s ended before it was "
-                           "logged", model.model_id, model.source_run_id)  # fmt: skip
+                           "logged", model.model_id, run_id)  # fmt: skip
+        client.delete_tag(run_id, LOGGING_MODEL_TAG)
     return abandoned

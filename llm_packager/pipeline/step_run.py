@@ -36,6 +36,7 @@ from llm_packager.keys import (
     STEP_TIMING_TAG,
     step_log_artifact,
 )
+from llm_packager.models.search_pages import RUNS_PAGE_SIZE, all_pages
 from llm_packager.third_party import silence_known_warnings
 
 # Exit code of a step that failed and could not tell the tracking server: main, which launched
@@ -221,11 +222,12 @@ def fail_orphaned_runs(client, experiment_id: str) -> list[str]:
     host) no longer exists, or the pid now belongs to a process started after the run.
     """
     host = socket.gethostname()
-    running = client.search_runs(
-        [experiment_id],
-        f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
-        max_results=1000,
-    )
+    # Listed in full before any is ended: a page token may count from the start of the results,
+    # which ending a run would shift.
+    running = list(all_pages(
+        client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+    ))  # fmt: skip
     orphaned = []
     for run in running:
         pid = int(run.data.tags.get(PID_TAG, "0"))
