@@ -1,14 +1,15 @@
 """A reverse proxy on loopback in front of a real `mlflow server`, for tests.
 
 It passes every request through unchanged, except paths under a refused prefix, which it answers
-404 the way Azure ML's tracking server answers `/api/2.0/mlflow/logged-models*`.
+404 the way Azure ML's tracking server answers `/api/2.0/mlflow/logged-models*`, and requests an
+optional ``answer`` callable answers itself (a double's own rules, e.g. tests/databricks_double.py).
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
@@ -18,9 +19,14 @@ _CHUNK = 1 << 20
 # Hop-by-hop headers describe one connection, not the message: never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate"}  # fmt: skip
+# Given a request's method, path (with its query) and body, the status and JSON body to answer it
+# with instead of the upstream server, or None to pass it through.
+Answer = Callable[[str, str, bytes | None], tuple[int, bytes] | None]
 
 
-def _handler(target: str, refused: tuple[str, ...], seen: list[str]) -> type:
+def _handler(
+    target: str, refused: tuple[str, ...], seen: list[str], answer: Answer | None = None
+) -> type:
     upstream = urlparse(target)
 
     class Handler(BaseHTTPRequestHandler):
@@ -39,6 +45,14 @@ def _handler(target: str, refused: tuple[str, ...], seen: list[str]) -> type:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                return
+            if answer is not None and (reply := answer(self.command, self.path, body)):
+                status, payload = reply
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=600)
@@ -67,12 +81,12 @@ def _handler(target: str, refused: tuple[str, ...], seen: list[str]) -> type:
 
 @contextmanager
 def reverse_proxy(
-    target: str, refused: tuple[str, ...] = (LOGGED_MODELS_PREFIX,)
+    target: str, refused: tuple[str, ...] = (LOGGED_MODELS_PREFIX,), answer: Answer | None = None
 ) -> Iterator[tuple[str, list[str]]]:
     """Serve a proxy to ``target`` on a free loopback port; yield its URL and the request lines
     it saw (so a test can check what the client asked for)."""
     seen: list[str] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(target, refused, seen))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(target, refused, seen, answer))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
