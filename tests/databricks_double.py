@@ -39,6 +39,7 @@ either. A request without ``max_results`` gets the server's default, which is wi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlparse
@@ -53,6 +54,9 @@ SEARCH_LIMITS = {
     "/api/2.0/mlflow/registered-models/search": 1000,
     "/api/2.0/mlflow/unity-catalog/model-versions/search": 1000,
 }
+
+# A run's id (32 hex digits) or a LoggedModel's (m- and 32 hex digits).
+_ID_IN_PATH = re.compile(r"\b(m-)?[0-9a-f]{32}\b")
 
 
 def _max_results(method: str, path: str, body: bytes | None) -> int | None:
@@ -88,10 +92,12 @@ def databricks_double(target: str) -> Iterator[tuple[str, list[str]]]:
 
 
 def calls_by_path(seen: list[str]) -> dict[str, int]:
-    """How many requests went to each method and path (the query string left out)."""
+    """How many requests went to each method and path, the query string left out and run or
+    model ids in the path (an artifact upload's) replaced by ``<id>``, so two pipelines' calls
+    compare."""
     counts: dict[str, int] = {}
     for line in seen:
         method, _, target = line.partition(" ")
-        key = f"{method} {urlparse(target).path}"
+        key = f"{method} {_ID_IN_PATH.sub('<id>', urlparse(target).path)}"
         counts[key] = counts.get(key, 0) + 1
     return counts
