@@ -73,8 +73,8 @@ from llm_packager.keys import (
     run_lineage_key,
 )
 from llm_packager.models.chat import load_back_and_answer
+from llm_packager.models.model_store import MODEL_VERSIONS_PAGE_SIZE, all_pages
 from llm_packager.models.registry import check_alias, check_registered_model_name, existing_version
-from llm_packager.models.search_pages import MODEL_VERSIONS_PAGE_SIZE, all_pages
 from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
 

@@ -4,8 +4,8 @@ Owns: the onnxruntime-genai model builder and the chat signature (`onnx_build`),
 models-from-code file (`onnx_chat_model`: the pyfunc class and `set_model`, nothing else), the
 OpenAI chat-completion contract and the load-back check (`chat`), greedy decoding in both runtimes
 (`parity`), pinned pip requirements (`requirements`), LoggedModels or run artifacts
-(`model_store`), searches paged within the servers' limits (`search_pages`), registry names and
-aliases (`registry`), and the measured memory each step's processes hold, in copies of the
+and every search paged within the servers' limits (`model_store`), registry names and aliases
+(`registry`), and the measured memory each step's processes hold, in copies of the
 weights (`memory_parts`).
 
 Public names:
@@ -17,13 +17,13 @@ Public names:
 - parity: PARITY_CHATS, REFERENCE_SAMPLE_CHAT, chat_prompt_text, chat_token_ids,
   greedy_transformers, greedy_onnx, prefix_agreement
 - requirements: pinned
-- model_store: server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
+- model_store: LOGGED_MODELS_PAGE_SIZE, RUNS_PAGE_SIZE, MODEL_VERSIONS_PAGE_SIZE, all_pages,
+  server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
   runs_left_logging, fail_abandoned_models
 - onnx_chat_model: OnnxChatModel
 - served_code: served_code_paths, forget_served_package
 - memory_parts: MIB, FLOAT32_BYTES, MemoryPart, StepMemory, LOG_TRANSFORMERS, BUILDER, AGREEMENT,
   ONNX_MODEL, TRANSFORMERS_MODEL, stored_bytes_per_parameter
-- search_pages: LOGGED_MODELS_PAGE_SIZE, RUNS_PAGE_SIZE, MODEL_VERSIONS_PAGE_SIZE, all_pages
 - registry: UNITY_CATALOG_SCHEME, RegistryNameError, is_unity_catalog,
   check_registered_model_name, check_alias, existing_version
 

@@ -6,12 +6,19 @@ log steps save the model locally and log the folder as run artifacts under a fix
 (``chat_model``), and hand on ``runs:/<run id>/chat_model``, which ``mlflow.pyfunc.load_model``
 loads and ``mlflow.register_model`` registers like any model. ``tracking.logged_models: auto``
 asks the server once, before any step runs.
+
+Every search of the pipeline pages here (`all_pages`): a server may refuse a ``max_results`` above
+its documented maximum outright (Databricks answers ``400 INVALID_PARAMETER_VALUE``) instead of
+returning fewer results, so each search asks for at most the smallest documented maximum of the
+servers the pipeline is deployed to and follows the page token; docs/operations.md ("Search limits
+and paging") gives the sources.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,9 +30,27 @@ from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import LoggedModels, ModelStore
 from llm_packager.keys import LOGGING_MODEL_TAG, MODEL_ARTIFACT_PATH, MODEL_STORE_TAG
-from llm_packager.models.search_pages import LOGGED_MODELS_PAGE_SIZE, RUNS_PAGE_SIZE, all_pages
 
 logger = logging.getLogger(__name__)
+
+# Databricks, Search Logged Models: "The maximum limit is 50".
+LOGGED_MODELS_PAGE_SIZE = 50
+# Databricks, Search Runs: "Max threshold is 50000"; MLflow's default page (1000) is well within.
+RUNS_PAGE_SIZE = 1000
+# Databricks, Search Model Versions: at most 10000; Unity Catalog lists at most 1000 a page.
+MODEL_VERSIONS_PAGE_SIZE = 1000
+
+
+def all_pages(search: Callable[..., Any], page_size: int, **arguments: Any) -> Iterator[Any]:
+    """Every result of ``search(**arguments)`` (an MlflowClient search method returning a
+    PagedList), asking for ``page_size`` at a time and following the page token to the end."""
+    token = None
+    while True:
+        page = search(**arguments, max_results=page_size, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def server_has_logged_models(client: MlflowClient, experiment_id: str) -> bool:

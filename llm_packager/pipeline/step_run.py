@@ -36,7 +36,7 @@ from llm_packager.keys import (
     STEP_TIMING_TAG,
     step_log_artifact,
 )
-from llm_packager.models.search_pages import RUNS_PAGE_SIZE, all_pages
+from llm_packager.models.model_store import RUNS_PAGE_SIZE, all_pages
 from llm_packager.third_party import silence_known_warnings
 
 # Exit code of a step that failed and could not tell the tracking server: main, which launched
