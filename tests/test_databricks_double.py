@@ -13,7 +13,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from llm_packager.keys import LOGGING_MODEL_TAG, STEPS_REUSED_TAG
-from llm_packager.models.model_store import fail_abandoned_models, pending_models
+from llm_packager.models.model_store import (
+    fail_abandoned_models,
+    pending_models,
+    runs_left_logging,
+)
 
 from .databricks_double import SEARCH_LIMITS, calls_by_path, databricks_double
 from .support import TrackingServer, mlflow_run_main, runs_of
@@ -148,3 +152,13 @@ def test_a_warm_start_costs_the_same_calls_with_120_other_logged_models(
         with_models = warm_start()
     assert with_models == without_models
     print(f"a warm start's tracking-server calls: {sum(with_models.values())}: {with_models}")
+
+
+@pytest.mark.slow
+def test_a_log_step_that_finishes_leaves_no_mark_and_no_pending_model(logged_models_tracking):
+    client, runs = logged_models_tracking
+    for step in ("log_transformers", "log_onnx"):
+        run = client.get_run(runs[step])
+        assert LOGGING_MODEL_TAG not in run.data.tags, step
+        assert pending_models(client, runs["experiment_id"], source_run_id=run.info.run_id) == []
+    assert runs_left_logging(client, runs["experiment_id"]) == []
