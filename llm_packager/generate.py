@@ -2,8 +2,8 @@
 docs/configuration.md, and the Databricks and Azure ML job definitions.
 
 Run ``python -m llm_packager.generate`` after changing ``llm_packager/config/specs.py`` or conf/;
-``--check`` writes nothing and exits 1 naming the stale files (``tests/test_parameters.py`` does
-the same check, so a stale file fails the tests).
+``--check`` writes nothing and exits 1 naming the stale files
+(``tests/config/test_parameters.py`` does the same check, so a stale file fails the tests).
 """
 
 from __future__ import annotations

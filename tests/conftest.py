@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from llm_packager.sources.synthetic import build_synthetic_phi3
-
-from .support import (
+from tests.support import (
     GGUF_CACHE,
     SMOLLM2_GGUF_SHA256,
     SMOLLM2_PACKAGE,
@@ -29,6 +28,15 @@ from .support import (
     tracking_uri_restored,
 )
 
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tests/integration/ holds the tests that run the pipeline against real servers: they are
+    # slow by where they live, so a new one there cannot slip into the quick loop unmarked.
+    for item in items:
+        if INTEGRATION_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 @pytest.fixture(scope="session")
 def tracking_server(

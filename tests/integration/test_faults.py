@@ -31,8 +31,7 @@ from llm_packager.keys import (
 from llm_packager.models.model_store import pending_models
 from llm_packager.project import PROJECT_DIR
 from llm_packager.sources.upstream import fetched_model
-
-from .support import (
+from tests.support import (
     MlflowServer,
     project_environment,
     runs_of,

@@ -19,8 +19,7 @@ from llm_packager.config.specs import EvaluateParameters, RegisterParameters
 from llm_packager.evaluation.metrics import parse_gate
 from steps.evaluate import evaluate
 from steps.register import register
-
-from .support import REFERENCE_PROMPT_REQUEST, project_environment
+from tests.support import REFERENCE_PROMPT_REQUEST, project_environment
 
 pytestmark = pytest.mark.slow
 

@@ -42,8 +42,7 @@ from llm_packager.keys import (
 )
 from steps.evaluate import evaluate
 from steps.register import register
-
-from .support import run_step
+from tests.support import run_step
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,7 @@ from llm_packager.evaluation.scoring import load_eval_set, score_answer
 from llm_packager.models.onnx_build import build_onnx_model
 from llm_packager.models.parity import chat_token_ids, greedy_onnx, greedy_transformers
 from llm_packager.project import PROJECT_DIR
-
-from .support import TrackingServer, mlflow_run_main, runs_of, tracking_uri
+from tests.support import TrackingServer, mlflow_run_main, runs_of, tracking_uri
 
 pytestmark = pytest.mark.slow
 

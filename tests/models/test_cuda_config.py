@@ -102,6 +102,7 @@ def test_cuda_transformers_without_a_gpu_is_refused_before_any_work(local_tracki
     assert "transformers.device=cuda, but torch sees no CUDA GPU here" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_the_builder_makes_a_cuda_model_here_without_a_gpu(tiny_model_dir, tmp_path):
     # Building needs no GPU (only running does), so the CUDA build path is exercised for real.
     parameters = _onnx("tiny-random-phi3", "onnx=build-cuda")

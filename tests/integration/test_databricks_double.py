@@ -18,9 +18,8 @@ from llm_packager.models.model_store import (
     pending_models,
     runs_left_logging,
 )
-
-from .databricks_double import SEARCH_LIMITS, calls_by_path, databricks_double
-from .support import TrackingServer, mlflow_run_main, runs_of
+from tests.databricks_double import SEARCH_LIMITS, calls_by_path, databricks_double
+from tests.support import TrackingServer, mlflow_run_main, runs_of
 
 LOGGED_MODELS_SEARCH = "/api/2.0/mlflow/logged-models/search"
 # More than two pages at Databricks' limit of 50.

@@ -31,8 +31,7 @@ from llm_packager.keys import (
     STEPS_RAN_TAG,
     STEPS_REUSED_TAG,
 )
-
-from .support import TrackingServer, mlflow_run_main, runs_of
+from tests.support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
 

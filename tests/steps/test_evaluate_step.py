@@ -29,8 +29,7 @@ from llm_packager.keys import (
 )
 from llm_packager.project import PROJECT_DIR
 from steps.evaluate import ModelUnusableError, evaluate
-
-from .support import run_step
+from tests.support import run_step
 
 pytestmark = pytest.mark.slow
 

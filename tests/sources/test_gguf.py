@@ -19,8 +19,7 @@ from llm_packager.sources.gguf import (
     packaged_gguf,
     read_gguf_metadata,
 )
-
-from .support import SMOLLM2_GGUF_SHA256, SMOLLM2_PACKAGE, SMOLLM2_WHEEL_FILE
+from tests.support import SMOLLM2_GGUF_SHA256, SMOLLM2_PACKAGE, SMOLLM2_WHEEL_FILE
 
 
 def _local_file(path: Path) -> str:
@@ -41,6 +40,7 @@ def _gguf_of_architecture(path: Path, architecture: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_packaged_smollm2_file_is_a_llama_chat_model(smollm2_gguf):
     metadata = read_gguf_metadata(smollm2_gguf)
     assert metadata["architecture"] == "llama"

@@ -12,8 +12,7 @@ import pytest
 from llm_packager.keys import MODEL_TOTAL_BYTES_METRIC
 from llm_packager.sources.manifest import ModelFilesError, build_manifest
 from steps.fetch_model import fetch_model
-
-from .support import local_fetch_parameters
+from tests.support import local_fetch_parameters
 
 
 def test_local_folder_is_logged_with_its_manifest(local_tracking, tiny_model_dir, tmp_path):

@@ -20,8 +20,7 @@ from llm_packager.config.remote_jobs import (
 from llm_packager.config.specs import MainParameters
 from llm_packager.keys import MODEL_NAME_TAG
 from llm_packager.project import PROJECT_DIR
-
-from .support import copy_tracking_store, project_environment, run_step
+from tests.support import copy_tracking_store, project_environment, run_step
 
 MAIN_FLAGS = [f"--{field.name.replace('_', '-')}" for field in fields_of(MainParameters)]
 
@@ -155,6 +154,7 @@ def test_the_azure_ml_loader_refuses_a_bad_job_so_the_check_can_fail(tmp_path):
     assert "Unknown field." in str(refused.value)
 
 
+@pytest.mark.slow
 def test_the_databricks_task_script_runs_an_entry_point_module(tmp_path, empty_tracking_store):
     import mlflow
 

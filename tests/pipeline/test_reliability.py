@@ -27,8 +27,7 @@ from llm_packager.pipeline.driver import plan_pipeline
 from llm_packager.sources.content_hash import content_digest
 from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
 from llm_packager.sources.synthetic import build_synthetic_phi3
-
-from .support import TINY_SPEC
+from tests.support import TINY_SPEC
 
 PINNED_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

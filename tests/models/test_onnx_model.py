@@ -29,8 +29,7 @@ from llm_packager.models.parity import (
 from llm_packager.models.served_code import SERVED_PACKAGE
 from steps.fetch_model import fetch_model
 from steps.log_onnx import log_onnx
-
-from .support import REFERENCE_PROMPT_REQUEST, local_fetch_parameters, project_environment
+from tests.support import REFERENCE_PROMPT_REQUEST, local_fetch_parameters, project_environment
 
 PARITY_TOKENS = 20
 CAP = 64
@@ -87,6 +86,7 @@ def _chat(content: str, **options) -> dict:
     return {"messages": [{"role": "user", "content": content}], **options}
 
 
+@pytest.mark.slow
 def test_fp32_greedy_tokens_match_transformers_exactly(tiny_model_dir, fp32_onnx):
     prompts = chat_token_ids(tiny_model_dir)
     expected = greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS)
@@ -94,6 +94,7 @@ def test_fp32_greedy_tokens_match_transformers_exactly(tiny_model_dir, fp32_onnx
     assert all(len(tokens) > 0 for tokens in expected)
 
 
+@pytest.mark.slow
 def test_fp32_pyfunc_text_matches_transformers_text(tiny_model_dir, model):
     from transformers import AutoTokenizer
 

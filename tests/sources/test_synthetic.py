@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_packager.sources.manifest import build_manifest
 from llm_packager.sources.synthetic import SPECIAL_TOKENS, build_synthetic_phi3
-
-from .support import TINY_SPEC
+from tests.support import TINY_SPEC
 
 
 def test_same_spec_gives_identical_files(tmp_path, tiny_model_dir):

@@ -27,8 +27,7 @@ from llm_packager.keys import (
     candidate_key,
     upstream_tag,
 )
-
-from .support import TrackingServer, mlflow_run_main, runs_of
+from tests.support import TrackingServer, mlflow_run_main, runs_of
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,14 @@ from llm_packager.keys import (
 )
 from llm_packager.models.model_store import resolve_model_store
 from llm_packager.project import PROJECT_DIR
-
-from .loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy
-from .support import TrackingServer, mlflow_run_main, project_environment, runs_of, tracking_uri
+from tests.loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy
+from tests.support import (
+    TrackingServer,
+    mlflow_run_main,
+    project_environment,
+    runs_of,
+    tracking_uri,
+)
 
 AZURE_LOCK = PROJECT_DIR / "requirements-azureml.txt"
 STEPS = ("model=tiny-random-phi3", "overrides=evaluate.limit=4")

@@ -21,8 +21,7 @@ from steps.log_transformers import (
     ChatTemplateMissingError,
     log_transformers,
 )
-
-from .support import local_fetch_parameters, project_environment
+from tests.support import local_fetch_parameters, project_environment
 
 
 def _fetch(folder: Path) -> str:
@@ -66,6 +65,7 @@ def test_logged_model_has_the_openai_chat_signature_and_answers(local_tracking, 
     assert sample["object"] == "chat.completion"
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_by_uri_and_respects_max_tokens(
     local_tracking, tiny_model_dir, tmp_path
 ):
