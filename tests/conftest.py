@@ -38,6 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if INTEGRATION_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
 
+
 @pytest.fixture(scope="session")
 def tracking_server(
     tmp_path_factory: pytest.TempPathFactory, empty_tracking_store: Path

@@ -89,10 +89,27 @@ def module_names(text: str) -> set[str]:
         name = match["name"]
         if name.rsplit(".", 1)[1] in FILE_SUFFIXES:
             continue  # a file name such as steps.md, not a module
-        if name.startswith("llm_packager.") and name.count(".") == 1 and not match["run"]:
-            continue
+        if not match["run"] and _is_stored_key(name):
+            continue  # a tag or metric key such as llm_packager.outputs, not a module
         found.add(name)
     return found
+
+
+@cache
+def _stored_keys() -> frozenset[str]:
+    """Every key string the project stores: the values of llm_packager.keys."""
+    import llm_packager.keys as keys
+
+    return frozenset(v for k, v in vars(keys).items() if k.isupper() and isinstance(v, str))
+
+
+def _is_stored_key(name: str) -> bool:
+    """A key, or one of a family's keys (``llm_packager.upstream.`` + a step name; the bare
+    namespace ``llm_packager.`` is no family, or every module name would pass)."""
+    families = [key for key in _stored_keys() if key.endswith(".") and key.count(".") > 1]
+    return name in _stored_keys() or any(
+        name.startswith(family) or name == family[:-1] for family in families
+    )
 
 
 def missing_modules(names: set[str], project_dir: Path = PROJECT_DIR) -> list[str]:
@@ -111,7 +128,7 @@ def _resolves(parts: list[str], project_dir: Path) -> bool:
             return False
         glob = "*" if part.startswith("<") else part
         if module := next(here.glob(f"{glob}.py"), None):
-            rest = parts[index + 1:]
+            rest = parts[index + 1 :]
             return not rest or _mentions(module, rest[0])
         if (here / part).is_dir():
             here = here / part
@@ -257,10 +274,17 @@ def test_a_planted_missing_module_name_is_reported():
     names = module_names(
         "python -m benchmarks.memory, `llm_packager.choices.Device`, the tag llm_packager.outputs,"
         " python -m benchmarks.nothing, llm_packager.choices.NoSuchName, steps.<step>,"
+        " the old module llm_packager.memory_budget,"
+        " the key family llm_packager.upstream.fetch_model,"
         " [x](steps.md)"
     )
     assert "llm_packager.outputs" not in names and "steps.md" not in names
-    assert missing_modules(names) == ["benchmarks.nothing", "llm_packager.choices.NoSuchName"]
+    assert "llm_packager.upstream.fetch_model" not in names
+    assert missing_modules(names) == [
+        "benchmarks.nothing",
+        "llm_packager.choices.NoSuchName",
+        "llm_packager.memory_budget",
+    ]
 
 
 def test_a_planted_broken_link_is_reported(tmp_path):

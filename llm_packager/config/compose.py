@@ -37,7 +37,7 @@ SYNTHETIC_SIZE_KEYS = (
     "num_key_value_heads",
     "max_position_embeddings",
 )
-# What the synthetic model is (llm_packager.synthetic).
+# What the synthetic model is (llm_packager.sources.synthetic).
 SYNTHETIC_ARCHITECTURE = "Phi3ForCausalLM"
 
 

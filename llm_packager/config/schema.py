@@ -44,7 +44,7 @@ class TrackingConfig:
 
 @dataclasses.dataclass
 class MemoryConfig:
-    """What main checks before a step loads a model (llm_packager.memory_budget)."""
+    """What main checks before a step loads a model (llm_packager.pipeline.memory_budget)."""
 
     # Refuse a step whose estimated peak memory exceeds what is available, before it starts.
     refuse_if_short: bool = True

@@ -21,7 +21,7 @@ Public names:
   server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
   runs_left_logging, fail_abandoned_models
 - onnx_chat_model: OnnxChatModel
-- served_code: served_code_paths, forget_served_package
+- served_code: MODEL_CODE, SERVING_SOURCE, SERVED_PACKAGE, served_code_paths
 - memory_parts: MIB, FLOAT32_BYTES, MemoryPart, StepMemory, LOG_TRANSFORMERS, BUILDER, AGREEMENT,
   ONNX_MODEL, TRANSFORMERS_MODEL, stored_bytes_per_parameter
 - registry: UNITY_CATALOG_SCHEME, RegistryNameError, is_unity_catalog,

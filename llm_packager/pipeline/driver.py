@@ -316,7 +316,7 @@ def run_pipeline(
 def _check_memory(cfg: DictConfig, client: MlflowClient, planned: PlannedStep, values: Any,
                   outcomes: list[StepOutcome]) -> None:  # fmt: skip
     """Refuse, before it is launched, a step whose model will not fit in the memory available,
-    estimated from the fetched model's parameter count (llm_packager.memory_budget)."""
+    estimated from the fetched model's parameter count (llm_packager.pipeline.memory_budget)."""
     fetch = next((o for o in outcomes if o.entry_point == FETCH_MODEL.entry_point), None)
     if not cfg.memory.refuse_if_short or fetch is None:
         return

@@ -34,7 +34,6 @@ _CACHE_ENV = "LLM_PACKAGER_CACHE"
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class FetchedModel:
     """A verified local copy of an upstream run's model folder."""

@@ -177,9 +177,7 @@ def test_the_tracking_server_going_away_mid_step(tmp_path, server):
     process, output = experiment.start(TINY, LOG_STEPS)
     experiment.finish(process, output)
     newest_main = experiment.runs("main")[0]
-    assert newest_main.data.tags[STEPS_REUSED_TAG] == (
-        "fetch_model,log_transformers,log_onnx"
-    )
+    assert newest_main.data.tags[STEPS_REUSED_TAG] == ("fetch_model,log_transformers,log_onnx")
     assert newest_main.data.tags[STEPS_RAN_TAG] == ""
     assert [run.info.run_id for run in experiment.all_runs() if run.info.status == "RUNNING"] == []
     for orphan in (cut_off, main_run):

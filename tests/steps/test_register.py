@@ -242,7 +242,8 @@ def test_every_policy_registers_its_pick_with_and_without_allow_unvalidated(
         champion = client.get_model_version_by_alias(name, "champion")
         challenger = client.get_model_version_by_alias(name, "challenger")
         assert (champion.tags[VERSION_CANDIDATE_TAG], challenger.tags[VERSION_CANDIDATE_TAG]) == (
-            winner, runner_up
+            winner,
+            runner_up,
         )
         assert champion.tags[RECOMMENDED_BY_TAG] == policy.value
         assert REGISTERED_UNVALIDATED_TAG not in champion.tags
