@@ -40,6 +40,7 @@ from llm_packager.keys import (
     MODEL_URI_TAG,
     ONNX_SIZE_BYTES_METRIC,
     PEAK_RSS_CHILDREN_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
     PEAK_RSS_METRIC,
     candidate_key,
 )
@@ -124,7 +125,7 @@ def _figures(tracking_uri: str) -> dict[str, float]:
         if step == "evaluate":
             for candidate in ("transformers", "onnx"):
                 figures[f"evaluate ({candidate} worker)"] = metrics[
-                    candidate_key(candidate, "peak_rss_generate_mib")
+                    candidate_key(candidate, PEAK_RSS_GENERATE_MIB_METRIC)
                 ]
         if step in ("log_transformers", "log_onnx"):
             figures[f"mlflow models serve ({step[4:]})"] = _serving_peak_mib(

@@ -152,8 +152,24 @@ GREEDY_TOKEN_AGREEMENT_METRIC = "greedy_token_agreement"
 # Every step: its own peak resident memory and its children's largest (MiB).
 PEAK_RSS_METRIC = "peak_rss_mib"
 PEAK_RSS_CHILDREN_METRIC = "peak_rss_children_mib"
-# evaluate: ``<candidate>.<metric>`` (candidate_key) for each of
-# llm_packager.evaluation.metrics.MODEL_METRICS.
+# evaluate: ``<candidate>.<metric>`` (candidate_key) for each of these, which are also the names
+# a gate rule may use (llm_packager.evaluation.metrics.MODEL_METRICS). Quality against the
+# evaluation set's references:
+EXACT_MATCH_METRIC = "exact_match"
+CONTAINS_REFERENCE_METRIC = "contains_reference"
+TOKEN_F1_METRIC = "token_f1"
+# Agreement with the reference candidate's answers:
+IDENTICAL_RATE_METRIC = "identical_rate"
+TOKEN_AGREEMENT_METRIC = "token_agreement"
+# Speed, memory and size, measured in the candidate's own worker process (load_seconds and
+# model_size_bytes are the log steps' keys above, measured again there):
+DECODE_TOKENS_PER_S_METRIC = "decode_tokens_per_s"
+TTFT_S_METRIC = "ttft_s"
+LATENCY_P50_S_METRIC = "latency_p50_s"
+LATENCY_P95_S_METRIC = "latency_p95_s"
+PEAK_RSS_LOAD_MIB_METRIC = "peak_rss_load_mib"
+PEAK_RSS_GENERATE_MIB_METRIC = "peak_rss_generate_mib"
+MODEL_SIZE_MIB_METRIC = "model_size_mib"
 
 # ----- Artifacts (paths inside a run's artifacts) -----
 # main

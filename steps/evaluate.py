@@ -56,6 +56,7 @@ from llm_packager.keys import (
     EVALUATION_FILE,
     EVALUATION_OUTPUT,
     EVALUATION_RUN_ID_TAG,
+    EXACT_MATCH_METRIC,
     MODEL_URI_TAG,
     RANDOM_WEIGHTS_TAG,
     RECOMMENDATION_POLICY_TAG,
@@ -65,6 +66,7 @@ from llm_packager.keys import (
     REPORT_OUTPUT,
     RUNTIME_TAG,
     SYNTHETIC_RANDOM_WEIGHTS_TAG,
+    TOKEN_F1_METRIC,
     VALIDATION_REASONS_TAG,
     VALIDATION_STATUS_TAG,
     candidate_key,
@@ -214,8 +216,8 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
     for name, result in results.items():
         answers, scores = result["answers"], judgement.scores[name]
         table[f"{name}_answer"] = [answer["answer"] for answer in answers]
-        table[f"{name}_exact_match"] = [score["exact_match"] for score in scores]
-        table[f"{name}_token_f1"] = [score["token_f1"] for score in scores]
+        table[f"{name}_exact_match"] = [score[EXACT_MATCH_METRIC] for score in scores]
+        table[f"{name}_token_f1"] = [score[TOKEN_F1_METRIC] for score in scores]
         table[f"{name}_latency_s"] = [answer["latency_s"] for answer in answers]
         table[f"{name}_completion_tokens"] = [answer["completion_tokens"] for answer in answers]
     _log_outputs(run_id, request, evaluation, table, len(examples))

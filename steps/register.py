@@ -47,12 +47,17 @@ from llm_packager.keys import (
     CODE_VERSION_TAG,
     CONFIG_HASH_TAG,
     DECISION_OUTPUT,
+    DECODE_TOKENS_PER_S_METRIC,
+    EXACT_MATCH_METRIC,
     FETCH_RUN_TAG,
     FLAVOR_TAG,
     GIT_COMMIT_TAG,
     HF_REPO_ID_TAG,
     HF_RESOLVED_COMMIT_TAG,
+    LATENCY_P95_S_METRIC,
+    MODEL_SIZE_MIB_METRIC,
     MODEL_VERSION_OUTPUT,
+    PEAK_RSS_GENERATE_MIB_METRIC,
     RANDOM_WEIGHTS_TAG,
     RECOMMENDED_BY_TAG,
     REGISTERED_CANDIDATE_TAG,
@@ -62,6 +67,7 @@ from llm_packager.keys import (
     REGISTRATION_REASON_TAG,
     REGISTRATION_STATUS_TAG,
     SUMMARY_TAG,
+    TOKEN_F1_METRIC,
     VALIDATION_REASONS_TAG,
     VALIDATION_STATUS_TAG,
     VERSION_CANDIDATE_TAG,
@@ -78,8 +84,14 @@ from llm_packager.models.registry import check_alias, check_registered_model_nam
 from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
 
-KEY_METRICS = ("exact_match", "token_f1", "decode_tokens_per_s", "latency_p95_s",
-               "peak_rss_generate_mib", "model_size_mib")  # fmt: skip
+KEY_METRICS = (
+    EXACT_MATCH_METRIC,
+    TOKEN_F1_METRIC,
+    DECODE_TOKENS_PER_S_METRIC,
+    LATENCY_P95_S_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    MODEL_SIZE_MIB_METRIC,
+)
 READY_TIMEOUT_SECONDS = 600
 logger = logging.getLogger(__name__)
 

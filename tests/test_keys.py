@@ -85,3 +85,81 @@ def test_no_library_module_or_step_spells_a_tag_key():
         if path != PROJECT_DIR / "llm_packager" / "keys.py"
     ]
     assert [spelled for path in sources for spelled in _spelled_keys(path)] == []
+
+
+# MLflow's logging calls and where each takes a key: the position of the key argument for the
+# fluent API (mlflow.set_tag(key, ...)) and for a client (client.set_tag(run_id, key, ...)), the
+# keyword that may name it instead, and whether the keys come as a dict (set_tags, log_metrics).
+_KEY_ARGUMENT = {
+    "set_tag": (0, 1, "key", False),
+    "log_metric": (0, 1, "key", False),
+    "log_param": (0, 1, "key", False),
+    "delete_tag": (0, 1, "key", False),
+    "set_tags": (0, 1, "tags", True),
+    "log_metrics": (0, 1, "metrics", True),
+    "log_params": (0, 1, "params", True),
+    "log_dict": (1, 2, "artifact_file", False),
+    "log_text": (1, 2, "artifact_file", False),
+    "log_figure": (1, 2, "artifact_file", False),
+    "log_artifact": (1, 2, "artifact_path", False),
+    "log_artifacts": (1, 2, "artifact_path", False),
+    "set_model_version_tag": (None, 2, "key", False),
+    "set_registered_model_alias": (None, 1, "alias", False),
+}
+
+
+def _literal_keys(path) -> list[str]:
+    """Keys and artifact paths given to MLflow's logging calls as string literals."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        spec = _KEY_ARGUMENT.get(node.func.attr)
+        if spec is None:
+            continue
+        fluent_position, client_position, keyword, as_dict = spec
+        fluent = isinstance(node.func.value, ast.Name) and node.func.value.id == "mlflow"
+        position = fluent_position if fluent else client_position
+        arguments = [k.value for k in node.keywords if k.arg == keyword]
+        if position is not None and len(node.args) > position:
+            arguments.append(node.args[position])
+        for argument in arguments:
+            literals = (
+                [key for key in argument.keys if key is not None]
+                if as_dict and isinstance(argument, ast.Dict)
+                else [argument]
+            )
+            found += [
+                f"{path.relative_to(PROJECT_DIR)}:{node.lineno} {node.func.attr} {lit.value!r}"
+                for lit in literals
+                if isinstance(lit, ast.Constant) and isinstance(lit.value, str)
+            ]
+    return found
+
+
+def test_no_library_module_or_step_gives_mlflow_a_literal_key():
+    sources = [
+        path
+        for folder in ("llm_packager", "steps")
+        for path in sorted((PROJECT_DIR / folder).rglob("*.py"))
+        if path != PROJECT_DIR / "llm_packager" / "keys.py"
+    ]
+    assert [literal for path in sources for literal in _literal_keys(path)] == []
+
+
+def test_a_literal_key_given_to_mlflow_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.PROJECT_DIR", tmp_path)
+    planted = tmp_path / "step.py"
+    planted.write_text(
+        "mlflow.set_tag('llm_packager.oops', 1)\n"
+        "client.log_metric(run_id, 'tokens_per_s', 2.0)\n"
+        "mlflow.log_metrics({'size': 1, SIZE_METRIC: 2})\n"
+        "client.log_dict(run_id, {'prompt': 'p'}, artifact_file='answers.json')\n"
+        "mlflow.set_tag(KEY, 'a literal value is fine')\n"
+    )
+    assert _literal_keys(planted) == [
+        "step.py:1 set_tag 'llm_packager.oops'",
+        "step.py:2 log_metric 'tokens_per_s'",
+        "step.py:3 log_metrics 'size'",
+        "step.py:4 log_dict 'answers.json'",
+    ]

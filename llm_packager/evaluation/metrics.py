@@ -13,23 +13,39 @@ from omegaconf import MISSING
 
 from llm_packager.choices import GateDirection
 from llm_packager.errors import UserError
+from llm_packager.keys import (
+    CONTAINS_REFERENCE_METRIC,
+    DECODE_TOKENS_PER_S_METRIC,
+    EXACT_MATCH_METRIC,
+    IDENTICAL_RATE_METRIC,
+    LATENCY_P50_S_METRIC,
+    LATENCY_P95_S_METRIC,
+    LOAD_SECONDS_METRIC,
+    MODEL_SIZE_BYTES_METRIC,
+    MODEL_SIZE_MIB_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    PEAK_RSS_LOAD_MIB_METRIC,
+    TOKEN_AGREEMENT_METRIC,
+    TOKEN_F1_METRIC,
+    TTFT_S_METRIC,
+)
 
-QUALITY_METRICS = ("exact_match", "contains_reference", "token_f1")
+QUALITY_METRICS = (EXACT_MATCH_METRIC, CONTAINS_REFERENCE_METRIC, TOKEN_F1_METRIC)
 # Measured against the reference candidate; the reference agrees with itself (1.0).
-AGREEMENT_METRICS = ("identical_rate", "token_agreement")
+AGREEMENT_METRICS = (IDENTICAL_RATE_METRIC, TOKEN_AGREEMENT_METRIC)
 # Every per-candidate metric the evaluate step measures, and so every metric a gate may name.
 MODEL_METRICS = (
     *QUALITY_METRICS,
     *AGREEMENT_METRICS,
-    "decode_tokens_per_s",
-    "ttft_s",
-    "latency_p50_s",
-    "latency_p95_s",
-    "load_seconds",
-    "peak_rss_load_mib",
-    "peak_rss_generate_mib",
-    "model_size_bytes",
-    "model_size_mib",
+    DECODE_TOKENS_PER_S_METRIC,
+    TTFT_S_METRIC,
+    LATENCY_P50_S_METRIC,
+    LATENCY_P95_S_METRIC,
+    LOAD_SECONDS_METRIC,
+    PEAK_RSS_LOAD_MIB_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    MODEL_SIZE_BYTES_METRIC,
+    MODEL_SIZE_MIB_METRIC,
 )
 _OPERATORS = {">=": GateDirection.higher, "<=": GateDirection.lower}
 

@@ -20,8 +20,13 @@ from llm_packager.keys import (
     CHARTS_DIR,
     COMPARISON_CSV,
     COMPARISON_JSON,
+    DECODE_TOKENS_PER_S_METRIC,
     LATENCY_CHART,
     MEMORY_CHART,
+    MODEL_SIZE_BYTES_METRIC,
+    MODEL_SIZE_MIB_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    PEAK_RSS_LOAD_MIB_METRIC,
     QUALITY_CHART,
     REPORT_ARTIFACT,
     SPEED_CHART,
@@ -88,7 +93,7 @@ def speed_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     """Decode tokens per second per model."""
     figure, axes = plt.subplots(figsize=(max(6, 1.5 * len(metrics)), 4))
     models = list(metrics)
-    values = [metrics[model]["decode_tokens_per_s"] for model in models]
+    values = [metrics[model][DECODE_TOKENS_PER_S_METRIC] for model in models]
     bars = axes.bar(models, values, color=_colours(models))
     axes.bar_label(bars, fmt="%.1f")
     axes.set_ylabel("decode speed (generated tokens / s)")
@@ -102,7 +107,10 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     figure, (memory_axes, size_axes) = plt.subplots(
         1, 2, figsize=(max(9, 3 + 1.5 * len(metrics)), 4), gridspec_kw={"width_ratios": [2, 1]}
     )
-    measures = [("peak_rss_load_mib", "after load"), ("peak_rss_generate_mib", "while generating")]
+    measures = [
+        (PEAK_RSS_LOAD_MIB_METRIC, "after load"),
+        (PEAK_RSS_GENERATE_MIB_METRIC, "while generating"),
+    ]
     width = 0.8 / len(metrics)
     colours = _colours(metrics)
     for offset, (model, figures) in enumerate(metrics.items()):
@@ -120,7 +128,7 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     memory_axes.set_title("Peak memory of the serving process")
     memory_axes.legend()
     models = list(metrics)
-    bars = size_axes.bar(models, [metrics[m]["model_size_mib"] for m in models],
+    bars = size_axes.bar(models, [metrics[m][MODEL_SIZE_MIB_METRIC] for m in models],
                          color=_colours(models))  # fmt: skip
     size_axes.bar_label(bars, fmt="%.3g")
     size_axes.set_ylabel("logged model size on disk (MiB)")
@@ -144,11 +152,11 @@ def _against_reference(evaluation: Evaluation) -> str:
     for candidate in evaluation.candidates:
         metrics = candidate.metrics
         changes = "".join(f"<td>{metrics[m] - reference[m]:+.3f}</td>" for m in QUALITY_METRICS)
-        speed = metrics["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
-        size = metrics["model_size_bytes"] / reference["model_size_bytes"]
+        speed = metrics[DECODE_TOKENS_PER_S_METRIC] / reference[DECODE_TOKENS_PER_S_METRIC]
+        size = metrics[MODEL_SIZE_BYTES_METRIC] / reference[MODEL_SIZE_BYTES_METRIC]
         rows.append(
             f"<tr><td>{html.escape(candidate.name)}</td>{changes}"
-            f"<td>{metrics['identical_rate']:.0%}</td><td>{speed:.2f}x</td><td>{size:.2f}x</td>"
+            f"<td>{metrics[IDENTICAL_RATE_METRIC]:.0%}</td><td>{speed:.2f}x</td><td>{size:.2f}x</td>"
             f"<td>{html.escape(candidate.verdict.status)}</td></tr>"
         )
     return (

@@ -24,6 +24,22 @@ from llm_packager.evaluation.metrics import (
     Verdict,
     apply_gate,
 )
+from llm_packager.keys import (
+    CONTAINS_REFERENCE_METRIC,
+    DECODE_TOKENS_PER_S_METRIC,
+    EXACT_MATCH_METRIC,
+    IDENTICAL_RATE_METRIC,
+    LATENCY_P50_S_METRIC,
+    LATENCY_P95_S_METRIC,
+    LOAD_SECONDS_METRIC,
+    MODEL_SIZE_BYTES_METRIC,
+    MODEL_SIZE_MIB_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    PEAK_RSS_LOAD_MIB_METRIC,
+    TOKEN_AGREEMENT_METRIC,
+    TOKEN_F1_METRIC,
+    TTFT_S_METRIC,
+)
 from llm_packager.models.parity import prefix_agreement
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -150,9 +166,9 @@ def score_answer(answer: str, reference: str) -> dict[str, float]:
         f" {normalised_reference} " in f" {normalised_answer} "
     )
     return {
-        "exact_match": float(normalised_answer == normalised_reference),
-        "contains_reference": float(contains),
-        "token_f1": token_f1(answer, reference),
+        EXACT_MATCH_METRIC: float(normalised_answer == normalised_reference),
+        CONTAINS_REFERENCE_METRIC: float(contains),
+        TOKEN_F1_METRIC: token_f1(answer, reference),
     }
 
 
@@ -166,8 +182,8 @@ def agreement(answers_a: list[str], answers_b: list[str]) -> dict[str, float]:
     words_a = [normalise_answer(a).split() for a in answers_a]
     words_b = [normalise_answer(b).split() for b in answers_b]
     return {
-        "identical_rate": sum(identical) / len(identical),
-        "token_agreement": prefix_agreement(words_a, words_b),
+        IDENTICAL_RATE_METRIC: sum(identical) / len(identical),
+        TOKEN_AGREEMENT_METRIC: prefix_agreement(words_a, words_b),
     }
 
 
@@ -176,7 +192,7 @@ def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str,
     scores of its answers: mean quality, decode speed, latency percentiles, memory and size."""
     answers = result["answers"]
     latencies = [answer["latency_s"] for answer in answers]
-    ttft = result["ttft_s"] or 0.0
+    ttft = result[TTFT_S_METRIC] or 0.0
     decode_time = sum(latencies) - ttft * len(answers)
     decode_tokens = sum(max(answer["completion_tokens"] - 1, 0) for answer in answers)
     if decode_time > 0 and decode_tokens > 0:
@@ -186,25 +202,25 @@ def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str,
         decode_rate = sum(answer["completion_tokens"] for answer in answers) / sum(latencies)
     metrics = {name: statistics.fmean(score[name] for score in scores) for name in QUALITY_METRICS}
     metrics |= {
-        "decode_tokens_per_s": decode_rate,
-        "ttft_s": ttft,
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p95_s": statistics.quantiles(latencies, n=20, method="inclusive")[-1]
+        DECODE_TOKENS_PER_S_METRIC: decode_rate,
+        TTFT_S_METRIC: ttft,
+        LATENCY_P50_S_METRIC: statistics.median(latencies),
+        LATENCY_P95_S_METRIC: statistics.quantiles(latencies, n=20, method="inclusive")[-1]
         if len(latencies) > 1 else latencies[0],
-        "load_seconds": result["load_seconds"],
-        "peak_rss_load_mib": result["peak_rss_load_mib"],
-        "peak_rss_generate_mib": result["peak_rss_generate_mib"],
-        "model_size_bytes": float(result["model_size_bytes"]),
-        "model_size_mib": result["model_size_bytes"] / 2**20,
+        LOAD_SECONDS_METRIC: result[LOAD_SECONDS_METRIC],
+        PEAK_RSS_LOAD_MIB_METRIC: result[PEAK_RSS_LOAD_MIB_METRIC],
+        PEAK_RSS_GENERATE_MIB_METRIC: result[PEAK_RSS_GENERATE_MIB_METRIC],
+        MODEL_SIZE_BYTES_METRIC: float(result[MODEL_SIZE_BYTES_METRIC]),
+        MODEL_SIZE_MIB_METRIC: result[MODEL_SIZE_BYTES_METRIC] / 2**20,
     }  # fmt: skip
     return metrics
 
 
 # What each policy ranks by, largest first.
 _POLICY_KEYS = {
-    RecommendationPolicy.fastest_passed: lambda metrics: metrics["decode_tokens_per_s"],
-    RecommendationPolicy.best_quality_passed: lambda metrics: metrics["token_f1"],
-    RecommendationPolicy.smallest_passed: lambda metrics: -metrics["model_size_bytes"],
+    RecommendationPolicy.fastest_passed: lambda metrics: metrics[DECODE_TOKENS_PER_S_METRIC],
+    RecommendationPolicy.best_quality_passed: lambda metrics: metrics[TOKEN_F1_METRIC],
+    RecommendationPolicy.smallest_passed: lambda metrics: -metrics[MODEL_SIZE_BYTES_METRIC],
 }
 
 

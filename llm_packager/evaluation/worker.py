@@ -18,6 +18,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llm_packager.evaluation.scoring import load_eval_set
+from llm_packager.keys import (
+    LOAD_SECONDS_METRIC,
+    MODEL_SIZE_BYTES_METRIC,
+    PEAK_RSS_GENERATE_MIB_METRIC,
+    PEAK_RSS_LOAD_MIB_METRIC,
+    TTFT_S_METRIC,
+)
 from llm_packager.models.chat import load_logged_model
 from llm_packager.third_party import silence_known_warnings
 
@@ -71,11 +78,11 @@ def answer_eval_set(
         progress.close()
     return {
         "model_uri": model_uri,
-        "model_size_bytes": size,
-        "load_seconds": load_seconds,
-        "peak_rss_load_mib": rss_after_load,
-        "peak_rss_generate_mib": peak_rss_mib(),
-        "ttft_s": statistics.median(first_token) if first_token else None,
+        MODEL_SIZE_BYTES_METRIC: size,
+        LOAD_SECONDS_METRIC: load_seconds,
+        PEAK_RSS_LOAD_MIB_METRIC: rss_after_load,
+        PEAK_RSS_GENERATE_MIB_METRIC: peak_rss_mib(),
+        TTFT_S_METRIC: statistics.median(first_token) if first_token else None,
         "answers": answers,
     }
 
