@@ -29,7 +29,12 @@ from llm_packager.models.parity import (
 from llm_packager.models.served_code import SERVED_PACKAGE
 from steps.fetch_model import fetch_model
 from steps.log_onnx import log_onnx
-from tests.support import REFERENCE_PROMPT_REQUEST, local_fetch_parameters, project_environment
+from tests.support import (
+    REFERENCE_PROMPT_REQUEST,
+    local_fetch_parameters,
+    project_environment,
+    tracking_uri,
+)
 
 PARITY_TOKENS = 20
 CAP = 64
@@ -52,11 +57,12 @@ def logged_fp32(tiny_model_dir, tmp_path_factory):
     """The tiny model logged by the log_onnx step at fp32, and its tracking URI."""
     root = tmp_path_factory.mktemp("onnx-tracking")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    # An explicit experiment id rather than set_experiment, which would outlive this fixture.
-    experiment_id = mlflow.MlflowClient().create_experiment("onnx-model-test")
-    try:
+    with tracking_uri(uri):
+        # An explicit experiment id rather than set_experiment, which would outlive this fixture;
+        # its artifacts stay under the fixture's folder, not in the working folder's mlruns/.
+        experiment_id = mlflow.MlflowClient().create_experiment(
+            "onnx-model-test", artifact_location=(root / "artifacts").as_uri()
+        )
         with mlflow.start_run(experiment_id=experiment_id) as fetch_run:
             fetch_model(local_fetch_parameters(tiny_model_dir), fetch_run.info.run_id)
         with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -67,19 +73,13 @@ def logged_fp32(tiny_model_dir, tmp_path_factory):
                 run.info.run_id,
             )  # fmt: skip
         yield uri, run.info.run_id, result
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")
 def model(logged_fp32):
     uri, _, result = logged_fp32
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri(uri):
         return mlflow.pyfunc.load_model(result.model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _chat(content: str, **options) -> dict:
@@ -408,12 +408,8 @@ LONG_TOKENS = 400
 
 def _load_with(logged_fp32, **config):
     uri, _, result = logged_fp32
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri(uri):
         loaded = mlflow.pyfunc.load_model(result.model_uri, model_config=config)
-    finally:
-        mlflow.set_tracking_uri(previous)
     return loaded.unwrap_python_model()
 
 

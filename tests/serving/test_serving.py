@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import pytest
 
+from benchmarks.common import local_server
 from llm_packager.config.specs import EvaluateParameters, RegisterParameters
 from llm_packager.evaluation.metrics import parse_gate
 from steps.evaluate import evaluate
 from steps.register import register
-from tests.support import REFERENCE_PROMPT_REQUEST, project_environment
+from tests.support import REFERENCE_PROMPT_REQUEST, project_environment, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +29,7 @@ _START_SECONDS = 120
 @pytest.fixture(scope="module")
 def registered(logged_models) -> str:
     uri, runs = logged_models
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri(uri):
         with mlflow.start_run(experiment_id=runs["experiment_id"]) as evaluation:
             evaluate(EvaluateParameters(
                 candidate_run_ids=(runs["log_transformers"], runs["log_onnx"]),
@@ -42,44 +38,25 @@ def registered(logged_models) -> str:
         with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
             register(RegisterParameters(evaluate_run_id=evaluation.info.run_id,
                                         registered_model_name=NAME), run.info.run_id)  # fmt: skip
-    finally:
-        mlflow.set_tracking_uri(previous)
     return uri
 
 
-def _serve(tracking_uri: str, alias: str, tmp_path) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (tmp_path / f"serve-{alias}.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{alias}",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--timeout", "120"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-        env=project_environment(MLFLOW_TRACKING_URI=tracking_uri),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + _START_SECONDS
-    try:
-        while True:
-            assert server.poll() is None, (tmp_path / f"serve-{alias}.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "scoring server did not start"
-                time.sleep(0.5)
+def _serve(uri: str, alias: str, tmp_path) -> Iterator[str]:
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{alias}",
+                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "1", "--timeout", "120"]  # fmt: skip
+
+    with local_server(
+        command, "/ping", environment=project_environment(MLFLOW_TRACKING_URI=uri),
+        start_seconds=_START_SECONDS, log=tmp_path / f"serve-{alias}.log", cwd=tmp_path,
+    ) as base:  # fmt: skip
         yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
-def _alias_of(tracking_uri: str, flavor: str) -> str:
+def _alias_of(uri: str, flavor: str) -> str:
     # Either model may have won the (noisy, tiny-model) speed ranking; serve each by its alias.
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
     for alias in ("champion", "challenger"):
         if client.get_model_version_by_alias(NAME, alias).tags["flavor"].startswith(flavor):
             return alias
