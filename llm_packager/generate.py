@@ -80,18 +80,17 @@ def render_parameter_tables(text: str) -> str:
 
 def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
     """Every generated file's content, by path relative to the project."""
-    from llm_packager.config.compose import compose_config
-    from llm_packager.config.remote_jobs import (
+    from llm_packager.config.azureml_jobs import (
         AZUREML_ENVIRONMENT,
         AZUREML_JOB,
         AZUREML_LOCK,
         AZUREML_OWN_SERVER_JOB,
-        DATABRICKS_BUNDLE,
-        GENERATED,
         azureml_environment,
         azureml_job,
-        databricks_bundle,
     )
+    from llm_packager.config.compose import compose_config
+    from llm_packager.config.databricks_bundle import DATABRICKS_BUNDLE, databricks_bundle
+    from llm_packager.config.remote_jobs import GENERATED
 
     model = "phi3-mini-4k-instruct"
     cfg = compose_config(model, "")

@@ -7,7 +7,7 @@ step's and each runtime's definition), how a step's runs are planned from the co
 each holds in memory (`planning`), each runtime's rules for its conf/ sections
 (`runtime_checks`), the typed conf/ schema (`schema`), composing and validating conf/ (`compose`;
 only the `main` entry point imports it), and the Databricks and Azure ML job definitions
-(`remote_jobs`).
+(`remote_jobs`: what both share; `databricks_bundle`; `azureml_jobs`).
 
 Public names:
 - parameters: Codec, enum_codec, parameter, upstream, computed, fields_of, codec_of, default_of,
@@ -25,7 +25,9 @@ Public names:
 - schema: SCHEMA_NAME, PIPELINE_KEYS, TrackingConfig, MemoryConfig, PIPELINE_SECTIONS
 - compose: ConfigError (from planning), compose_config, validate_config, config_as_yaml,
   config_hash
-- remote_jobs: databricks_bundle, azureml_environment, azureml_job, main_arguments
+- remote_jobs: main_arguments, GENERATED
+- databricks_bundle: databricks_bundle
+- azureml_jobs: azureml_environment, azureml_job
 
 Imports the root modules, `sources`, `models` and `evaluation`.
 """

@@ -10,13 +10,9 @@ import sys
 import pytest
 import yaml
 
+from llm_packager.config.azureml_jobs import AZUREML_JOB, AZUREML_LOCK, AZUREML_OWN_SERVER_JOB
+from llm_packager.config.databricks_bundle import DATABRICKS_BUNDLE
 from llm_packager.config.parameters import fields_of
-from llm_packager.config.remote_jobs import (
-    AZUREML_JOB,
-    AZUREML_LOCK,
-    AZUREML_OWN_SERVER_JOB,
-    DATABRICKS_BUNDLE,
-)
 from llm_packager.config.specs import MainParameters
 from llm_packager.keys import MODEL_NAME_TAG
 from llm_packager.project import PROJECT_DIR
