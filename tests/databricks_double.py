@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlparse
 
-from .loopback_proxy import reverse_proxy
+from .loopback_proxy import ProxyRequest, reverse_proxy
 
 SEARCH_LIMITS = {
     "/api/2.0/mlflow/logged-models/search": 50,
@@ -68,12 +68,12 @@ def _max_results(method: str, path: str, body: bytes | None) -> int | None:
     return None if value is None else int(value)
 
 
-def enforce_search_limits(method: str, path: str, body: bytes | None) -> tuple[int, bytes] | None:
+def enforce_search_limits(request: ProxyRequest) -> tuple[int, bytes] | None:
     """Databricks' answer to a search above its endpoint's limit; None to pass the request on."""
-    limit = SEARCH_LIMITS.get(urlparse(path).path)
+    limit = SEARCH_LIMITS.get(urlparse(request.path).path)
     if limit is None:
         return None
-    asked = _max_results(method, path, body)
+    asked = _max_results(request.method, request.path, request.body)
     if asked is None or asked <= limit:
         return None
     error = {

@@ -3,6 +3,9 @@
 It passes every request through unchanged, except paths under a refused prefix, which it answers
 404 the way Azure ML's tracking server answers `/api/2.0/mlflow/logged-models*`, and requests an
 optional ``answer`` callable answers itself (a double's own rules, e.g. tests/databricks_double.py).
+An optional ``rewrite`` callable may change an upstream answer's body before the client sees it
+(a double that reshapes results the way its platform does). Every request, headers included, is
+kept in ``received``, so a test can check what a client sent (a token it must not send).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import http.client
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -19,13 +23,32 @@ _CHUNK = 1 << 20
 # Hop-by-hop headers describe one connection, not the message: never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate"}  # fmt: skip
-# Given a request's method, path (with its query) and body, the status and JSON body to answer it
-# with instead of the upstream server, or None to pass it through.
-Answer = Callable[[str, str, bytes | None], tuple[int, bytes] | None]
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One request as the proxy received it."""
+
+    method: str
+    path: str  # with its query string
+    headers: dict[str, str]
+    body: bytes | None
+
+
+# Given a request, the status and JSON body to answer it with instead of the upstream server, or
+# None to pass it through.
+Answer = Callable[[ProxyRequest], tuple[int, bytes] | None]
+# Given a request and the upstream's status and body, the body the client gets.
+Rewrite = Callable[[ProxyRequest, int, bytes], bytes]
 
 
 def _handler(
-    target: str, refused: tuple[str, ...], seen: list[str], answer: Answer | None = None
+    target: str,
+    refused: tuple[str, ...],
+    seen: list[str],
+    received: list[ProxyRequest],
+    answer: Answer | None = None,
+    rewrite: Rewrite | None = None,
 ) -> type:
     upstream = urlparse(target)
 
@@ -38,6 +61,8 @@ def _handler(
             # kept-alive connection.
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            request = ProxyRequest(self.command, self.path, dict(self.headers.items()), body)
+            received.append(request)
             if self.path.startswith(refused):
                 body = b"<html><body><h1>404 Not Found</h1></body></html>"
                 self.send_response(404)
@@ -46,7 +71,7 @@ def _handler(
                 self.end_headers()
                 self.wfile.write(body)
                 return
-            if answer is not None and (reply := answer(self.command, self.path, body)):
+            if answer is not None and (reply := answer(request)):
                 status, payload = reply
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -60,6 +85,8 @@ def _handler(
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 payload = response.read()
+                if rewrite is not None:
+                    payload = rewrite(request, response.status, payload)
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP_BY_HOP | {"content-length"}:
@@ -81,12 +108,19 @@ def _handler(
 
 @contextmanager
 def reverse_proxy(
-    target: str, refused: tuple[str, ...] = (LOGGED_MODELS_PREFIX,), answer: Answer | None = None
+    target: str,
+    refused: tuple[str, ...] = (LOGGED_MODELS_PREFIX,),
+    answer: Answer | None = None,
+    rewrite: Rewrite | None = None,
+    received: list[ProxyRequest] | None = None,
 ) -> Iterator[tuple[str, list[str]]]:
     """Serve a proxy to ``target`` on a free loopback port; yield its URL and the request lines
-    it saw (so a test can check what the client asked for)."""
+    it saw (so a test can check what the client asked for). Pass a list as ``received`` to get
+    every request whole, headers included."""
     seen: list[str] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(target, refused, seen, answer))
+    received = [] if received is None else received
+    handler = _handler(target, refused, seen, received, answer, rewrite)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
