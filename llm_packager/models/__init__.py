@@ -18,7 +18,7 @@ Public names:
   greedy_transformers, greedy_onnx, prefix_agreement
 - requirements: pinned
 - model_store: LOGGED_MODELS_PAGE_SIZE, RUNS_PAGE_SIZE, MODEL_VERSIONS_PAGE_SIZE, all_pages,
-  server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
+  has_status, server_has_logged_models, resolve_model_store, log_chat_model, pending_models,
   runs_left_logging, fail_abandoned_models
 - onnx_chat_model: OnnxChatModel
 - served_code: MODEL_CODE, SERVING_SOURCE, SERVED_PACKAGE, served_code_paths

@@ -53,6 +53,16 @@ def all_pages(search: Callable[..., Any], page_size: int, **arguments: Any) -> I
             return
 
 
+def has_status(run: Any, status: str) -> bool:
+    """Whether a run's status is ``status`` (``RUNNING``, ``FINISHED``...), in any casing.
+
+    Every status check of the pipeline compares here, on the run the server returned, never in a
+    search filter: Azure ML's tracking server does not support ``attributes.status`` in one, and
+    names run statuses differently in its own tools (docs/azureml.md).
+    """
+    return (run.info.status or "").upper() == status.upper()
+
+
 def server_has_logged_models(client: MlflowClient, experiment_id: str) -> bool:
     """Ask the tracking server once whether it serves the LoggedModel API.
 
@@ -122,7 +132,7 @@ def runs_left_logging(client: MlflowClient, experiment_id: str) -> list:
     """
     marked = all_pages(client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
                        filter_string=f"tags.`{LOGGING_MODEL_TAG}` = 'true'")  # fmt: skip
-    return [run for run in marked if run.info.status != "RUNNING"]
+    return [run for run in marked if not has_status(run, "RUNNING")]
 
 
 def fail_abandoned_models(client: MlflowClient, experiment_id: str) -> list[str]:

@@ -28,6 +28,7 @@ from llm_packager.keys import (
     REUSE_KEY_TAG,
     RUNTIME_TAG,
 )
+from llm_packager.models.model_store import RUNS_PAGE_SIZE, all_pages, has_status
 
 _CANDIDATES_CHECKED = 20
 
@@ -112,11 +113,15 @@ def outputs_exist(client: MlflowClient, run: Run) -> bool:
 
 
 def find_reusable_run(client: MlflowClient, experiment_id: str, key: str) -> Run | None:
-    """The newest FINISHED run with this reuse key whose announced outputs all still exist."""
-    candidates = client.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=f"tags.`{REUSE_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=_CANDIDATES_CHECKED,
-    )
-    return next((run for run in candidates if outputs_exist(client, run)), None)
+    """The newest FINISHED run with this reuse key whose announced outputs all still exist.
+
+    The server is asked for the key only, and the status is compared here, in any casing: Azure
+    ML's tracking server does not support ``attributes.status`` in a filter (docs/azureml.md).
+    """
+    with_key = all_pages(
+        client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
+        filter_string=f"tags.`{REUSE_KEY_TAG}` = '{key}'",
+    )  # fmt: skip
+    finished = [run for run in with_key if has_status(run, "FINISHED")]
+    finished.sort(key=lambda run: run.info.start_time or 0, reverse=True)
+    return next((run for run in finished[:_CANDIDATES_CHECKED] if outputs_exist(client, run)), None)

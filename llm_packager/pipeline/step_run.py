@@ -36,7 +36,7 @@ from llm_packager.keys import (
     STEP_TIMING_TAG,
     step_log_artifact,
 )
-from llm_packager.models.model_store import RUNS_PAGE_SIZE, all_pages
+from llm_packager.models.model_store import RUNS_PAGE_SIZE, all_pages, has_status
 from llm_packager.third_party import silence_known_warnings
 
 # Exit code of a step that failed and could not tell the tracking server: main, which launched
@@ -223,11 +223,13 @@ def fail_orphaned_runs(client, experiment_id: str) -> list[str]:
     """
     host = socket.gethostname()
     # Listed in full before any is ended: a page token may count from the start of the results,
-    # which ending a run would shift.
-    running = list(all_pages(
+    # which ending a run would shift. The status is compared here, in any casing, not in the
+    # filter: Azure ML's tracking server does not support `attributes.status` there.
+    of_host = all_pages(
         client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
-    ))  # fmt: skip
+        filter_string=f"tags.`{HOST_TAG}` = '{host}'",
+    )  # fmt: skip
+    running = [run for run in of_host if has_status(run, "RUNNING")]
     orphaned = []
     for run in running:
         pid = int(run.data.tags.get(PID_TAG, "0"))
