@@ -137,6 +137,10 @@ VERSION_CODE_VERSION_TAG = "code_version"
 VERSION_CONFIG_HASH_TAG = "config_hash"
 _RUN_LINEAGE_PREFIX = "run."
 _METRIC_LINEAGE_PREFIX = "metric."
+# ----- Azure ML (issue 24): a registry without aliases (llm_packager.models.registry) -----
+# ``alias.<alias>`` on the model version an alias points at, where the registry has no aliases;
+# its value is when the alias moved there (epoch ms), so the newest holder wins during a move.
+_ALIAS_TAG_PREFIX = "alias."
 
 # ----- Metrics -----
 # fetch_model: the fetched folder's size and its safetensors parameter count (main sizes each
@@ -244,3 +248,9 @@ def step_log_artifact(entry_point: str) -> str:
 def upstream_tag(step_run: str) -> str:
     """The tag holding the run id of an upstream step run (UPSTREAM_TAG_PREFIX + its name)."""
     return UPSTREAM_TAG_PREFIX + step_run
+
+
+def alias_tag_key(alias: str) -> str:
+    """``alias.<alias>``: the model version tag that stands for an alias where the registry has
+    none (Azure ML's)."""
+    return _ALIAS_TAG_PREFIX + alias
