@@ -174,6 +174,16 @@ LATENCY_P95_S_METRIC = "latency_p95_s"
 PEAK_RSS_LOAD_MIB_METRIC = "peak_rss_load_mib"
 PEAK_RSS_GENERATE_MIB_METRIC = "peak_rss_generate_mib"
 MODEL_SIZE_MIB_METRIC = "model_size_mib"
+# Teacher-forced comparison with the reference over a fixed corpus
+# (llm_packager.evaluation.teacher_forcing): KL(reference ‖ candidate) in nats per position (mean,
+# 95th and 99th percentile), how often the most likely next token is the same, and the perplexity
+# on the corpus and its ratio to the reference's.
+KLD_MEAN_METRIC = "kld_mean"
+KLD_P95_METRIC = "kld_p95"
+KLD_P99_METRIC = "kld_p99"
+TOP1_AGREEMENT_METRIC = "top1_agreement"
+PERPLEXITY_METRIC = "perplexity"
+PERPLEXITY_RATIO_METRIC = "perplexity_ratio"
 
 # ----- Artifacts (paths inside a run's artifacts) -----
 # main
@@ -204,6 +214,7 @@ QUALITY_CHART = "quality.png"
 LATENCY_CHART = "latency.png"
 SPEED_CHART = "speed.png"
 MEMORY_CHART = "memory.png"
+KL_DIVERGENCE_CHART = "kl_divergence.png"
 REPORT_ARTIFACT = "report.html"
 # register
 REGISTRATION_ARTIFACT = "registration.json"
