@@ -18,6 +18,9 @@ from llm_packager.keys import (
     DECODE_TOKENS_PER_S_METRIC,
     EXACT_MATCH_METRIC,
     IDENTICAL_RATE_METRIC,
+    KLD_MEAN_METRIC,
+    KLD_P95_METRIC,
+    KLD_P99_METRIC,
     LATENCY_P50_S_METRIC,
     LATENCY_P95_S_METRIC,
     LOAD_SECONDS_METRIC,
@@ -25,18 +28,28 @@ from llm_packager.keys import (
     MODEL_SIZE_MIB_METRIC,
     PEAK_RSS_GENERATE_MIB_METRIC,
     PEAK_RSS_LOAD_MIB_METRIC,
+    PERPLEXITY_METRIC,
+    PERPLEXITY_RATIO_METRIC,
     TOKEN_AGREEMENT_METRIC,
     TOKEN_F1_METRIC,
+    TOP1_AGREEMENT_METRIC,
     TTFT_S_METRIC,
 )
 
 QUALITY_METRICS = (EXACT_MATCH_METRIC, CONTAINS_REFERENCE_METRIC, TOKEN_F1_METRIC)
 # Measured against the reference candidate; the reference agrees with itself (1.0).
 AGREEMENT_METRICS = (IDENTICAL_RATE_METRIC, TOKEN_AGREEMENT_METRIC)
+# Teacher-forced against the reference candidate over a fixed corpus
+# (llm_packager.evaluation.teacher_forcing). Each is already measured against the reference (its
+# own KL is 0, its top-1 agreement and perplexity ratio 1), so an absolute rule on them
+# (kld_mean<=0.05, top1_agreement>=0.9, perplexity_ratio<=1.05) is the relative rule.
+TEACHER_FORCED_METRICS = (KLD_MEAN_METRIC, KLD_P95_METRIC, KLD_P99_METRIC, TOP1_AGREEMENT_METRIC,
+                          PERPLEXITY_METRIC, PERPLEXITY_RATIO_METRIC)  # fmt: skip
 # Every per-candidate metric the evaluate step measures, and so every metric a gate may name.
 MODEL_METRICS = (
     *QUALITY_METRICS,
     *AGREEMENT_METRICS,
+    *TEACHER_FORCED_METRICS,
     DECODE_TOKENS_PER_S_METRIC,
     TTFT_S_METRIC,
     LATENCY_P50_S_METRIC,

@@ -20,6 +20,7 @@ from llm_packager.errors import UserError
 from llm_packager.evaluation.metrics import (
     AGREEMENT_METRICS,
     QUALITY_METRICS,
+    TEACHER_FORCED_METRICS,
     GateRule,
     Verdict,
     apply_gate,
@@ -189,7 +190,8 @@ def agreement(answers_a: list[str], answers_b: list[str]) -> dict[str, float]:
 
 def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str, float]:
     """A candidate's figures from its worker's output (``llm_packager.evaluation.worker``) and the
-    scores of its answers: mean quality, decode speed, latency percentiles, memory and size."""
+    scores of its answers: mean quality, decode speed, latency percentiles, memory and size, and
+    the teacher-forced figures where the worker measured them."""
     answers = result["answers"]
     latencies = [answer["latency_s"] for answer in answers]
     ttft = result[TTFT_S_METRIC] or 0.0
@@ -213,6 +215,8 @@ def candidate_metrics(result: dict, scores: list[dict[str, float]]) -> dict[str,
         MODEL_SIZE_BYTES_METRIC: float(result[MODEL_SIZE_BYTES_METRIC]),
         MODEL_SIZE_MIB_METRIC: result[MODEL_SIZE_BYTES_METRIC] / 2**20,
     }  # fmt: skip
+    # Teacher-forced figures, where the worker compared the candidate with the reference.
+    metrics |= {name: result[name] for name in TEACHER_FORCED_METRICS if name in result}
     return metrics
 
 
