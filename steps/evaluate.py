@@ -11,7 +11,9 @@ Writes (on its own run):
     every candidate's metrics and verdict, and the recommendation; metrics
     ``<candidate>.<metric>``; the per-prompt table ``eval_table.json`` (``mlflow.log_table``);
     ``comparison.csv`` and ``comparison.json``; ``charts/quality.png``, ``charts/latency.png``,
-    ``charts/speed.png``, ``charts/memory.png``; ``report.html`` (self-contained); the evaluation
+    ``charts/speed.png``, ``charts/memory.png``, ``charts/kl_divergence.png`` (each candidate's
+    teacher-forced KL divergence from the reference, per position); ``report.html``
+    (self-contained); the evaluation
     set as a dataset input; tags ``<candidate>.validation_status`` (passed/rejected),
     ``<candidate>.validation_reasons``, ``recommended_candidate`` and ``recommended_model_uri``
     for searching in the UI; the verdict as tags on each LoggedModel. A rejected candidate is a
@@ -49,6 +51,7 @@ from llm_packager.evaluation.scoring import (
     load_eval_set,
     resolve_eval_set,
 )
+from llm_packager.evaluation.teacher_forcing import KL_DIVERGENCES, TEACHER_FORCED_SKIPPED
 from llm_packager.keys import (
     CANDIDATE_TAG,
     DATASET_SHA256_TAG,
@@ -114,8 +117,8 @@ def _random_weights(run_ids: list[str]) -> bool:
     )
 
 
-def _answer(name: str, uri: str, run_id: str, eval_set: Path,
-            request: EvaluateParameters) -> dict:  # fmt: skip
+def _answer(name: str, uri: str, run_id: str, eval_set: Path, request: EvaluateParameters,
+            teacher_forced: Path | None) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"eval-{name}-") as scratch:
         output = Path(scratch) / "answers.json"
         command = [
@@ -125,6 +128,10 @@ def _answer(name: str, uri: str, run_id: str, eval_set: Path,
             "--ttft-requests", str(request.ttft_requests), "--label", name,
             "--output", str(output),
         ]  # fmt: skip
+        if teacher_forced is not None:
+            command += ["--teacher-forced-dir", str(teacher_forced)]
+            if name == request.reference:
+                command.append("--teacher-forced-reference")
         # Progress goes to the console; the output is kept to explain a failure.
         try:
             completed = subprocess.run(
@@ -178,18 +185,27 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
     frame = _log_dataset(examples, request.dataset, eval_set)
     mlflow.set_tags({DATASET_SHA256_TAG: digest, RANDOM_WEIGHTS_TAG: str(random_weights).lower()})
 
-    results = {name: _answer(name, uri, run, eval_set, request)
-               for name, _, uri, run in candidates}  # fmt: skip
+    # The reference runs first: it leaves the teacher-forced corpus and its log-probabilities
+    # in the folder for the others (llm_packager.evaluation.teacher_forcing).
+    by_reference_first = sorted(candidates, key=lambda candidate: candidate[0] != request.reference)
+    compared = request.reference in [name for name, *_ in candidates]
+    with tempfile.TemporaryDirectory(prefix="teacher-forced-") as teacher_forced:
+        folder = Path(teacher_forced) if compared else None
+        answered = {name: _answer(name, uri, run, eval_set, request, folder)
+                    for name, _, uri, run in by_reference_first}  # fmt: skip
+    results = {name: answered[name] for name, *_ in candidates}
     judgement = judge(results, examples, reference=request.reference, rules=request.gate,
                       policy=request.recommendation,
                       max_quality_drop=request.max_quality_drop)  # fmt: skip
     notes = []
     if random_weights:
         notes.append(RANDOM_WEIGHTS_WARNING)
+    notes += [f"{name} was not compared teacher-forced: {result[TEACHER_FORCED_SKIPPED]}"
+              for name, result in results.items() if TEACHER_FORCED_SKIPPED in result]  # fmt: skip
     if request.reference not in results:
         notes.append(
-            f"Agreement was not measured: the reference candidate '{request.reference}' was not "
-            "evaluated."
+            f"Agreement and the teacher-forced figures were not measured: the reference "
+            f"candidate '{request.reference}' was not evaluated."
         )
     recommended = judgement.recommended
     evaluation = Evaluation(
@@ -220,12 +236,15 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
         table[f"{name}_token_f1"] = [score[TOKEN_F1_METRIC] for score in scores]
         table[f"{name}_latency_s"] = [answer["latency_s"] for answer in answers]
         table[f"{name}_completion_tokens"] = [answer["completion_tokens"] for answer in answers]
-    _log_outputs(run_id, request, evaluation, table, len(examples))
+    kl_divergences = {name: result[KL_DIVERGENCES] for name, result in results.items()
+                      if KL_DIVERGENCES in result}  # fmt: skip
+    _log_outputs(run_id, request, evaluation, table, len(examples), kl_divergences)
     return evaluation
 
 
 def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluation,
-                 table: pd.DataFrame, example_count: int) -> None:  # fmt: skip
+                 table: pd.DataFrame, example_count: int,
+                 kl_divergences: dict[str, list[float]]) -> None:  # fmt: skip
     client = mlflow.MlflowClient()
     mlflow.log_metrics({
         candidate_key(candidate.name, metric): value
@@ -268,7 +287,7 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
         **{f"{c.name} model": c.model_uri for c in evaluation.candidates},
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
-        write_report(Path(scratch), evaluation, table, settings)
+        write_report(Path(scratch), evaluation, table, settings, kl_divergences)
         mlflow.log_artifacts(scratch)
     announce_outputs(client, run_id, {
         EVALUATION_OUTPUT: f"runs:/{run_id}/{EVALUATION_FILE}",

@@ -20,7 +20,7 @@ Public names:
 - record: SCHEMA_VERSION, EvaluationRecordError, CandidateResult, Recommendation,
   Evaluation
 - report: RANDOM_WEIGHTS_WARNING, quality_chart, latency_chart, speed_chart, memory_chart,
-  html_report, write_report
+  kl_divergence_chart, html_report, write_report
 
 Imports the root modules, `sources` and `models`.
 """

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; the step may run on a machine without a dis
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from llm_packager.evaluation.metrics import QUALITY_METRICS
+from llm_packager.evaluation.metrics import QUALITY_METRICS, TEACHER_FORCED_METRICS
 from llm_packager.evaluation.record import Evaluation
 from llm_packager.keys import (
     CHARTS_DIR,
@@ -22,6 +22,8 @@ from llm_packager.keys import (
     COMPARISON_JSON,
     DECODE_TOKENS_PER_S_METRIC,
     IDENTICAL_RATE_METRIC,
+    KL_DIVERGENCE_CHART,
+    KLD_MEAN_METRIC,
     LATENCY_CHART,
     MEMORY_CHART,
     MODEL_SIZE_BYTES_METRIC,
@@ -137,6 +139,56 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     return _save(figure, path)
 
 
+def kl_divergence_chart(kl_divergences: dict[str, list[float]], path: Path) -> Path:
+    """A histogram per candidate of the teacher-forced KL divergence from the reference, one
+    count per corpus position, on a log axis: quantization spreads it over decades."""
+    import numpy as np
+
+    compared = {name: values for name, values in kl_divergences.items() if max(values) > 0}
+    figure, axes = plt.subplots(figsize=(8, 4))
+    # The reference compared with itself has KL 0 everywhere: nothing to draw on a log axis.
+    if not compared:
+        axes.text(0.5, 0.5, "every candidate's KL divergence is 0", ha="center", va="center")
+        return _save(figure, path)
+    positive = [value for values in compared.values() for value in values if value > 0]
+    edges = np.logspace(np.log10(min(positive)), np.log10(max(positive)), 41)
+    colours = dict(zip(kl_divergences, _colours(kl_divergences), strict=True))
+    for name, values in compared.items():
+        # A position whose KL rounds to 0 is counted in the lowest bin, so every position shows.
+        clipped = np.clip(values, edges[0], edges[-1])
+        axes.hist(clipped, bins=edges, histtype="step", linewidth=1.5, color=colours[name],
+                  label=f"{name} (mean {np.mean(values):.3g})")  # fmt: skip
+    axes.set_xscale("log")
+    axes.set_xlabel("KL(reference || candidate) per position (nats, log scale)")
+    axes.set_ylabel("corpus positions")
+    axes.set_title("Teacher-forced next-token divergence from the reference")
+    axes.legend()
+    return _save(figure, path)
+
+
+def _teacher_forced(evaluation: Evaluation) -> str:
+    """The teacher-forced figures per candidate, or why there are none."""
+    rows = [
+        f"<tr><td>{html.escape(c.name)}</td>"
+        + "".join(f"<td>{c.metrics[m]:.4g}</td>" for m in TEACHER_FORCED_METRICS)
+        + "</tr>"
+        for c in evaluation.candidates
+        if KLD_MEAN_METRIC in c.metrics
+    ]
+    if not rows:
+        return "<p>No candidate was compared teacher-forced (see the notes below).</p>"
+    header = "".join(f"<th>{html.escape(m)}</th>" for m in TEACHER_FORCED_METRICS)
+    return (
+        "<p>Each candidate read the same fixed corpus (the evaluation set's reference answers and "
+        "a held-out text, tokenized once by the reference's tokenizer) in one forward pass, and "
+        "its next-token distribution Q at every position was compared with the reference's P: "
+        "KL(P || Q) in nats (the direction of llama.cpp's <code>--kl-divergence</code>), how "
+        "often the most likely token is the same, and the perplexity on the corpus with its "
+        "ratio to the reference's.</p>"
+        f"<table><tr><th>candidate</th>{header}</tr>{''.join(rows)}</table>"
+    )
+
+
 def _image(path: Path) -> str:
     encoded = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
@@ -228,6 +280,8 @@ img {{ max-width: 100%; }}
 <table><tr><th>candidate</th><th>runtime</th><th>gate</th><th>reasons</th></tr>{verdict_rows}</table>
 <h2>Against the reference</h2>
 {against}
+<h2>Teacher-forced against the reference</h2>
+{_teacher_forced(evaluation)}
 <h2>Figures</h2>
 <p>{agreement}</p>
 {comparison.to_html(float_format=lambda value: f"{value:.4g}")}
@@ -243,9 +297,14 @@ img {{ max-width: 100%; }}
 
 
 def write_report(
-    folder: Path, evaluation: Evaluation, table: pd.DataFrame, settings: dict[str, object]
+    folder: Path,
+    evaluation: Evaluation,
+    table: pd.DataFrame,
+    settings: dict[str, object],
+    kl_divergences: dict[str, list[float]] | None = None,
 ) -> None:
-    """Write ``comparison.csv``, ``comparison.json``, the four charts and ``report.html``."""
+    """Write ``comparison.csv``, ``comparison.json``, the four charts and ``report.html``, and
+    given each candidate's teacher-forced KL divergence per position, their histogram."""
     metrics = {candidate.name: candidate.metrics for candidate in evaluation.candidates}
     comparison = pd.DataFrame(metrics)
     comparison.to_csv(folder / COMPARISON_CSV)
@@ -261,6 +320,8 @@ def write_report(
         speed_chart(metrics, charts_folder / SPEED_CHART),
         memory_chart(metrics, charts_folder / MEMORY_CHART),
     ]  # fmt: skip
+    if kl_divergences:
+        charts.append(kl_divergence_chart(kl_divergences, charts_folder / KL_DIVERGENCE_CHART))
     report = html_report(evaluation=evaluation, comparison=comparison,
                          per_category=per_category, settings=settings, charts=charts)  # fmt: skip
     (folder / REPORT_ARTIFACT).write_text(report, encoding="utf-8")
