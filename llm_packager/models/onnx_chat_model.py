@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import math
 import queue
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -89,13 +91,17 @@ from llm_packager_serving.keys import (  # noqa: E402
 )
 from llm_packager_serving.requests import (  # noqa: E402
     MAX_CHOICES,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     BadRequestError,
     chat_messages,
-    present,
+    number,
     request_rows,
     stop_strings,
 )
-from llm_packager_serving.sequence import Sequence  # noqa: E402
+from llm_packager_serving.scoring_server import grow_server_threads, server_timeout  # noqa: E402
+from llm_packager_serving.sequence import ReleasingStream, Sequence  # noqa: E402
 from llm_packager_serving.shared_rows import SharedRows  # noqa: E402
 
 
@@ -115,10 +121,16 @@ class OnnxChatModel(PythonModel):
             )
         )
         genai_config = json.loads((folder / "genai_config.json").read_text())
-        self._tokenizer = og.Tokenizer(og_config)
+        max_batch_size = int(config.get(MAX_BATCH_SIZE_KEY, DEFAULT_MAX_BATCH_SIZE))
+        max_queued_requests = int(config.get(MAX_QUEUED_REQUESTS_KEY, DEFAULT_MAX_QUEUED_REQUESTS))
+        # Two tokenizers, as onnxruntime-genai documents no thread safety for one: the decode
+        # loop's own (its streams decode generated text), and one that request threads encode
+        # with, one at a time.
+        loop_tokenizer = og.Tokenizer(og_config)
+        self._tokenizer, self._tokenizer_lock = og.Tokenizer(og_config), threading.Lock()
         rows = None
         if config.get(BATCHING_KEY, "auto") != "generators":
-            rows = SharedRows.open(folder, genai_config, self._tokenizer, threads)
+            rows = SharedRows.open(folder, genai_config, loop_tokenizer, threads, max_batch_size)
         # Without rows, onnxruntime-genai loads the model; with them it would be a second copy.
         self._model = og.Model(og_config) if rows is None else None
         self._context_length = int(genai_config["model"]["context_length"])
@@ -134,14 +146,14 @@ class OnnxChatModel(PythonModel):
         self._default_temperature = float(config.get(TEMPERATURE_KEY, 1.0))
         self._default_top_p = float(config.get(TOP_P_KEY, 1.0))
         self._loop = DecodeLoop(
-            self._model, self._tokenizer, end_tokens=self._end_tokens,
+            self._model, loop_tokenizer, end_tokens=self._end_tokens,
             pad_token=int(self._tokenizer.pad_token_id), context_length=self._context_length,
-            max_batch_size=int(config.get(MAX_BATCH_SIZE_KEY, DEFAULT_MAX_BATCH_SIZE)),
-            max_queued_requests=int(config.get(MAX_QUEUED_REQUESTS_KEY,
-                                               DEFAULT_MAX_QUEUED_REQUESTS)),
+            max_batch_size=max_batch_size, max_queued_requests=max_queued_requests,
             gather_seconds=float(config.get(BATCH_WAIT_MS_KEY, DEFAULT_BATCH_WAIT_MS)) / 1000,
             rows=rows,
         )  # fmt: skip
+        self._deadline_seconds = server_timeout()
+        grow_server_threads(max_batch_size * 2 + max_queued_requests)
 
     # MLflow hands predict a DataFrame built from the signature; the hint says so, and a
     # DataFrame hint tells MLflow not to derive a second schema from it.
@@ -158,7 +170,8 @@ class OnnxChatModel(PythonModel):
         chat = kinds == {True}
         # Every row is checked before any is generated: a bad row fails the request at once.
         prepared = [self._prepare(row, params or {}, chat=chat) for row in rows]
-        flat = [(ids, options) for ids, options in prepared for _ in range(options["n"])]
+        flat = [(ids, {**options, "choice": choice})
+                for ids, options in prepared for choice in range(options["n"])]  # fmt: skip
         results = iter(self._generate(flat))
         answers = [[next(results) for _ in range(options["n"])] for _, options in prepared]
         if chat:
@@ -177,8 +190,12 @@ class OnnxChatModel(PythonModel):
         if len(rows) != 1 or "messages" not in rows[0]:
             raise BadRequestError("predict_stream answers one chat request {'messages': [...]}")
         ids, options = self._prepare(rows[0], params or {}, chat=True)
-        sequences, events = self._submit([(ids, options)] * options["n"], streaming=True)
-        return self._chunks(ids, sequences, events)
+        sequences, events = self._submit(
+            [(ids, {**options, "choice": choice}) for choice in range(options["n"])],
+            streaming=True,
+        )
+        return ReleasingStream(self._chunks(ids, sequences, events),
+                               lambda: self._loop.release(sequences))  # fmt: skip
 
     def _chunks(
         self, ids: list[int], sequences: list[Sequence], events: queue.Queue
@@ -220,9 +237,11 @@ class OnnxChatModel(PythonModel):
         if chat:
             messages = chat_messages(row["messages"])
             options = self._options(row, params)
-            prompt = self._tokenizer.apply_chat_template(
-                json.dumps(messages), template_str=self._chat_template, add_generation_prompt=True
-            )
+            with self._tokenizer_lock:
+                prompt = self._tokenizer.apply_chat_template(
+                    json.dumps(messages), template_str=self._chat_template,
+                    add_generation_prompt=True,
+                )  # fmt: skip
         else:
             prompt = row["prompt"]
             if not isinstance(prompt, str) or not prompt:
@@ -231,52 +250,38 @@ class OnnxChatModel(PythonModel):
         return self._encode(prompt, options["max_tokens"]), options
 
     def _options(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        merged = {**params, **row}
-        max_tokens = merged.get("max_tokens", self._default_max_tokens)
-        if (
-            isinstance(max_tokens, bool)
-            or not isinstance(max_tokens, int | float)
-            or max_tokens != int(max_tokens)
-            or not 1 <= max_tokens <= self._max_tokens_cap
-        ):
-            raise BadRequestError(
-                f"'max_tokens' must be an integer from 1 to {self._max_tokens_cap}; "
-                f"got {max_tokens!r}"
-            )
-        temperature, top_p = merged.get("temperature"), merged.get("top_p")
+        """The generation options of one row, each checked to a finite, sane range: a NaN,
+        an infinity or a denormal never reaches the sampler (a 1e-320 temperature once turned
+        the sampler's weights into NaN)."""
+        merged = {key: value for key, value in {**params, **row}.items() if value is not None}
+        max_tokens = number("max_tokens", merged.get("max_tokens", self._default_max_tokens), 1,
+                            self._max_tokens_cap, integer=True)  # fmt: skip
         # Sampling exactly when asked for: a temperature or top_p in the request, or the model's
         # configured default. Otherwise greedy, where temperature would have no effect.
-        sampling = present(temperature) or present(top_p) or self._default_sampling
-        temperature = float(temperature) if present(temperature) else self._default_temperature
-        top_p = float(top_p) if present(top_p) else self._default_top_p
-        if sampling and temperature <= 0:
-            raise BadRequestError(f"'temperature' must be greater than 0; got {temperature}")
-        if sampling and not 0 < top_p <= 1:
-            raise BadRequestError(f"'top_p' must be in (0, 1]; got {top_p}")
+        sampling = "temperature" in merged or "top_p" in merged or self._default_sampling
+        temperature = merged.get("temperature", self._default_temperature)
+        top_p = merged.get("top_p", self._default_top_p)
+        if sampling:
+            temperature = number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+            top_p = number("top_p", top_p, 0, 1, low_open=True)
         seed = merged.get("seed")
-        if present(seed) and (
-            isinstance(seed, bool)
-            or not isinstance(seed, int | float)
-            or seed != int(seed)
-            or seed < 0
-        ):
-            raise BadRequestError(f"'seed' must be a non-negative integer; got {seed!r}")
-        choices = merged.get("n", 1)
-        if not isinstance(choices, int | float) or not 1 <= choices <= MAX_CHOICES:
-            raise BadRequestError(f"'n' must be from 1 to {MAX_CHOICES}; got {choices!r}")
+        if seed is not None:
+            seed = int(number("seed", seed, 0, MAX_SEED, integer=True))
+        choices = number("n", merged.get("n", 1), 1, MAX_CHOICES, integer=True)
         return {
             "max_tokens": int(max_tokens),
             "sampling": sampling,
-            "temperature": temperature,
-            "top_p": top_p,
+            "temperature": float(temperature),
+            "top_p": float(top_p),
             "stop": stop_strings(merged.get("stop")),
             "n": int(choices),
             # Sampling with a seed is reproducible (OpenAI's `seed`); greedy ignores it.
-            "seed": int(seed) if present(seed) else None,
+            "seed": seed,
         }
 
     def _encode(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = [int(token) for token in self._tokenizer.encode(prompt)]
+        with self._tokenizer_lock:
+            ids = [int(token) for token in self._tokenizer.encode(prompt)]
         if len(ids) + max_tokens > self._context_length:
             raise BadRequestError(
                 f"The prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -294,9 +299,20 @@ class OnnxChatModel(PythonModel):
         work, events = self._submit(sequences, streaming=False)
         results: list[tuple[str, int, str] | None] = [None] * len(work)
         remaining = len(work)
+        # Under `mlflow models serve` the server answers 504 at its request timeout but cannot
+        # stop this thread; at the same moment this request gives its rows back.
+        deadline = time.monotonic() + (self._deadline_seconds or math.inf)
         try:
             while remaining:
-                index, kind, value = events.get()
+                try:
+                    index, kind, value = events.get(
+                        timeout=min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+                    )
+                except queue.Empty:
+                    raise TimeoutError(
+                        f"No answer within the scoring server's request timeout "
+                        f"({self._deadline_seconds:g} s); generation for it was stopped"
+                    ) from None
                 if kind == "error":
                     raise value
                 if kind == "done":

@@ -89,8 +89,11 @@ class DecodeLoop:
             self._changed.notify()
 
     def release(self, sequences: list[Sequence]) -> None:
-        """The request is answered, failed, or its client left: stop generating for it."""
+        """The request is answered, failed, or its client left: stop generating for it (its
+        rows are given up at the end of the step under way). Releasing again does nothing."""
         with self._changed:
+            if sequences and all(sequence.cancelled for sequence in sequences):
+                return
             for sequence in sequences:
                 sequence.cancelled = True
             self._in_flight -= 1
@@ -116,20 +119,22 @@ class DecodeLoop:
         return max(0.0, self._waiting[0][0] + self._gather_seconds - time.monotonic())
 
     def _admit(self) -> list[Sequence]:
-        """Take waiting requests, whole and in order, while their sequences fit beside those held
-        (a request larger than that is taken when nothing else is held)."""
+        """Take waiting requests in order while their sequences fit beside those held. A request
+        with more sequences than fit (rows times ``n``) is taken in parts, as rows free up: the
+        decoders never hold more than ``max_batch_size`` rows (Generators: two batches)."""
         held = sum(len(batch.sequences) for batch in self._batches)
         if self._rows is not None:
             held = len(self._rows.sequences)
         admitted: list[Sequence] = []
-        while self._waiting:
-            _, sequences = self._waiting[0]
-            if all(sequence.cancelled for sequence in sequences):
-                self._waiting.popleft()  # its client left while it waited
-                continue
-            if held and held + len(sequences) > self._max_held:
-                break
-            self._waiting.popleft()
+        while self._waiting and held < self._max_held:
+            arrived, sequences = self._waiting[0]
+            sequences = [sequence for sequence in sequences if not sequence.cancelled]
+            room = self._max_held - held
+            if len(sequences) > room:
+                self._waiting[0] = (arrived, sequences[room:])
+                sequences = sequences[:room]
+            else:
+                self._waiting.popleft()  # whole (or its client left while it waited)
             admitted.extend(sequences)
             held += len(sequences)
         return admitted
@@ -195,7 +200,9 @@ class DecodeLoop:
         if rows.live():
             try:
                 rows.step(self._end_tokens)
-            except Exception as error:  # a failed step leaves no row it can trust
+            except Exception as error:
+                # A failure of one row (its run, sampling or text) ends that row inside step;
+                # what escapes is a fault of the step itself, which leaves no row it can trust.
                 for sequence in rows.fail_all():
                     sequence.fail(error)
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
+from .requests import RowFailedError
 from .sequence import Sequence
 
 
@@ -26,7 +27,11 @@ class GeneratorBatch:
         if options["sampling"]:
             search |= {"temperature": options["temperature"], "top_p": options["top_p"]}
             if options["seed"] is not None:
-                search["random_seed"] = options["seed"]
+                # A seeded sequence is a batch of its own (Sequence.search_key), seeded by the
+                # request's seed and its choice's index, so its samples do not depend on where
+                # it sits in its request.
+                choice = options.get("choice", sequences[0].index)
+                search["random_seed"] = (options["seed"] + 7919 * choice) % (2**31 - 1)
         generator_params = og.GeneratorParams(model)
         generator_params.set_search_options(**search)
         self.generator = og.Generator(model, generator_params)
@@ -50,4 +55,9 @@ class GeneratorBatch:
         self.generator.generate_next_token()
         for sequence, token in zip(self.sequences, self.generator.get_next_tokens(), strict=True):
             if sequence.finished is None and not sequence.cancelled:
-                sequence.take(int(token), end_tokens)
+                try:
+                    sequence.take(int(token), end_tokens)
+                except Exception as error:  # showing its text failed: this sequence alone
+                    sequence.fail(RowFailedError(
+                        "Generating this answer failed and it was stopped; the model's other "
+                        f"answers go on. {type(error).__name__}: {error}"))  # fmt: skip

@@ -11,10 +11,20 @@ from typing import Any
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    TEMPORARILY_UNAVAILABLE,
+)
 
 ROLES = ("system", "user", "assistant")
 MAX_CHOICES = 8
+# Sampling temperatures outside this range are refused. Below it the logits divided by the
+# temperature overflow (1e-320 turned them into NaN and broke the sampler); above it sampling is
+# uniform noise. Greedy decoding (no temperature) is the deterministic choice.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+# onnxruntime-genai takes its random_seed as a 32-bit integer.
+MAX_SEED = 2**31 - 1
 
 
 class BadRequestError(MlflowException):
@@ -22,6 +32,14 @@ class BadRequestError(MlflowException):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class RowFailedError(MlflowException):
+    """Generating one sequence failed (its sampling, its text, or a model run on its row); the
+    other sequences in the batch go on. The scoring server answers it with HTTP 500."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INTERNAL_ERROR)
 
 
 class BusyError(MlflowException):
@@ -36,11 +54,37 @@ def present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+def number(name: str, value: Any, low: float, high: float, *, integer: bool = False,
+           low_open: bool = False) -> float:  # fmt: skip
+    """``value`` as a finite number in [low, high] (or (low, high] with ``low_open``), or a
+    BadRequestError naming the field: NaN, infinities and booleans are refused."""
+    interval = f"{'(' if low_open else '['}{_shown(low)}, {_shown(high)}]"
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequestError(f"'{name}' must be {kind} in {interval}; got {value!r}")
+    if not math.isfinite(value) or (integer and value != int(value)):
+        raise BadRequestError(f"'{name}' must be {kind} in {interval}; got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise BadRequestError(f"'{name}' must be {kind} in {interval}; got {value!r}")
+    return value
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 def request_rows(model_input: Any) -> list[dict[str, Any]]:
     if isinstance(model_input, pd.DataFrame):
+        # A field some rows leave out arrives as NaN (or None) in those rows, beside the values
+        # the other rows give. A column of NaN only was sent as NaN (pandas makes no column that
+        # no row names), and is kept, for the option checks to refuse.
+        records = model_input.to_dict(orient="records")
+        sent_nan = {column for column in model_input.columns
+                    if not any(present(record[column]) for record in records)
+                    and any(record[column] is not None for record in records)}  # fmt: skip
         return [
-            {key: value for key, value in row.items() if present(value)}
-            for row in model_input.to_dict(orient="records")
+            {key: value for key, value in row.items() if present(value) or key in sent_nan}
+            for row in records
         ]
     if isinstance(model_input, dict):
         return [model_input]

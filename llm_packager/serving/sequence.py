@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .requests import held_back
@@ -25,13 +25,16 @@ class Sequence:
         self.finished: str | None = None
         self.cancelled = False
         self.stream = None
+        self.rng = None  # the shared rows' sampler for this sequence
+        self.seen = None  # the shared rows' mask of the tokens already in the sequence
 
     def search_key(self) -> tuple:
-        """Sequences batched together must share this. A seed seeds the whole batch, so a seeded
-        request is batched only with itself: its samples stay what it gets alone."""
+        """Sequences batched together by onnxruntime-genai's Generators must share this. A seed
+        seeds a whole Generator, so a seeded sequence is batched only with itself: its samples
+        stay what it gets alone, wherever it sits in its request."""
         options = self.options
-        owner = id(self.owner) if options["sampling"] and options["seed"] is not None else None
-        return options["sampling"], options["temperature"], options["top_p"], options["seed"], owner
+        alone = id(self) if options["sampling"] and options["seed"] is not None else None
+        return options["sampling"], options["temperature"], options["top_p"], options["seed"], alone
 
     def take(self, token: int, end_tokens: set[int]) -> None:
         """Add one generated token; report new safe text, and the answer once it is finished."""
@@ -69,3 +72,25 @@ class Sequence:
             self.report(self.index, "delta", self.text[self.shown :])
             self.shown = len(self.text)
         self.report(self.index, "done", (self.text, self.produced, reason))
+
+
+class ReleasingStream:
+    """A request's stream of chunks that gives its place in the decode loop back when it is
+    closed or dropped, read or not. (A generator's ``finally`` runs only once it has started: a
+    stream dropped before its first chunk would hold its rows until they finished.)"""
+
+    def __init__(self, chunks: Iterator, release: Callable[[], None]) -> None:
+        self._chunks, self._release = chunks, release
+
+    def __iter__(self) -> ReleasingStream:
+        return self
+
+    def __next__(self):
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._release()
+
+    def __del__(self) -> None:
+        self.close()

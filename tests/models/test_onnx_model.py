@@ -333,11 +333,14 @@ def test_a_batch_too_long_to_pad_together_is_still_answered(model):
             {"messages": [{"role": "wizard", "content": "hi"}]},
             "messages[0].role must be one of system, user, assistant; got 'wizard'",
         ),
-        (_chat("hi", max_tokens=0), "'max_tokens' must be an integer from 1 to 64; got 0"),
-        (_chat("hi", max_tokens=-5), "'max_tokens' must be an integer from 1 to 64; got -5"),
-        (_chat("hi", max_tokens=65), "'max_tokens' must be an integer from 1 to 64; got 65"),
+        (_chat("hi", max_tokens=0), "'max_tokens' must be an integer in [1, 64]; got 0"),
+        (_chat("hi", max_tokens=-5), "'max_tokens' must be an integer in [1, 64]; got -5"),
+        (_chat("hi", max_tokens=65), "'max_tokens' must be an integer in [1, 64]; got 65"),
         ({"prompt": ""}, "'prompt' must be a non-empty string"),
-        (_chat("hi", temperature=1.0, seed=-1), "'seed' must be a non-negative integer; got -1"),
+        (
+            _chat("hi", temperature=1.0, seed=-1),
+            "'seed' must be an integer in [0, 2147483647]; got -1",
+        ),
         ({"nothing": "here"}, "Each row needs 'messages' (a chat) or 'prompt' (text)"),
     ],
 )
