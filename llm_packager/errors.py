@@ -129,30 +129,75 @@ def one_line(error: BaseException) -> str | None:
     return None
 
 
-def bound_tracking_retries(budget_seconds: int) -> dict[str, str]:
-    """MLflow HTTP settings under which one tracking request gives up within ``budget_seconds``.
+# How many tracking requests wait for a server that went away, one after the other: the call a
+# step (or main) is making, then the outer `mlflow run` asking for main's run status once main has
+# exited (`_maybe_set_run_terminated` in mlflow/projects/__init__.py: a get_run, whose failure
+# ends the command). Nothing of ours calls the server again after a call found it gone: the step
+# and main skip recording their outcome and exit without MLflow's atexit handlers
+# (llm_packager/pipeline/step_run.py), and main skips recording its progress (steps/main.py).
+REQUESTS_IN_TURN = 2
+# MLflow's and urllib3's own limits (mlflow/environment_variables.py, mlflow/utils/rest_utils.py,
+# urllib3.util.Retry): at most 10 retries; before retry n (n >= 2) a sleep of factor * 2**(n-1)
+# s, capped at 120 s, plus up to MLFLOW_HTTP_REQUEST_BACKOFF_JITTER s; each attempt waits up to
+# MLFLOW_HTTP_REQUEST_TIMEOUT s (MLflow's default: 120) for an answer.
+_MAX_RETRIES = 10
+_MAX_BACKOFF_S = 120
+_BACKOFF_FACTOR = 2
+_JITTER_S = 1
+_MAX_TIMEOUT_S = 120
+# A loaded server's slow answer is not an outage: retries are added only while each attempt can
+# still wait this long for its answer.
+_MIN_TIMEOUT_S = 5
 
-    MLflow retries a failed request with exponential backoff (4, 8, 16 ... s, at most 120 s)
-    and waits up to 120 s for each answer, so by default a server that stays away keeps a
-    process waiting for many minutes per request. Here the wait per answer is a quarter of the
-    budget (at most 30 s) and the retries are as many as fit: the default budget of 300 s gives 5
-    retries, which ride out an outage of about a minute.
+
+def backoff_seconds(retries: int) -> float:
+    """The longest MLflow sleeps, jitter included, between the attempts of one request that is
+    retried ``retries`` times (urllib3 does not sleep before the first retry)."""
+    return sum(
+        min(_BACKOFF_FACTOR * 2 ** (attempt - 1), _MAX_BACKOFF_S) + _JITTER_S
+        for attempt in range(2, retries + 1)
+    )
+
+
+def bound_tracking_retries(budget_seconds: int) -> dict[str, str]:
+    """MLflow HTTP settings under which the user's `mlflow run` command gives up within
+    ``budget_seconds`` (`tracking.server_timeout_s`) of the tracking server going away for good,
+    besides the time the running step spends before its next call and the processes' exit.
+
+    `REQUESTS_IN_TURN` requests wait for a gone server one after the other, so each gets that
+    share of the budget, its worst case counted in full: every sleep with its jitter, and every
+    attempt waiting the whole timeout (a server whose host is gone answers nothing; a stopped
+    server refuses at once, and then only the sleeps count). Retries take at most half of the
+    share, as many as leave each attempt `_MIN_TIMEOUT_S` to answer, and at least one. The
+    default budget of 300 s gives 5 retries (a stopped server that is back within a minute is
+    ridden out) and 14 s per answer.
 
     Returns:
-        The environment variables to set (MLflow reads them on every request).
+        The environment variables to set: MLflow reads them on every request, and the steps and
+        the outer `mlflow run` (which reads none of our settings) inherit them.
     """
-    timeout = max(1, min(30, budget_seconds // 4))
-    retries, slept = 0, 0
-    while True:
-        pause = 0 if retries == 0 else min(2 * 2**retries, 120)
-        if slept + pause + (retries + 2) * timeout > budget_seconds:
+    share = max(1, budget_seconds // REQUESTS_IN_TURN)
+    retries = 1
+    while retries < _MAX_RETRIES:
+        more = retries + 1
+        sleeps = backoff_seconds(more)
+        if sleeps > share / 2 or (share - sleeps) // (more + 1) < _MIN_TIMEOUT_S:
             break
-        retries, slept = retries + 1, slept + pause
+        retries = more
+    timeout = (share - backoff_seconds(retries)) // (retries + 1)
     return {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(_JITTER_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, min(_MAX_TIMEOUT_S, timeout)))),
     }
+
+
+def tracking_exports(budget_seconds: int) -> str:
+    """The shell line that exports `bound_tracking_retries(budget_seconds)`, for the user to run
+    before `mlflow run` (README.md; ``python -m llm_packager.errors <seconds>`` prints it)."""
+    settings = bound_tracking_retries(budget_seconds)
+    return "export " + " ".join(f"{name}={value}" for name, value in settings.items())
 
 
 def lost_insert_race(error: BaseException) -> bool:
@@ -179,3 +224,9 @@ def retry_after_insert_race(what: str, write: Callable[..., object], *args: obje
             raise
         logger.info("%s was written concurrently by another run; writing again", what)
         write(*args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(tracking_exports(int(sys.argv[1])))

@@ -1,0 +1,143 @@
+"""How long a gone tracking server can keep the user's `mlflow run` command waiting: the MLflow
+HTTP settings of `bound_tracking_retries`, as MLflow really applies them, and the README's
+export line that hands them to the outer `mlflow run` (which reads none of our settings).
+
+The end-to-end check, a real `mlflow server` killed during a step, is in
+tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from llm_packager.config.schema import TrackingConfig
+from llm_packager.errors import (
+    REQUESTS_IN_TURN,
+    bound_tracking_retries,
+    is_server_unreachable,
+    tracking_exports,
+)
+from llm_packager.project import PROJECT_DIR
+
+_SETTING = r"MLFLOW_HTTP_REQUEST_\w+=\S+"
+_EXPORT_LINE = re.compile(rf"^export ({_SETTING}(?: {_SETTING})*)$", re.MULTILINE)
+
+
+def readme_exports(text: str) -> list[dict[str, str]]:
+    """Every ``export MLFLOW_HTTP_REQUEST_...`` line of a README, as name-value pairs."""
+    return [
+        dict(pair.split("=", 1) for pair in match.group(1).split())
+        for match in _EXPORT_LINE.finditer(text)
+    ]
+
+
+def worst_case_seconds(settings: dict[str, str]) -> float:
+    """The longest one MLflow request can take against a server that never answers, computed
+    from urllib3's documented Retry rules rather than from our code: no sleep before the first
+    retry, then factor * 2**(n-1) s before retry n, capped at 120 s (Retry.DEFAULT_BACKOFF_MAX),
+    plus up to `backoff_jitter` s; each of the retries + 1 attempts may wait the whole timeout."""
+    retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = int(settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    jitter = float(settings["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+    timeout = int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    sleeps = sum(min(factor * 2 ** (n - 1), 120) + jitter for n in range(2, retries + 1))
+    return sleeps + (retries + 1) * timeout
+
+
+@pytest.mark.parametrize("budget", [10, 20, 30, 60, 300, 900, 3600])
+def test_the_requests_that_wait_in_turn_fit_the_budget_together(budget):
+    settings = bound_tracking_retries(budget)
+    assert REQUESTS_IN_TURN * worst_case_seconds(settings) <= budget
+    # MLflow refuses more than 10 retries (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT); a retry at all
+    # is what rides out a dropped connection.
+    assert 1 <= int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 10
+
+
+def test_the_default_budget_rides_out_a_server_restart_of_a_minute():
+    # A stopped server refuses at once, so only the sleeps between attempts count: the last
+    # retry comes after them (urllib3: no sleep before the first retry, factor * 2**(n-1) before
+    # retry n).
+    settings = bound_tracking_retries(TrackingConfig().server_timeout_s)
+    retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = int(settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    assert sum(factor * 2 ** (n - 1) for n in range(2, retries + 1)) >= 60
+
+
+def test_the_readme_exports_what_the_default_timeout_needs():
+    readme = (PROJECT_DIR / "README.md").read_text()
+    default = bound_tracking_retries(TrackingConfig().server_timeout_s)
+    found = readme_exports(readme)
+    assert found, "README.md has no `export MLFLOW_HTTP_REQUEST_...` line before `mlflow run`"
+    assert all(exports == default for exports in found), (found, default)
+
+
+def test_a_readme_with_other_values_is_caught():
+    default = bound_tracking_retries(TrackingConfig().server_timeout_s)
+    line = tracking_exports(TrackingConfig().server_timeout_s)
+    assert readme_exports(f"text\n{line}\nmlflow run .\n") == [default]
+    stale = line.replace("MLFLOW_HTTP_REQUEST_MAX_RETRIES=", "MLFLOW_HTTP_REQUEST_MAX_RETRIES=9")
+    assert readme_exports(f"{stale}\n") != [default]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A loopback port that accepts connections and never answers: a server whose process hangs,
+    or whose host is gone behind a load balancer that still accepts."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def refusing_server() -> str:
+    """A loopback port nothing listens on: a stopped server (the port is freed, then reused by
+    nothing while the test runs)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _seconds_to_give_up(uri: str) -> float:
+    began = time.monotonic()
+    with pytest.raises(MlflowException) as raised:
+        MlflowClient(tracking_uri=uri).get_run("0" * 32)
+    spent = time.monotonic() - began
+    # Told as an unreachable server in one line, naming it.
+    assert is_server_unreachable(raised.value), raised.value
+    return spent
+
+
+def test_mlflow_gives_up_on_a_silent_server_within_the_share_of_one_request(
+    silent_server, monkeypatch
+):
+    budget = 10
+    settings = bound_tracking_retries(budget)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    spent = _seconds_to_give_up(silent_server)
+    # Every attempt waited its whole timeout: the settings reached MLflow, and the share holds.
+    attempts = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+    assert attempts * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) - 0.5 <= spent
+    assert spent <= budget / REQUESTS_IN_TURN
+
+
+def test_mlflow_gives_up_on_a_stopped_server_after_its_sleeps(refusing_server, monkeypatch):
+    budget = 60
+    settings = bound_tracking_retries(budget)
+    assert int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) >= 2, "no sleep to measure"
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    spent = _seconds_to_give_up(refusing_server)
+    factor = int(settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert sum(factor * 2 ** (n - 1) for n in range(2, retries + 1)) - 0.5 <= spent
+    assert spent <= budget / REQUESTS_IN_TURN
