@@ -16,9 +16,11 @@ Writes:
 
 The recommended candidate gets ``alias``; the runner-up by the same policy gets
 ``challenger_alias`` if it passed too, and otherwise that alias is removed, so it never points at
-an older run's model. Registering the same LoggedModel again returns its existing version (no
-duplicates), and an alias moves only once its version is READY. If no candidate passed, nothing
-is registered and every alias stays where it was; that is a result, not a failure (exit 0).
+an older run's model. On a registry without aliases (Azure ML's) each alias is the version tag
+``alias.<alias>`` instead, moved the same way (``llm_packager.models.registry``). Registering
+the same LoggedModel again returns its existing version (no duplicates), and an alias moves only
+once its version is READY. If no candidate passed, nothing is registered and every alias stays
+where it was; that is a result, not a failure (exit 0).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from llm_packager.keys import (
     VERSION_CANDIDATE_TAG,
     VERSION_CODE_VERSION_TAG,
     VERSION_CONFIG_HASH_TAG,
+    alias_tag_key,
     is_metric_lineage_key,
     metric_lineage_key,
     metric_of_lineage_key,
@@ -80,7 +83,13 @@ from llm_packager.keys import (
 )
 from llm_packager.models.chat import load_back_and_answer
 from llm_packager.models.model_store import MODEL_VERSIONS_PAGE_SIZE, all_pages
-from llm_packager.models.registry import check_alias, check_registered_model_name, existing_version
+from llm_packager.models.registry import (
+    check_alias,
+    check_registered_model_name,
+    existing_version,
+    remove_alias,
+    set_alias,
+)
 from llm_packager.pipeline.reuse import announce_outputs
 from llm_packager.pipeline.step_run import run_command_line
 
@@ -254,17 +263,15 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     aliases = {request.alias: versions[winner.name].version}
     if request.challenger_alias and runner_up:
         aliases[request.challenger_alias] = versions[runner_up.name].version
-    # Aliases move last, once every version they point at is READY and described.
+    # Aliases move last, once every version they point at is READY and described. A registry
+    # without aliases (Azure ML's) gets version tags that mean the same (docs/azureml.md).
+    native = True
     for alias, alias_version in aliases.items():
-        retry_after_insert_race(
-            f"Alias @{alias} of {name}",
-            client.set_registered_model_alias,
-            name,
-            alias,
-            alias_version,
-        )
+        native = _set_alias(client, name, alias, alias_version) and native
     if request.challenger_alias and not runner_up:
-        _remove_alias(client, name, request.challenger_alias)
+        remove_alias(client, name, request.challenger_alias)
+        logger.info("Removed @%s from %s if it was set: no second candidate passed the gate",
+                    request.challenger_alias, name)  # fmt: skip
     version = versions[winner.name].version
     # The exact version, not the alias, which a concurrent pipeline may already have moved.
     version_uri = f"models:/{name}/{version}"
@@ -272,10 +279,12 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     reason = "registered without passing the gate (allow_unvalidated)" if unvalidated else (
         f"{recommended} passed the gate and was recommended"
     )  # fmt: skip
-    summary = (
-        f"Registered {name} version {version} ({recommended}) as @{request.alias}: "
-        f"models:/{name}@{request.alias}"
-    )
+    tag = alias_tag_key(request.alias)
+    where = (
+        f"models:/{name}@{request.alias}" if native
+        else f"{version_uri} (this registry has no aliases: version tag {tag})"
+    )  # fmt: skip
+    summary = f"Registered {name} version {version} ({recommended}) as @{request.alias}: {where}"
     mlflow.set_tags({
         REGISTRATION_STATUS_TAG: "registered", REGISTRATION_REASON_TAG: reason,
         REGISTERED_VERSION_TAG: version, REGISTERED_CANDIDATE_TAG: recommended,
@@ -290,11 +299,15 @@ def register(request: RegisterParameters, run_id: str) -> RegisterResult:
     return RegisterResult("registered", reason, version, recommended)
 
 
-def _remove_alias(client, name: str, alias: str) -> None:
-    """Remove an alias that no passed candidate holds any more, if it exists."""
-    if alias in client.get_registered_model(name).aliases:
-        client.delete_registered_model_alias(name, alias)
-        logger.info("Removed @%s from %s: no second candidate passed the gate", alias, name)
+def _set_alias(client, name: str, alias: str, version: str) -> bool:
+    """`set_alias`, once more if a concurrent pipeline won the insert; True for a registry alias,
+    False for the version tag standing for it."""
+    outcome: list[bool] = []
+    retry_after_insert_race(
+        f"Alias @{alias} of {name}",
+        lambda: outcome.append(set_alias(client, name, alias, version)),
+    )
+    return outcome[-1]
 
 
 if __name__ == "__main__":

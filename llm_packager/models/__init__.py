@@ -4,9 +4,9 @@ Owns: the onnxruntime-genai model builder and the chat signature (`onnx_build`),
 models-from-code file (`onnx_chat_model`: the pyfunc class and `set_model`, nothing else), the
 OpenAI chat-completion contract and the load-back check (`chat`), greedy decoding in both runtimes
 (`parity`), pinned pip requirements (`requirements`), LoggedModels or run artifacts
-and every search paged within the servers' limits (`model_store`), registry names and aliases
-(`registry`), and the measured memory each step's processes hold, in copies of the
-weights (`memory_parts`).
+and every search paged within the servers' limits (`model_store`), registry names and aliases,
+and version tags standing for aliases where a registry has none (`registry`), and the measured
+memory each step's processes hold, in copies of the weights (`memory_parts`).
 
 Public names:
 - onnx_build: OnnxBuildError, UnsupportedArchitectureError, PrebuiltMismatchError,
@@ -25,7 +25,8 @@ Public names:
 - memory_parts: MIB, FLOAT32_BYTES, MemoryPart, StepMemory, LOG_TRANSFORMERS, BUILDER, AGREEMENT,
   ONNX_MODEL, TRANSFORMERS_MODEL, stored_bytes_per_parameter
 - registry: UNITY_CATALOG_SCHEME, RegistryNameError, is_unity_catalog,
-  check_registered_model_name, check_alias, existing_version
+  check_registered_model_name, check_alias, existing_version, aliases_unsupported, set_alias,
+  remove_alias, version_by_alias, alias_model_uri
 
 Imports the root modules and `sources`; the served model's own code is in `serving`.
 """

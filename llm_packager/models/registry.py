@@ -5,13 +5,25 @@ schema: a registered model is named ``catalog.schema.model``, each part made of 
 underscores, and versions are found by alias, never by stage (UC has no stages). The workspace and
 open-source registries take a plain name. Every registry refuses the alias ``latest`` and aliases
 shaped like version numbers (``v1``), which would be ambiguous in ``models:/<name>@<alias>``.
+
+A registry without aliases (Azure ML's workspace registry: its support matrix lists stages and
+tags, not aliases, and azureml-mlflow adds none; docs/azureml.md) answers the alias endpoint
+``404 ENDPOINT_NOT_FOUND``. There `set_alias` tags the version instead (``alias.<alias>``,
+`llm_packager.keys.alias_tag_key`, valued with the time it moved) and takes the tag off every
+other version, so the tag means what the alias would; `version_by_alias` and `alias_model_uri`
+resolve either. Lack of support is told by the error, never by the platform's name.
 """
 
 from __future__ import annotations
 
 import re
+import time
+
+from mlflow.exceptions import MlflowException
 
 from llm_packager.errors import UserError
+from llm_packager.keys import alias_tag_key
+from llm_packager.models.model_store import MODEL_VERSIONS_PAGE_SIZE, all_pages
 
 UNITY_CATALOG_SCHEME = "databricks-uc"
 _UC_PART = re.compile(r"[A-Za-z0-9_]+")
@@ -91,3 +103,82 @@ def existing_version(versions: list, model_uri: str, run_id: str):
         or (run_id and version.run_id == run_id)
     ]
     return min(matches, key=lambda version: int(version.version), default=None)
+
+
+def aliases_unsupported(error: MlflowException) -> bool:
+    """Whether a failed alias call means the registry has no alias endpoint at all (``404`` with
+    no MLflow error body, which MLflow raises as ``ENDPOINT_NOT_FOUND``), rather than a missing
+    model or alias (``RESOURCE_DOES_NOT_EXIST``)."""
+    return error.error_code == "ENDPOINT_NOT_FOUND"
+
+
+def _versions(client, name: str) -> list:
+    # By name only, tags read here: Azure ML's registry search is documented for names, not tags.
+    return list(all_pages(client.search_model_versions, MODEL_VERSIONS_PAGE_SIZE,
+                          filter_string=f"name = '{name}'"))  # fmt: skip
+
+
+def set_alias(client, name: str, alias: str, version: str) -> bool:
+    """Point ``alias`` of registered model ``name`` at ``version``: the registry's own alias, or,
+    where it has none, the version tag ``alias.<alias>``, taken off every other version.
+
+    Returns:
+        True for a registry alias, False for the version tag.
+    """
+    try:
+        client.set_registered_model_alias(name, alias, version)
+        return True
+    except MlflowException as error:
+        if not aliases_unsupported(error):
+            raise
+    key = alias_tag_key(alias)
+    # The new holder first: while the old one still has the tag, the newer time wins.
+    client.set_model_version_tag(name, version, key, str(time.time_ns() // 1_000_000))
+    for other in _versions(client, name):
+        if other.version != str(version) and key in other.tags:
+            client.delete_model_version_tag(name, other.version, key)
+    return False
+
+
+def remove_alias(client, name: str, alias: str) -> None:
+    """Remove ``alias`` from registered model ``name`` wherever it is held: the registry's own
+    alias if it has one, and any version tag standing for it."""
+    if alias in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, alias)
+    key = alias_tag_key(alias)
+    for version in _versions(client, name):
+        if key in version.tags:
+            client.delete_model_version_tag(name, version.version, key)
+
+
+def version_by_alias(client, name: str, alias: str):
+    """The model version ``alias`` points at, from the registry's alias or, where the registry
+    has none, from the version tag standing for it (the newest if two hold it mid-move); None if
+    no version holds it.
+
+    Raises:
+        MlflowException: a registry failure other than having no alias endpoint.
+    """
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        if not aliases_unsupported(error):
+            raise
+    key = alias_tag_key(alias)
+    holders = [version for version in _versions(client, name) if key in version.tags]
+    return max(holders, key=lambda version: int(version.tags[key]), default=None)
+
+
+def alias_model_uri(client, name: str, alias: str) -> str:
+    """``models:/<name>/<version>`` of the version ``alias`` points at, on any registry: what
+    ``models:/<name>@<alias>`` would load where the registry has aliases.
+
+    Raises:
+        LookupError: no version holds the alias.
+    """
+    version = version_by_alias(client, name, alias)
+    if version is None:
+        raise LookupError(f"No version of {name} holds @{alias}")
+    return f"models:/{name}/{version.version}"

@@ -8,27 +8,46 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import uuid
 import zipfile
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 from llm_packager.choices import LoggedModels, ModelStore
 from llm_packager.keys import (
+    HOST_TAG,
+    LOGGING_MODEL_TAG,
     MODEL_ARTIFACT_PATH,
     MODEL_STORE_TAG,
     MODEL_URI_TAG,
+    OUTPUTS_TAG,
+    PID_TAG,
+    REUSE_KEY_TAG,
     STEPS_REUSED_TAG,
     VALIDATION_STATUS_TAG,
+    alias_tag_key,
     run_verdict_key,
 )
-from llm_packager.models.model_store import resolve_model_store
+from llm_packager.models.model_store import has_status, resolve_model_store, runs_left_logging
+from llm_packager.models.registry import (
+    alias_model_uri,
+    aliases_unsupported,
+    remove_alias,
+    set_alias,
+    version_by_alias,
+)
+from llm_packager.pipeline.reuse import find_reusable_run
+from llm_packager.pipeline.step_run import fail_orphaned_runs
 from llm_packager.project import PROJECT_DIR
+from tests.azureml_double import RUNS_SEARCH_PATH, azureml_double, filters_on_status
 from tests.loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy
 from tests.support import (
     TrackingServer,
@@ -199,3 +218,140 @@ def test_the_pipeline_runs_on_the_azure_ml_lock(tracking_server, tmp_path):
         assert json.loads(answered.stdout.strip().splitlines()[-1])[0]["object"] == (
             "chat.completion"
         )
+
+
+# ----- The Azure ML double (tests/azureml_double.py): status filters and aliases -----
+
+
+def test_the_double_refuses_a_status_filter_as_azure_does_not_support_it(tracking_server):
+    with azureml_double(tracking_server.uri) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri)
+        experiment = client.create_experiment(f"status-filter-{uuid.uuid4().hex[:8]}")
+        # The filter the reuse search sent before this fix: refused here, so it can fail.
+        with pytest.raises(MlflowException, match="INVALID_PARAMETER_VALUE"):
+            client.search_runs([experiment], "tags.`x` = 'y' and attributes.status = 'FINISHED'")
+        assert client.search_runs([experiment], "tags.`registration_status` = 'x'") == []
+
+
+def _ended_run(client, experiment: str, status: str, **tags: str) -> str:
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def test_the_reuse_search_finds_a_finished_run_without_a_status_filter(tracking_server, tmp_path):
+    with azureml_double(tracking_server.uri) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri)
+        experiment = client.create_experiment(f"reuse-{uuid.uuid4().hex[:8]}")
+        outputs = json.dumps({"decision": f"models:/{uuid.uuid4().hex}"})
+        failed = _ended_run(client, experiment, "FAILED", **{REUSE_KEY_TAG: "k"})
+        assert find_reusable_run(client, experiment, "k") is None
+        finished = _ended_run(client, experiment, "FINISHED", **{REUSE_KEY_TAG: "k"})
+        # Outputs checked on the finished run only: it announced none yet, so none is reusable.
+        assert find_reusable_run(client, experiment, "k") is None
+        log = tmp_path / "output.txt"
+        log.write_text("x")
+        client.log_artifact(finished, str(log))
+        announced = {"file": f"runs:/{finished}/{log.name}"}
+        client.set_tag(finished, OUTPUTS_TAG, json.dumps(announced))
+        client.set_tag(failed, OUTPUTS_TAG, outputs)
+        assert find_reusable_run(client, experiment, "k").info.run_id == finished
+        assert not any(filters_on_status(_filter(r)) for r in workspace.received)
+
+
+def _filter(request) -> str:
+    if not request.path.startswith(RUNS_SEARCH_PATH):
+        return ""
+    return json.loads(request.body or b"{}").get("filter", "")
+
+
+def test_orphaned_runs_are_found_without_a_status_filter(tracking_server):
+    with azureml_double(tracking_server.uri) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri)
+        experiment = client.create_experiment(f"orphans-{uuid.uuid4().hex[:8]}")
+        here = {HOST_TAG: socket.gethostname(), PID_TAG: "999999999"}
+        orphan = _ended_run(client, experiment, "RUNNING", **here)
+        ended = _ended_run(client, experiment, "FINISHED", **here)
+        alive = _ended_run(client, experiment, "RUNNING", **{**here, PID_TAG: str(os.getpid())})
+        assert fail_orphaned_runs(client, experiment) == [orphan]
+        assert client.get_run(orphan).info.status == "FAILED"
+        assert client.get_run(ended).info.status == "FINISHED"
+        assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_runs_left_logging_are_the_ended_ones_whatever_the_status_casing(tracking_server):
+    with azureml_double(tracking_server.uri) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri)
+        experiment = client.create_experiment(f"abandoned-{uuid.uuid4().hex[:8]}")
+        marked = {LOGGING_MODEL_TAG: "true"}
+        killed = _ended_run(client, experiment, "FAILED", **marked)
+        _ended_run(client, experiment, "RUNNING", **marked)
+        assert [r.info.run_id for r in runs_left_logging(client, experiment)] == [killed]
+        # No LoggedModel API here: the model store is run artifacts, and the cleanup of
+        # LoggedModels is never asked for; the marked runs are still found by tag alone.
+        assert resolve_model_store(LoggedModels.auto, client, experiment) == (
+            ModelStore.run_artifacts
+        )
+
+
+def test_status_compares_in_any_casing():
+    class Info:
+        status = "Running"
+
+    class Run:
+        info = Info()
+
+    assert has_status(Run(), "RUNNING") and not has_status(Run(), "FINISHED")
+
+
+def _versions_with_a_model(client, name: str, count: int, tmp_path: Path) -> list[str]:
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str]) -> list[str]:
+            return model_input
+
+    folder = tmp_path / "echo"
+    mlflow.pyfunc.save_model(str(folder), python_model=Echo())
+    client.create_registered_model(name)
+    experiment = client.create_experiment(name)
+    versions = []
+    for _ in range(count):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_artifacts(run_id, str(folder), "echo")
+        source = f"runs:/{run_id}/echo"
+        versions.append(client.create_model_version(name, source, run_id).version)
+    return versions
+
+
+def test_without_registry_aliases_a_version_tag_moves_as_the_alias_would(tracking_server, tmp_path):
+    with azureml_double(tracking_server.uri) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
+        name = f"no-aliases-{uuid.uuid4().hex[:8]}"
+        first, second = _versions_with_a_model(client, name, 2, tmp_path)
+        # The registry refuses aliases as an endpoint it lacks: the fallback is told by that.
+        with pytest.raises(MlflowException) as refused:
+            client.set_registered_model_alias(name, "champion", first)
+        assert aliases_unsupported(refused.value)
+        assert set_alias(client, name, "champion", first) is False
+        assert alias_model_uri(client, name, "champion") == f"models:/{name}/{first}"
+        assert set_alias(client, name, "champion", second) is False
+        key = alias_tag_key("champion")
+        assert key not in client.get_model_version(name, first).tags
+        assert alias_model_uri(client, name, "champion") == f"models:/{name}/{second}"
+        with tracking_uri(workspace.uri):
+            assert mlflow.pyfunc.load_model(alias_model_uri(client, name, "champion"))
+        remove_alias(client, name, "champion")
+        assert version_by_alias(client, name, "champion") is None
+
+
+def test_with_registry_aliases_the_registry_alias_is_used(tracking_server, tmp_path):
+    with azureml_double(tracking_server.uri, aliases=True) as workspace:
+        client = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
+        name = f"aliases-{uuid.uuid4().hex[:8]}"
+        (first,) = _versions_with_a_model(client, name, 1, tmp_path)
+        assert set_alias(client, name, "champion", first) is True
+        assert client.get_model_version_by_alias(name, "champion").version == first
+        assert alias_tag_key("champion") not in client.get_model_version(name, first).tags
+        assert alias_model_uri(client, name, "champion") == f"models:/{name}/{first}"
