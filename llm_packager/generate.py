@@ -80,14 +80,7 @@ def render_parameter_tables(text: str) -> str:
 
 def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
     """Every generated file's content, by path relative to the project."""
-    from llm_packager.config.azureml_jobs import (
-        AZUREML_ENVIRONMENT,
-        AZUREML_JOB,
-        AZUREML_LOCK,
-        AZUREML_OWN_SERVER_JOB,
-        azureml_environment,
-        azureml_job,
-    )
+    from llm_packager.config.azureml_jobs import azureml_documents
     from llm_packager.config.compose import compose_config
     from llm_packager.config.databricks_bundle import DATABRICKS_BUNDLE, databricks_bundle
     from llm_packager.config.remote_jobs import GENERATED
@@ -104,9 +97,7 @@ def render(project_dir: Path = PROJECT_DIR) -> dict[Path, str]:
         DATABRICKS_BUNDLE: as_yaml(
             databricks_bundle(compose_config(model, "register=unity-catalog"))
         ),
-        AZUREML_JOB: as_yaml(azureml_job(cfg, model, "")),
-        AZUREML_OWN_SERVER_JOB: as_yaml(azureml_job(cfg, model, "", own_server=True)),
-        AZUREML_ENVIRONMENT: as_yaml(azureml_environment(project_dir / AZUREML_LOCK)),
+        **{path: as_yaml(doc) for path, doc in azureml_documents(cfg, model, project_dir).items()},
     }
 
 
