@@ -12,8 +12,11 @@ Writes (on its own run):
     ``llm_packager.config_hash``, ``llm_packager.steps_ran``, ``llm_packager.steps_reused``,
     ``llm_packager.env_manager``, ``llm_packager.code_version``.
 
-The config is validated before any step run is created: a bad input ends main with one line and
-exit code 2. A failed step ends it with exit code 1, naming the step, its run id and its log.
+The config is validated before any step run is created, and then the preflight
+(``llm_packager.pipeline.preflight``) checks the tracking server, the credentials and, when
+``register`` is to run, the registry target (catalog, schema, the right to write): a bad input or
+a failed check ends main with one line and exit code 2. A failed step ends it with exit code 1,
+naming the step, its run id and its log.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from llm_packager.pipeline.driver import (
     select_forced,
     select_steps,
 )
+from llm_packager.pipeline.preflight import PreflightError, preflight
 from llm_packager.pipeline.step_run import exit_process, run_step
 from llm_packager.project import code_version
 
@@ -117,10 +121,11 @@ def _record_progress(outcomes: list[StepOutcome]) -> None:
     )
 
 
-def _reject(message: str) -> int:
+def _reject(message: str, *, tag: bool = True) -> int:
     # Under `mlflow run` main's own run exists before this code starts; tag it with the reason so
-    # the failed run explains itself. No step run has been created.
-    if run_id := os.environ.get("MLFLOW_RUN_ID"):
+    # the failed run explains itself (not when the tracking server is what failed: the tag would
+    # wait through the retries again). No step run has been created.
+    if tag and (run_id := os.environ.get("MLFLOW_RUN_ID")):
         mlflow.MlflowClient().set_tag(run_id, ERROR_TAG, message)
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -140,6 +145,14 @@ if __name__ == "__main__":
         # Bound how long any MLflow call waits for a tracking server that is gone, here and in
         # every step (they inherit the environment); a user's own setting wins.
         os.environ.update(bound_tracking_retries(config.tracking.server_timeout_s))
+    # MLflow's calls to Databricks through databricks-sdk (Unity Catalog's registry) retry for
+    # this long instead of MLflow's default of 500 s.
+    os.environ.setdefault("MLFLOW_DATABRICKS_ENDPOINT_HTTP_RETRY_TIMEOUT",
+                          str(config.tracking.server_timeout_s))  # fmt: skip
+    try:
+        preflight(config, selected)
+    except PreflightError as refused:
+        sys.exit(_reject(str(refused), tag=refused.tracking_reachable))
     exit_process(
         run_step(
             "main",

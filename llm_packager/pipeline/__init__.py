@@ -1,8 +1,9 @@
 """Driving the pipeline: which step runs happen, which are reused, and each step run's life cycle.
 
 Owns: planning and running the steps for `main` (`driver`), the reuse key and the outputs a step
-announces (`reuse`), a step run's life cycle and command line (`step_run`), and the memory
-check before a step is launched (`memory_budget`). What each step plans and loads is declared
+announces (`reuse`), a step run's life cycle and command line (`step_run`), the memory
+check before a step is launched (`memory_budget`), and the checks before any step run is created
+(`preflight`: tracking server, credentials, registry target). What each step plans and loads is declared
 with the step (``llm_packager.config.specs``); the driver asks, and never branches on a name.
 
 Public names:
@@ -14,6 +15,7 @@ Public names:
 - step_run: EXIT_SERVER_UNREACHABLE, log_artifact_uri, peak_memory_mib, exit_process,
   local_log_folder, run_step, run_command_line, fail_orphaned_runs
 - memory_budget: NotEnoughMemoryError, step_memory, available_memory_mib, check_memory
+- preflight: PreflightError, preflight, check_tracking, check_registry
 
 The top layer: it may import every other subpackage; nothing imports it but the steps.
 """
