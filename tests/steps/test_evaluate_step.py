@@ -98,7 +98,7 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
     assert "<h1>Model comparison: transformers, onnx</h1>" in report
     assert "<h2>Against the reference</h2>" in report
     assert RANDOM_WEIGHTS_WARNING in report
-    assert report.count("data:image/png;base64,") == 4
+    assert report.count("data:image/png;base64,") == 5  # four charts and the KL histogram
     assert f"Recommended model: <b>{fastest}</b>" in report
 
 
