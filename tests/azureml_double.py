@@ -8,9 +8,9 @@ What it enforces, each with its source:
   HTML body, as Azure ML's server answers MLflow 3's LoggedModel calls
   (Azure/azure-sdk-for-python#44896). MLflow's client raises that as ``ENDPOINT_NOT_FOUND``.
 - **No registered model aliases.** azureml-mlflow 1.62.0.post6 (the version
-  ``requirements-azureml.txt`` pins) implements no alias call of its own: its registry store
-  ``azureml/mlflow/_store/model_registry/model_registry.py`` (``AzureMLflowModelRegistry``)
-  subclasses MLflow's REST store and overrides only ``create_model_version``, so
+  ``requirements-azureml.txt`` pins) implements no alias call of its own: its registry store,
+  the class ``AzureMLflowModelRegistry`` in its ``_store.model_registry`` package, subclasses
+  MLflow's REST store and overrides only ``create_model_version``, so
   ``set_registered_model_alias``, ``delete_registered_model_alias`` and
   ``get_model_version_by_alias`` go to the workspace as MLflow's plain REST calls
   (``/api/2.0/mlflow/registered-models/alias``). Microsoft's support matrix for managing models

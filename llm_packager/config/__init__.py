@@ -27,7 +27,7 @@ Public names:
   config_hash
 - remote_jobs: main_arguments, GENERATED
 - databricks_bundle: databricks_bundle
-- azureml_jobs: azureml_environment, azureml_job
+- azureml_jobs: azureml_environment, azureml_gpu_environment, azureml_job, azureml_documents
 
 Imports the root modules, `sources`, `models` and `evaluation`.
 """
