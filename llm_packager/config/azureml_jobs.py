@@ -131,12 +131,14 @@ def azureml_job(
     if own_server:
         inputs = {
             "tracking_uri": "https://your-mlflow-server.example.com",
+            "experiment_name": "llm-packager",
             "key_vault_url": "https://your-key-vault.vault.azure.net",
             "tracking_username_secret": "mlflow-tracking-username",
             "tracking_password_secret": "mlflow-tracking-password",
             **inputs,
         }
         launcher = ["python", "-m", LAUNCHER, "--tracking-uri", "${{inputs.tracking_uri}}",
+                    "--experiment-name", "${{inputs.experiment_name}}",
                     "--key-vault-url", "${{inputs.key_vault_url}}",
                     "--username-secret", "${{inputs.tracking_username_secret}}",
                     "--password-secret", "${{inputs.tracking_password_secret}}", "--"]  # fmt: skip

@@ -11,7 +11,8 @@ run id on the user's server and send it the workspace's token. The job's command
         --key-vault-url <vault> --username-secret <name> --password-secret <name> \\
         -- python -m steps.main ...
 
-and this module replaces the injected variables with ``MLFLOW_TRACKING_URI`` and either
+and this module replaces the injected variables with ``MLFLOW_TRACKING_URI`` (and
+``MLFLOW_EXPERIMENT_NAME`` from ``--experiment-name``) and either
 ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN`` read from
 Key Vault, then replaces itself with the command (``os.execvpe``). Key Vault is read as
 Microsoft's "Use authentication credential secrets in Azure Machine Learning jobs" shows:
@@ -35,8 +36,8 @@ from collections.abc import Callable, Mapping
 from llm_packager.errors import UserError
 
 # What Azure ML injects into every job; none of it belongs to the user's server.
-INJECTED_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_TOKEN",
-                      "MLFLOW_TRACKING_URI")  # fmt: skip
+INJECTED_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                      "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_URI")  # fmt: skip
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                         "MLFLOW_TRACKING_TOKEN")  # fmt: skip
 FETCHER_VARIABLE = "LLM_PACKAGER_SECRET_FETCHER"
@@ -76,12 +77,14 @@ def server_environment(
     fetch: SecretFetcher,
     tracking_uri: str,
     *,
+    experiment_name: str = "",
     username_secret: str = "",
     password_secret: str = "",
     token_secret: str = "",
 ) -> dict[str, str]:
-    """``environ`` without what Azure ML injected, logging to ``tracking_uri`` with the
-    credentials the named secrets hold: a token, or a user name and password.
+    """``environ`` without what Azure ML injected, logging to ``tracking_uri`` (in
+    ``experiment_name`` if given) with the credentials the named secrets hold: a token, or a user
+    name and password.
 
     Raises:
         LauncherError: neither a token secret nor both user name and password secrets given.
@@ -97,6 +100,8 @@ def server_environment(
         if key not in INJECTED_VARIABLES + CREDENTIAL_VARIABLES
     }
     environment["MLFLOW_TRACKING_URI"] = tracking_uri
+    if experiment_name:
+        environment["MLFLOW_EXPERIMENT_NAME"] = experiment_name
     if token_secret:
         environment["MLFLOW_TRACKING_TOKEN"] = fetch(token_secret)
     else:
@@ -111,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a command against your MLflow server from an Azure ML job.",
     )
     parser.add_argument("--tracking-uri", required=True, help="your MLflow server")
+    parser.add_argument("--experiment-name", default="", help="the experiment on your server")
     parser.add_argument("--key-vault-url", required=True,
                         help="https://<vault>.vault.azure.net")  # fmt: skip
     parser.add_argument("--username-secret", default="", help="secret holding the user name")
@@ -127,7 +133,8 @@ def main(argv: list[str], environ: Mapping[str, str]) -> tuple[list[str], dict[s
     options = _parser().parse_args(argv[:split])
     fetch = fetcher_for(options.key_vault_url, environ)
     environment = server_environment(
-        environ, fetch, options.tracking_uri, username_secret=options.username_secret,
+        environ, fetch, options.tracking_uri, experiment_name=options.experiment_name,
+        username_secret=options.username_secret,
         password_secret=options.password_secret, token_secret=options.token_secret,
     )  # fmt: skip
     return argv[split + 1 :], environment

@@ -57,7 +57,7 @@ def test_the_own_server_job_reads_its_credentials_from_key_vault_on_the_main_loc
     from azure.ai.ml import load_job
 
     job = load_job(PROJECT_DIR / AZUREML_OWN_SERVER_JOB)
-    secrets = {"tracking_uri", "key_vault_url", "tracking_username_secret",
+    secrets = {"tracking_uri", "experiment_name", "key_vault_url", "tracking_username_secret",
                "tracking_password_secret"}  # fmt: skip
     assert set(job.inputs) == secrets | {f.name for f in fields_of(MainParameters)}
     # Secret names only: no input can carry a password.
