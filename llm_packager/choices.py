@@ -97,6 +97,14 @@ class RecommendationPolicy(Enum):
     smallest_passed = "smallest_passed"
 
 
+class EvaluationEngine(Enum):
+    """Where evaluate answers its set: ``local``, one worker process per candidate on this
+    machine; ``spark``, partitioned across a Spark session's executors (docs/spark.md)."""
+
+    local = "local"
+    spark = "spark"
+
+
 def choice_names(enumeration: type[Enum]) -> str:
     """``a, b or c``: the values of an enumeration, for messages and help texts."""
     values = [member.value for member in enumeration]

@@ -34,6 +34,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from llm_packager.choices import EvaluationEngine
 from llm_packager.config.specs import EvaluateParameters, runtime_named
 from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
 from llm_packager.evaluation.metrics import format_gate
@@ -50,6 +51,13 @@ from llm_packager.evaluation.scoring import (
     judge,
     load_eval_set,
     resolve_eval_set,
+)
+from llm_packager.evaluation.spark_engine import (
+    LOCAL_ONLY_METRICS,
+    SPARK_NOTE,
+    answer_on_spark,
+    local_only_unmeasured,
+    spark_session,
 )
 from llm_packager.evaluation.teacher_forcing import KL_DIVERGENCES, TEACHER_FORCED_SKIPPED
 from llm_packager.keys import (
@@ -157,6 +165,20 @@ def _answer(name: str, uri: str, run_id: str, eval_set: Path, request: EvaluateP
         return json.loads(output.read_text())
 
 
+def _answer_on_spark(candidates: list[tuple[str, str, str, str]], examples: list[EvalExample],
+                     request: EvaluateParameters) -> dict[str, dict]:  # fmt: skip
+    # A gate on a figure Spark does not measure would judge a NaN: refused before any work.
+    if local_only := sorted({rule.metric for rule in request.gate} & set(LOCAL_ONLY_METRICS)):
+        raise InvalidParametersError(
+            f"evaluate.engine=spark does not measure {', '.join(local_only)} (local-only "
+            "figures); take them out of evaluate.gate or use evaluate.engine=local"
+        )
+    spark = spark_session(request.spark_master)
+    return {name: answer_on_spark(spark, uri, examples, max_tokens=request.max_tokens,
+                                  partitions=request.spark_partitions)
+            for name, _, uri, _ in candidates}  # fmt: skip
+
+
 def _log_dataset(examples: list[EvalExample], dataset: str, eval_set: Path) -> pd.DataFrame:
     frame = pd.DataFrame([vars(example) for example in examples])
     with warnings.catch_warnings():
@@ -189,15 +211,24 @@ def evaluate(request: EvaluateParameters, run_id: str) -> Evaluation:
     # in the folder for the others (llm_packager.evaluation.teacher_forcing).
     by_reference_first = sorted(candidates, key=lambda candidate: candidate[0] != request.reference)
     compared = request.reference in [name for name, *_ in candidates]
-    with tempfile.TemporaryDirectory(prefix="teacher-forced-") as teacher_forced:
-        folder = Path(teacher_forced) if compared else None
-        answered = {name: _answer(name, uri, run, eval_set, request, folder)
-                    for name, _, uri, run in by_reference_first}  # fmt: skip
+    on_spark = request.engine is EvaluationEngine.spark
+    if on_spark:
+        answered = _answer_on_spark(candidates, examples, request)
+    else:
+        with tempfile.TemporaryDirectory(prefix="teacher-forced-") as teacher_forced:
+            folder = Path(teacher_forced) if compared else None
+            answered = {name: _answer(name, uri, run, eval_set, request, folder)
+                        for name, _, uri, run in by_reference_first}  # fmt: skip
     results = {name: answered[name] for name, *_ in candidates}
     judgement = judge(results, examples, reference=request.reference, rules=request.gate,
                       policy=request.recommendation,
                       max_quality_drop=request.max_quality_drop)  # fmt: skip
     notes = []
+    if on_spark:
+        judgement.metrics.update(
+            {name: local_only_unmeasured(figures) for name, figures in judgement.metrics.items()}
+        )
+        notes.append(SPARK_NOTE)
     if random_weights:
         notes.append(RANDOM_WEIGHTS_WARNING)
     notes += [f"{name} was not compared teacher-forced: {result[TEACHER_FORCED_SKIPPED]}"
@@ -279,7 +310,7 @@ def _log_outputs(run_id: str, request: EvaluateParameters, evaluation: Evaluatio
     settings = {
         "evaluation set": request.dataset, "evaluation set sha256": evaluation.dataset_sha256,
         "prompts": example_count, "max_tokens": request.max_tokens, "decoding": "greedy",
-        "batch size": request.batch_size,
+        "batch size": request.batch_size, "engine": request.engine.value,
         "requests timed for time to first token": request.ttft_requests,
         "gate": format_gate(request.gate) or "(none)",
         "largest quality drop allowed below the reference": request.max_quality_drop,

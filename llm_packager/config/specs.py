@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from llm_packager.choices import (
     Device,
+    EvaluationEngine,
     ExecutionProvider,
     ModelSource,
     ModelStore,
@@ -234,6 +235,19 @@ class EvaluateParameters:
     recommendation: RecommendationPolicy = parameter(
         "how the candidate to ship is picked among those that passed",
         RecommendationPolicy.fastest_passed,
+    )
+    engine: EvaluationEngine = parameter(
+        "where the set is answered: local worker processes, or partitioned on Spark "
+        "(docs/spark.md)",
+        EvaluationEngine.local,
+    )
+    spark_master: str = parameter(
+        "engine=spark: the Spark master (empty: the active session's, as on Databricks, else "
+        "local[*])",
+        "",
+    )
+    spark_partitions: int = parameter(
+        "engine=spark: partitions the requests are split into (at least the executors' cores)", 2
     )
 
 

@@ -4,7 +4,8 @@ Owns: metric names, gate rules and verdicts (`metrics`), the evaluation set, sco
 and `judge` (`scoring`), one model answering the set in its own process (`worker`, run as
 ``python -m llm_packager.evaluation.worker``), the `evaluation.json` contract that `register` reads
 (`record`), the charts and HTML report (`report`), and each candidate's next-token
-distributions against the reference's over a fixed corpus (`teacher_forcing`).
+distributions against the reference's over a fixed corpus (`teacher_forcing`), and the set
+answered on Spark, with the chat types of a Spark DataFrame (`spark_engine`).
 
 Public names:
 - metrics: QUALITY_METRICS, AGREEMENT_METRICS, TEACHER_FORCED_METRICS, MODEL_METRICS,
@@ -21,6 +22,8 @@ Public names:
   Evaluation
 - report: RANDOM_WEIGHTS_WARNING, quality_chart, latency_chart, speed_chart, memory_chart,
   kl_divergence_chart, html_report, write_report
+- spark_engine: REQUEST_DDL, CHAT_COMPLETION_DDL, LOCAL_ONLY_METRICS, SPARK_NOTE,
+  SparkUnavailableError, spark_session, local_only_unmeasured, answer_on_spark
 
 Imports the root modules, `sources` and `models`.
 """
