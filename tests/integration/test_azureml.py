@@ -4,6 +4,7 @@ admits. The server is a real `mlflow server` behind a loopback proxy that answer
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 from packaging.requirements import Requirement
 
 from llm_packager.choices import LoggedModels, ModelStore
@@ -44,11 +47,13 @@ from llm_packager.models.registry import (
     set_alias,
     version_by_alias,
 )
+from llm_packager.pipeline.azureml_launcher import FETCHER_VARIABLE
 from llm_packager.pipeline.reuse import find_reusable_run
 from llm_packager.pipeline.step_run import fail_orphaned_runs
 from llm_packager.project import PROJECT_DIR
-from tests.azureml_double import RUNS_SEARCH_PATH, azureml_double, filters_on_status
+from tests.azureml_double import ALIAS_PATH, RUNS_SEARCH_PATH, azureml_double, filters_on_status
 from tests.loopback_proxy import LOGGED_MODELS_PREFIX, reverse_proxy
+from tests.pipeline.test_azureml_launcher import FAKE_FETCHER
 from tests.support import (
     TrackingServer,
     mlflow_run_main,
@@ -355,3 +360,127 @@ def test_with_registry_aliases_the_registry_alias_is_used(tracking_server, tmp_p
         assert client.get_model_version_by_alias(name, "champion").version == first
         assert alias_tag_key("champion") not in client.get_model_version(name, first).tags
         assert alias_model_uri(client, name, "champion") == f"models:/{name}/{first}"
+
+
+# ----- The jobs as Azure ML runs them, through the double -----
+
+
+def _job_command(path: Path, **inputs: str) -> str:
+    """The job's command with its inputs filled in, as Azure ML does before running it in a
+    shell: the job file's own defaults, then ``inputs``."""
+    document = yaml.safe_load(path.read_text())
+    values = {**document["inputs"], **inputs}
+    return re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: str(values[m.group(1)]),
+                  document["command"])  # fmt: skip
+
+
+def _run_job(command: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # The job's code is the project (code: ..), its working folder the project's root.
+    return subprocess.run(["bash", "-c", command], cwd=PROJECT_DIR,
+                          env=project_environment(**environment), capture_output=True,
+                          text=True, timeout=1200)  # fmt: skip
+
+
+def _nested_steps(client: MlflowClient, experiment_id: str, parent: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")
+
+
+@pytest.mark.slow
+def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_server):
+    experiment, name = f"azure-job-{uuid.uuid4().hex[:8]}", f"azure-job-{uuid.uuid4().hex[:8]}"
+    overrides = f"evaluate.limit=4 register.registered_model_name={name}"
+    command = _job_command(PROJECT_DIR / "azureml" / "job.yml", model="tiny-random-phi3",
+                           overrides=overrides)  # fmt: skip
+    with azureml_double(tracking_server.uri, token="generate") as workspace:
+        client = MlflowClient(tracking_uri=tracking_server.uri)
+        for warm in (False, True):
+            job = workspace.start_job(experiment)
+            completed = _run_job(command, job.environment())
+            job.end(completed.returncode)
+            assert completed.returncode == 0, completed.stderr[-4000:]
+            # main is the job's own run: the steps are nested under the handed-in run id.
+            main_run = client.get_run(job.run_id)
+            steps = _nested_steps(client, job.experiment_id, job.run_id)
+            reused = main_run.data.tags[STEPS_REUSED_TAG]
+            if warm:
+                assert reused == "fetch_model,log_transformers,log_onnx,evaluate,register"
+                assert steps == []
+            else:
+                assert reused == ""
+                entry_points = {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps}
+                assert entry_points == {"fetch_model", "log_transformers", "log_onnx",
+                                        "evaluate", "register"}  # fmt: skip
+                # Every step run ran in the job's experiment, and nothing ran outside the job.
+                outside = client.search_runs([job.experiment_id], "")
+                assert {run.info.run_id for run in outside} == {
+                    job.run_id,
+                    *(run.info.run_id for run in steps),
+                }
+        # Every request carried the workspace token (the double refuses any other with 401).
+        assert workspace.received and len(workspace.requests_with_token(workspace.token)) == len(
+            workspace.received
+        )
+        # No alias endpoint here: the champion is the version tagged for it, and it loads.
+        registry = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
+        with tracking_uri(workspace.uri):
+            os.environ["MLFLOW_TRACKING_TOKEN"] = workspace.token
+            try:
+                uri = alias_model_uri(registry, name, "champion")
+                answer = mlflow.pyfunc.load_model(uri).predict(
+                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+                )
+            finally:
+                del os.environ["MLFLOW_TRACKING_TOKEN"]
+        assert answer[0]["object"] == "chat.completion"
+        assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # register asked for the alias, was told the endpoint is missing, and tagged instead.
+    assert any(line.startswith(f"POST {ALIAS_PATH}") for line in workspace.seen)
+
+
+@pytest.mark.slow
+def test_the_own_server_job_sends_neither_the_injected_token_nor_the_injected_run(
+    tracking_server,
+):
+    secrets_user = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    received: list = []
+
+    def authenticated(request):
+        # The user's server: only the secret's credentials are let in.
+        header = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
+        if header != secrets_user["Authorization"]:
+            return 401, b'{"error_code": "UNAUTHENTICATED", "message": "who are you?"}'
+        return None
+
+    experiment = f"own-server-{uuid.uuid4().hex[:8]}"
+    with (
+        azureml_double(tracking_server.uri, token="generate") as workspace,
+        reverse_proxy(tracking_server.uri, answer=authenticated, received=received) as (uri, _),
+    ):
+        job = workspace.start_job("llm-packager")
+        before = len(workspace.received)
+        command = _job_command(
+            PROJECT_DIR / "azureml" / "job-own-server.yml", model="tiny-random-phi3",
+            tracking_uri=uri, experiment_name=experiment, steps="fetch_model",
+            key_vault_url="https://vault.example", tracking_username_secret="user",
+            tracking_password_secret="pass",
+        )  # fmt: skip
+        environment = {**job.environment(), FETCHER_VARIABLE: FAKE_FETCHER,
+                       "PYTHONPATH": str(PROJECT_DIR)}  # fmt: skip
+        completed = _run_job(command, environment)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert received, "the user's server was never asked"
+        # Every request to the user's server carried the secret's credentials, none the
+        # workspace's token, and none named the workspace's run.
+        assert all(authenticated(request) is None for request in received)
+        assert not any(job.workspace.token in str(request.headers) for request in received)
+        assert not any(job.run_id in request.path or job.run_id.encode() in (request.body or b"")
+                       for request in received)  # fmt: skip
+        # Nothing of the pipeline went to the workspace.
+        assert len(workspace.received) == before
+        client = MlflowClient(tracking_uri=tracking_server.uri)
+        # main started a run of its own there (no parent), not the workspace's.
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "")
+        (main_run,) = [run for run in runs if MLFLOW_PARENT_RUN_ID not in run.data.tags]
+        assert main_run.info.run_id != job.run_id
+        (fetch,) = _nested_steps(client, main_run.info.experiment_id, main_run.info.run_id)
+        assert fetch.info.status == "FINISHED"
