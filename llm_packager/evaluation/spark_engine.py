@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,8 +100,13 @@ def spark_session(master: str = ""):
             "Spark needs a Java runtime (17 or later) and none was found: no JAVA_HOME and no "
             "`java` on PATH"
         )
-    builder = SparkSession.builder.appName("llm-packager")
-    return builder.master(master or "local[*]").getOrCreate()
+    master = master or "local[*]"
+    builder = SparkSession.builder.appName("llm-packager").master(master)
+    if master.startswith("local"):
+        # Local Python workers run this interpreter (its packages), not whichever python3 is
+        # first on PATH; a cluster's executors have their own.
+        builder = builder.config("spark.pyspark.python", sys.executable)
+    return builder.getOrCreate()
 
 
 def local_only_unmeasured(metrics: dict[str, float]) -> dict[str, float]:
