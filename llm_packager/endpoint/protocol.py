@@ -24,7 +24,6 @@ ENDPOINT_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
 MAX_COMPLETION_TOKENS = "max_completion_tokens"
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _MAX_STOP_STRINGS = 4  # OpenAI: "Up to 4 sequences where the API will stop generating"
-_STATUS_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
 
 
 class OpenAIError(Exception):
@@ -44,7 +43,8 @@ class OpenAIError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": _STATUS_TYPES.get(self.status, "server_error"),
+                # OpenAI's two kinds: the client's request at fault, or the server.
+                "type": "invalid_request_error" if self.status < 500 else "server_error",
                 "param": self.param,
                 "code": self.code,
             }
