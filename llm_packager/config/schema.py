@@ -37,8 +37,10 @@ class TrackingConfig:
     # auto asks the server once whether it has MLflow 3's LoggedModel API (Azure ML's has not);
     # off logs models as run artifacts (llm_packager.model_store).
     logged_models: LoggedModels = LoggedModels.auto
-    # How long one MLflow call may wait for a tracking server that does not answer, retries
-    # included, before main and its steps give up and say so (llm_packager.errors).
+    # How long a tracking server that stopped answering may keep `mlflow run` waiting, counted
+    # from the first call that finds it gone, retries included, before main, its steps and the
+    # outer `mlflow run` give up and say so (llm_packager.errors; the outer process needs the
+    # README's exports).
     server_timeout_s: int = 300
 
 
