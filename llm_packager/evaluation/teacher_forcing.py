@@ -260,8 +260,11 @@ def logged_model_logits(local: Path, threads: int = 0) -> tuple[LogitsFunction, 
     builds = sorted(local.rglob("genai_config.json"))
     if builds:
         return onnx_logits(builds[0].parent, threads), builds[0].parent
-    # mlflow.transformers stores the weights in model/ and the tokenizer in components/tokenizer.
-    weights, tokenizer = local / "model", local / "components" / "tokenizer"
+    # mlflow.transformers stores the weights in model/ and the tokenizer in components/tokenizer,
+    # beside the MLmodel file (a run-artifact model lies a folder deeper than a LoggedModel).
+    root = min((path.parent for path in local.rglob("MLmodel")), default=local,
+               key=lambda folder: len(folder.parts))  # fmt: skip
+    weights, tokenizer = root / "model", root / "components" / "tokenizer"
     if (weights / "config.json").is_file() and tokenizer.is_dir():
         return torch_logits(weights), tokenizer
     raise TeacherForcingError(

@@ -173,6 +173,20 @@ def test_a_logged_model_without_weights_is_refused(tmp_path):
         logged_model_logits(tmp_path)
 
 
+def test_a_transformers_model_logged_as_run_artifacts_is_found_a_folder_deep(
+    tiny_model_dir, reference, tmp_path
+):
+    """mlflow.transformers keeps the weights in model/ and the tokenizer in components/tokenizer
+    beside MLmodel; a run-artifact model downloads one folder deeper than a LoggedModel."""
+    logged = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, logged / "model")
+    shutil.copytree(tiny_model_dir, logged / "components" / "tokenizer")
+    (logged / "MLmodel").write_text("flavors: {transformers: {}}\n")
+    logits, tokenizer = logged_model_logits(tmp_path)
+    assert tokenizer == logged / "components" / "tokenizer"
+    assert compare_with_reference(reference, logits, 4)[0].figures()[KLD_MEAN_METRIC] < 1e-6
+
+
 def test_the_reference_s_own_figures_come_from_the_file_it_leaves(reference, corpus):
     assert json.loads((reference / TOKENS_FILE).read_text()) == corpus
     stored = np.load(reference / REFERENCE_LOG_PROBS_FILE)
