@@ -97,6 +97,11 @@ class DecodeLoop:
             for sequence in sequences:
                 sequence.cancelled = True
             self._in_flight -= 1
+            # A request that leaves while it waits frees its place in the queue at once.
+            self._waiting = deque(
+                (arrived, waiting) for arrived, waiting in self._waiting
+                if not all(sequence.cancelled for sequence in waiting)
+            )  # fmt: skip
 
     def _wait_before_admitting(self) -> float | None:
         """Seconds until waiting requests should start (None: none wait; 0: now).

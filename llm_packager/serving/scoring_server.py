@@ -6,16 +6,21 @@ MLflow 3.17's scoring server (``mlflow/pyfunc/scoring_server/__init__.py``) runs
 with ``min(32, cores + 4)`` threads: 6 on 2 cores. Requests past that wait in the executor's
 queue, never reach the model, and end in the server's 504 (its ``timeout_middleware``, after
 ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` seconds), so a batch of 8 never filled and the model's
-own queue limit (HTTP 503) could not be reached. uvicorn imports the app, and so loads the
-model, inside its running event loop (``uvicorn.Server._serve`` calls ``config.load()``), so
-``load_context`` can give that loop a larger default executor before the first request.
+own queue limit (HTTP 503) could not be reached. The model gives that loop a larger default
+executor: at once where it loads inside the running loop (uvicorn with several workers imports
+the app in ``Server._serve``), otherwise (one worker: uvicorn 0.54's ``main.run`` imports the app
+before it creates the loop) from a thread that waits for the server's loop to run, and sets it
+there with ``call_soon_threadsafe``, before the server's start-up ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 _logger = logging.getLogger(__name__)
@@ -38,17 +43,35 @@ def server_timeout() -> float | None:
 
 
 def grow_server_threads(requests: int) -> int | None:
-    """Give the event loop running in this thread (uvicorn's, while it loads the model) a
-    default executor of ``requests + SPARE_THREADS`` threads, where asyncio's default would have
-    fewer. Returns the threads given, or None outside a running loop (the model loaded by
-    ``mlflow.pyfunc.load_model`` in a script, a batch job): nothing is changed there."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    """Give the scoring server's event loop a default executor of ``requests + SPARE_THREADS``
+    threads, where asyncio's default would have fewer. Returns the threads it will have, or None
+    where this process is no scoring server (the model loaded by ``mlflow.pyfunc.load_model`` in
+    a script or a batch job): nothing is changed there."""
     threads = requests + SPARE_THREADS
-    if threads <= min(32, (os.cpu_count() or 1) + 4):
+    if server_timeout() is None or threads <= min(32, (os.cpu_count() or 1) + 4):
         return None
+    try:
+        _give_threads(asyncio.get_running_loop(), threads)
+    except RuntimeError:  # loaded before the server's loop exists: wait for it
+        threading.Thread(target=_when_the_loop_runs, args=(threads,), daemon=True,
+                         name="scoring-threads").start()  # fmt: skip
+    return threads
+
+
+def _give_threads(loop: asyncio.AbstractEventLoop, threads: int) -> None:
     loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="scoring"))
     _logger.info("The scoring server runs predict on %d threads", threads)
-    return threads
+
+
+def _when_the_loop_runs(threads: int, seconds: float = 300) -> None:
+    """Find the event loop this process runs (asyncio names no other thread's running loop),
+    then set its executor from its own thread."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        loops = [obj for obj in gc.get_objects()
+                 if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running()]  # fmt: skip
+        if loops:
+            loops[0].call_soon_threadsafe(_give_threads, loops[0], threads)
+            return
+        time.sleep(0.05)
+    _logger.warning("No event loop ran within %d s; the scoring server keeps its threads", seconds)
