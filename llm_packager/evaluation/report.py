@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import statistics
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def memory_chart(metrics: dict[str, dict[str, float]], path: Path) -> Path:
         [index + width * (len(metrics) - 1) / 2 for index in range(len(measures))]
     )
     memory_axes.set_xticklabels([label for _, label in measures])
-    tallest = max(figures[key] for figures in metrics.values() for key, _ in measures)
+    # Spark's engine does not measure memory (NaN): its bars are empty, the axis still scales.
+    tallest = max((figures[key] for figures in metrics.values() for key, _ in measures
+                   if math.isfinite(figures[key])), default=1.0)  # fmt: skip
     memory_axes.set_ylim(0, tallest * 1.3)  # room for the legend above the bar labels
     memory_axes.set_ylabel("peak resident memory (MiB)")
     memory_axes.set_title("Peak memory of the serving process")

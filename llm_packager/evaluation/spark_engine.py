@@ -28,8 +28,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from llm_packager.errors import UserError
 from llm_packager.evaluation.scoring import EvalExample
@@ -104,8 +107,9 @@ def spark_session(master: str = ""):
     builder = SparkSession.builder.appName("llm-packager").master(master)
     if master.startswith("local"):
         # Local Python workers run this interpreter (its packages), not whichever python3 is
-        # first on PATH; a cluster's executors have their own.
-        builder = builder.config("spark.pyspark.python", sys.executable)
+        # first on PATH: pyspark hands each UDF the driver's PYSPARK_PYTHON, read when the
+        # SparkContext starts (a cluster's executors have their own).
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 
@@ -119,10 +123,11 @@ def _answer_udf(archive_name: str):
     a function so that Spark pickles it by value (the executors need not have this project)."""
     from pyspark.sql.functions import pandas_udf
 
+    # The hints make it an iterator UDF (pyspark reads them): one DataFrame per Arrow batch in,
+    # one out, and the model loaded before the first.
     @pandas_udf(CHAT_COMPLETION_DDL)
-    def answer(requests):  # an iterator of pandas DataFrames: one per Arrow batch
+    def answer(requests: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import mlflow
-        import pandas as pd
         from pyspark import SparkFiles
 
         # Loaded once per Python worker, not per batch.
@@ -167,9 +172,12 @@ def answer_on_spark(
         max(partitions, 1)
     )
     with tempfile.TemporaryDirectory(prefix="spark-model-") as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
+        download = Path(scratch) / "download"
+        download.mkdir()
+        # The model's folder: `download` itself (models:/ URIs) or a folder in it (runs:/).
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(download)))
         # addFile ships the folder to every executor (a cluster's workers cannot read the
-        # driver's disk); a unique name keeps two candidates' folders apart.
+        # driver's disk) under its own name: a unique one keeps two candidates' folders apart.
         shipped = Path(scratch) / f"model-{time.time_ns()}"
         local.rename(shipped)
         spark.sparkContext.addFile(str(shipped), recursive=True)
