@@ -66,7 +66,7 @@ def _local(model_uri: str, examples: list, max_tokens: int, batch_size: int) -> 
             "tokens_per_s": tokens / answering}  # fmt: skip
 
 
-def _spark(model_uri: str, examples: list, max_tokens: int, cores: int) -> dict:
+def _spark(model_uri: str, examples: list, max_tokens: int, batch_size: int, cores: int) -> dict:
     from llm_packager.evaluation.spark_engine import answer_on_spark, spark_session
 
     started = time.perf_counter()
@@ -74,13 +74,14 @@ def _spark(model_uri: str, examples: list, max_tokens: int, cores: int) -> dict:
     session_start = time.perf_counter() - started
     try:
         started = time.perf_counter()
-        answer_on_spark(spark, model_uri, examples[:1], max_tokens=max_tokens, partitions=cores)
+        answer_on_spark(spark, model_uri, examples[:1], max_tokens=max_tokens, partitions=cores,
+                        batch_size=batch_size)  # fmt: skip
         first_job = time.perf_counter() - started
         # A second job loads the model again in every Python worker (a new addFile name), as an
         # evaluation of one candidate does: the figure is the whole job, load included.
         started = time.perf_counter()
         result = answer_on_spark(spark, model_uri, examples, max_tokens=max_tokens,
-                                 partitions=cores)  # fmt: skip
+                                 partitions=cores, batch_size=batch_size)  # fmt: skip
         total = time.perf_counter() - started
     finally:
         spark.stop()
@@ -98,7 +99,7 @@ def measure(model_uri: str, prompts: int, max_tokens: int, batch_size: int,
                "machine": machine_description(),
                "local": _local(model_uri, examples, max_tokens, batch_size)}  # fmt: skip
     for count in cores:
-        figures[f"local[{count}]"] = _spark(model_uri, examples, max_tokens, count)
+        figures[f"local[{count}]"] = _spark(model_uri, examples, max_tokens, batch_size, count)
     return figures
 
 

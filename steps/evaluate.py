@@ -175,7 +175,8 @@ def _answer_on_spark(candidates: list[tuple[str, str, str, str]], examples: list
         )
     spark = spark_session(request.spark_master)
     return {name: answer_on_spark(spark, uri, examples, max_tokens=request.max_tokens,
-                                  partitions=request.spark_partitions)
+                                  partitions=request.spark_partitions,
+                                  batch_size=request.batch_size)
             for name, _, uri, _ in candidates}  # fmt: skip
 
 

@@ -118,7 +118,7 @@ def local_only_unmeasured(metrics: dict[str, float]) -> dict[str, float]:
     return {**metrics, **dict.fromkeys(LOCAL_ONLY_METRICS, math.nan)}
 
 
-def _answer_udf(archive_name: str):
+def _answer_udf(archive_name: str, batch_size: int):
     """A pandas UDF answering chat requests with the model shipped as ``archive_name``: defined in
     a function so that Spark pickles it by value (the executors need not have this project)."""
     from pyspark.sql.functions import pandas_udf
@@ -138,7 +138,14 @@ def _answer_udf(archive_name: str):
                  "max_tokens": int(row.max_tokens)}
                 for row in batch.itertuples(index=False)
             ]  # fmt: skip
-            completions = model.predict(chat_requests)
+            # At most batch_size requests a predict call, as the local engine does: an Arrow
+            # batch holds up to 10,000 rows, and the ONNX model refuses more than
+            # max_batch_size + max_queued_requests at once (llm_packager/serving/decode_loop.py).
+            completions = [
+                completion
+                for start in range(0, len(chat_requests), batch_size)
+                for completion in model.predict(chat_requests[start : start + batch_size])
+            ]
             # Only the fields of the result type: a transformers completion carries more.
             yield pd.DataFrame([
                 {**completion, "choices": [
@@ -154,11 +161,18 @@ def _answer_udf(archive_name: str):
 
 
 def answer_on_spark(
-    spark, model_uri: str, examples: list[EvalExample], *, max_tokens: int, partitions: int
+    spark,
+    model_uri: str,
+    examples: list[EvalExample],
+    *,
+    max_tokens: int,
+    partitions: int,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Answer ``examples`` greedily with the model at ``model_uri``, the requests split into
-    ``partitions`` partitions; return the local worker's output shape (answers in the set's
-    order), with the local-only figures left unmeasured (None/NaN)."""
+    ``partitions`` partitions and handed to ``predict`` ``batch_size`` at a time; return the
+    local worker's output shape (answers in the set's order), with the local-only figures left
+    unmeasured (None/NaN)."""
     import mlflow
     from pyspark.sql.functions import struct
 
@@ -182,8 +196,9 @@ def answer_on_spark(
         local.rename(shipped)
         spark.sparkContext.addFile(str(shipped), recursive=True)
         started = time.perf_counter()
+        answer = _answer_udf(shipped.name, max(batch_size, 1))
         answered = requests.select(
-            "position", _answer_udf(shipped.name)(struct("messages", "max_tokens")).alias("answer")
+            "position", answer(struct("messages", "max_tokens")).alias("answer")
         ).collect()
         seconds = time.perf_counter() - started
         size = folder_bytes(shipped)
