@@ -184,12 +184,17 @@ def bound_tracking_retries(budget_seconds: int) -> dict[str, str]:
         if sleeps > share / 2 or (share - sleeps) // (more + 1) < _MIN_TIMEOUT_S:
             break
         retries = more
-    timeout = (share - backoff_seconds(retries)) // (retries + 1)
+    timeout = int(max(1, min(_MAX_TIMEOUT_S, (share - backoff_seconds(retries)) // (retries + 1))))
     return {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR),
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(_JITTER_S),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, min(_MAX_TIMEOUT_S, timeout)))),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        # A Databricks tracking URI goes through databricks-sdk, which retries a call until this
+        # deadline (MLflow's default: 500 s; mlflow/utils/rest_utils.py passes it as the SDK's
+        # retry_timeout_seconds), each attempt waiting up to the timeout above: the last attempt
+        # may start just before the deadline.
+        "MLFLOW_DATABRICKS_ENDPOINT_HTTP_RETRY_TIMEOUT": str(max(1, share - timeout)),
     }
 
 
