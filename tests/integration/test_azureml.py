@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -374,9 +375,26 @@ def _job_command(path: Path, **inputs: str) -> str:
                   document["command"])  # fmt: skip
 
 
-def _run_job(command: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # The job's code is the project (code: ..), its working folder the project's root.
-    return subprocess.run(["bash", "-c", command], cwd=PROJECT_DIR,
+def _job_snapshot(folder: Path) -> Path:
+    """What ``az ml job create`` uploads as the job's code (``code: ..``): the project's files
+    that git does not ignore, copied once, so a second job runs the very same code even while the
+    working tree changes (the reuse key holds the code version)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_DIR, capture_output=True,
+        text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    for name in listed:
+        if (PROJECT_DIR / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, folder / name)
+    return folder
+
+
+def _run_job(
+    command: str, environment: dict[str, str], code: Path = PROJECT_DIR
+) -> subprocess.CompletedProcess[str]:
+    # The job runs in its code folder (code: ..), the project's root.
+    return subprocess.run(["bash", "-c", command], cwd=code,
                           env=project_environment(**environment), capture_output=True,
                           text=True, timeout=1200)  # fmt: skip
 
@@ -386,26 +404,32 @@ def _nested_steps(client: MlflowClient, experiment_id: str, parent: str) -> list
 
 
 @pytest.mark.slow
-def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_server):
+def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_server, tmp_path):
     experiment, name = f"azure-job-{uuid.uuid4().hex[:8]}", f"azure-job-{uuid.uuid4().hex[:8]}"
     overrides = f"evaluate.limit=4 register.registered_model_name={name}"
     command = _job_command(PROJECT_DIR / "azureml" / "job.yml", model="tiny-random-phi3",
                            overrides=overrides)  # fmt: skip
+    code = _job_snapshot(tmp_path / "code")
     with azureml_double(tracking_server.uri, token="generate") as workspace:
         client = MlflowClient(tracking_uri=tracking_server.uri)
+        registered = 0
         for warm in (False, True):
             job = workspace.start_job(experiment)
-            completed = _run_job(command, job.environment())
+            completed = _run_job(command, job.environment(), code)
             job.end(completed.returncode)
             assert completed.returncode == 0, completed.stderr[-4000:]
             # main is the job's own run: the steps are nested under the handed-in run id.
             main_run = client.get_run(job.run_id)
             steps = _nested_steps(client, job.experiment_id, job.run_id)
             reused = main_run.data.tags[STEPS_REUSED_TAG]
+            versions = client.search_model_versions(f"name = '{name}'")
             if warm:
                 assert reused == "fetch_model,log_transformers,log_onnx,evaluate,register"
                 assert steps == []
+                # The rerun registered nothing new.
+                assert len(versions) == registered
             else:
+                registered = len(versions)
                 assert reused == ""
                 entry_points = {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps}
                 assert entry_points == {"fetch_model", "log_transformers", "log_onnx",
@@ -432,7 +456,10 @@ def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_serv
             finally:
                 del os.environ["MLFLOW_TRACKING_TOKEN"]
         assert answer[0]["object"] == "chat.completion"
-        assert len(client.search_model_versions(f"name = '{name}'")) == 1
+        # Each alias is on one version, the champion's and the challenger's apart.
+        holders = {alias: [v.version for v in versions if alias_tag_key(alias) in v.tags]
+                   for alias in ("champion", "challenger")}  # fmt: skip
+        assert len(holders["champion"]) == 1 and holders["champion"] != holders["challenger"]
     # register asked for the alias, was told the endpoint is missing, and tagged instead.
     assert any(line.startswith(f"POST {ALIAS_PATH}") for line in workspace.seen)
 
