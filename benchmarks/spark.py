@@ -13,10 +13,10 @@ What each figure is:
 - ``local``: `answer_eval_set` (the local engine's worker, in this process): load, then the set
   in batches of ``--batch-size``; the answering time excludes the load.
 - ``local[n]``: a new Spark session with ``n`` cores; `answer_on_spark` over ``n`` partitions,
-  timed end to end (model shipped with addFile, loaded once per Python worker, the set answered).
+  timed end to end (model shipped with addFile, loaded once per partition, the set answered).
 - ``session_start_s``: `spark_session` from nothing to a usable session (JVM start).
 - ``first_job_s``: a one-prompt job on a fresh session: the model load per Python worker plus
-  Spark's per-job cost; the rest of the set's time is answering.
+  Spark's per-job cost (one model load a partition, in parallel); the rest is answering.
 """
 
 from __future__ import annotations

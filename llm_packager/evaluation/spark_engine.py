@@ -3,7 +3,7 @@ DataFrame of requests and answers uses.
 
 The set becomes a DataFrame of requests (`REQUEST_DDL`: ``messages`` as
 ``array<struct<role,content>>`` and an int ``max_tokens``), split into partitions; each candidate
-answers it through a pandas UDF that loads the model once per Python worker with
+answers it through a pandas UDF that loads the model once per task (partition) with
 ``mlflow.pyfunc.load_model`` and hands ``predict`` the same request dicts the local worker does
 (`EvalExample.chat_request`), so greedy answers equal the local engine's. The result is shaped like
 the local worker's output (``llm_packager.evaluation.worker``), so `judge`, the report and
@@ -130,7 +130,7 @@ def _answer_udf(archive_name: str, batch_size: int):
         import mlflow
         from pyspark import SparkFiles
 
-        # Loaded once per Python worker, not per batch.
+        # Loaded once per task (one partition, many Arrow batches), not per batch.
         model = mlflow.pyfunc.load_model(SparkFiles.get(archive_name))
         for batch in requests:
             chat_requests = [
