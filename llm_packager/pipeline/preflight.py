@@ -122,7 +122,9 @@ def check_tracking() -> None:
 
 
 def _short(error: MlflowException) -> str:
-    return " ".join(error.message.split())[:200]
+    """The server's own words, without the client configuration databricks-sdk appends to them
+    (". Config: host=..., auth_type=..., Env: ...")."""
+    return " ".join(error.message.split(" Config: ")[0].split())[:200]
 
 
 def _uc_get(host_creds, path: str) -> None:
