@@ -129,7 +129,7 @@ class DecodeLoop:
         decoders never hold more than ``max_batch_size`` rows (Generators: two batches)."""
         held = sum(len(batch.sequences) for batch in self._batches)
         if self._rows is not None:
-            held = len(self._rows.sequences)
+            held = self._rows.held()
         admitted: list[Sequence] = []
         while self._waiting and held < self._max_held:
             arrived, sequences = self._waiting[0]
@@ -198,7 +198,7 @@ class DecodeLoop:
             except Exception:
                 # Read again one by one, so that a prompt that fails fails only its own sequence.
                 for sequence in admitted:
-                    if sequence not in rows.sequences and sequence.finished is None:
+                    if not rows.holds(sequence) and sequence.finished is None:
                         self._guarded(
                             [sequence], lambda one=sequence: rows.add([one], self._end_tokens)
                         )

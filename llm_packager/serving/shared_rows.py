@@ -19,6 +19,12 @@ _logger = logging.getLogger(__name__)
 CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+# A prompt longer than this is read this many tokens per step while answers are decoding, so a
+# running stream waits for a chunk between two tokens, not for the whole prompt
+# (``python -m benchmarks.prompt_gap`` measures the longest wait).
+PROMPT_CHUNK_TOKENS = 256
+
+
 def unsupported_search(search: dict[str, Any]) -> str | None:
     """What in a build's search section the shared rows do not do as onnxruntime-genai does, or
     None. They apply top_k and the repetition penalty; beams, a minimum length and banned
@@ -74,6 +80,9 @@ class SharedRows:
         self._lengths: list[int] = []
         self._last: list[int] = []
         self._cache: list[np.ndarray] = []  # past_key_values.<layer>.key, .value, ...
+        # Long prompts being read a chunk per step: [sequence, its own cache, tokens read].
+        self._reading: list[list] = []
+        self.prompt_chunk_tokens = PROMPT_CHUNK_TOKENS
         # A step binds the same rows as the step before unless a row came or went or the cache
         # was replaced, so its binding is kept: (cache generation, rows) and the binding.
         self._generation = 0
@@ -146,13 +155,31 @@ class SharedRows:
             raise ValueError(f"a step on the shared cache gives other logits (off by {gap:.3g})")
 
     def live(self) -> bool:
-        return bool(self.sequences)
+        return bool(self.sequences or self._reading)
+
+    def held(self) -> int:
+        """Sequences that hold or will hold a row: those decoding and those being read."""
+        return len(self.sequences) + len(self._reading)
+
+    def holds(self, sequence: Sequence) -> bool:
+        return sequence in self.sequences or any(entry[0] is sequence for entry in self._reading)
 
     def add(self, sequences: list[Sequence], end_tokens: set[int]) -> None:
         """Read the prompts into new rows, together, and take each one's first generated token.
+        A prompt longer than ``prompt_chunk_tokens`` is read a chunk per step instead (``step``),
+        so that the running answers keep flowing while it is read.
 
         A run that fails raises, holding no new row (the caller reads them again one by one); a
         sequence whose first token cannot be chosen or shown fails alone."""
+        heads, head_size = self._row_shape
+        for sequence in sequences:
+            if len(sequence.ids) > self.prompt_chunk_tokens:
+                cache = [np.zeros((1, heads, len(sequence.ids), head_size), self._cache_dtype)
+                         for _ in range(2 * self._layers)]  # fmt: skip
+                self._reading.append([sequence, cache, 0])
+        sequences = [s for s in sequences if len(s.ids) <= self.prompt_chunk_tokens]
+        if not sequences:
+            return
         lengths = [len(sequence.ids) for sequence in sequences]
         self._reserve(len(self.sequences) + len(sequences), max(
             length + sequence.options["max_tokens"]
@@ -165,30 +192,71 @@ class SharedRows:
         # Read into a cache just as long as the prompts, then copied into the rows: attention over
         # a prompt costs in proportion to its buffer's length, not the prompt's (on the benchmark
         # proxy a 14-token prompt took 20 ms with a 96-token buffer, 55 ms with a 2048-token one).
-        shape = (len(sequences), self._row_shape[0], ids.shape[1], self._row_shape[1])
+        shape = (len(sequences), heads, ids.shape[1], head_size)
         prompt_cache = [np.zeros(shape, self._cache_dtype) for _ in self._cache]
         logits = self._run(prompt_cache, ids, mask)
         for row, sequence in enumerate(sequences):
-            try:
-                seed = sequence.options["seed"]
-                # Seeded by the request's seed and the choice's index within its row, not by the
-                # row's place in its request or in the batch: a row's samples are its own.
-                choice = sequence.options.get("choice", sequence.index)
-                sequence.rng = np.random.default_rng(None if seed is None else [seed, choice])
-                sequence.stream = self._tokenizer.create_stream()
-                sequence.seen = np.zeros(self._vocab_size, dtype=bool)
-                sequence.seen[np.asarray(sequence.ids) % self._vocab_size] = True
-                token = self._choose(logits[row, lengths[row] - 1], sequence)
-            except Exception as error:  # this sequence alone; it never held a row
-                sequence.fail(row_failed(error))
-                continue
-            self._append_row(sequence, lengths[row], token, [part[row] for part in prompt_cache])
-            self._take(len(self.sequences) - 1, end_tokens)
+            self._start(sequence, logits[row, lengths[row] - 1], lengths[row],
+                        [part[row] for part in prompt_cache], end_tokens)  # fmt: skip
+        self._drop_finished()
+
+    def _start(self, sequence: Sequence, logits: np.ndarray, length: int,
+               prompt: list[np.ndarray], end_tokens: set[int]) -> None:  # fmt: skip
+        """A sequence whose prompt is read takes a row and its first token."""
+        try:
+            seed = sequence.options["seed"]
+            # Seeded by the request's seed and the choice's index within its row, not by the
+            # row's place in its request or in the batch: a row's samples are its own.
+            choice = sequence.options.get("choice", sequence.index)
+            sequence.rng = np.random.default_rng(None if seed is None else [seed, choice])
+            sequence.stream = self._tokenizer.create_stream()
+            sequence.seen = np.zeros(self._vocab_size, dtype=bool)
+            sequence.seen[np.asarray(sequence.ids) % self._vocab_size] = True
+            token = self._choose(logits, sequence)
+        except Exception as error:  # this sequence alone; it never held a row
+            sequence.fail(row_failed(error))
+            return
+        self._append_row(sequence, length, token, prompt)
+        self._take(len(self.sequences) - 1, end_tokens)
+
+    def _read_chunk(self, end_tokens: set[int]) -> None:
+        """Read the next chunk of the oldest prompt being read (all of it when no answer is
+        decoding: nobody waits); once it is read, it takes a row. GroupQueryAttention reads a
+        chunk after the cache of the chunks before it as it reads a whole prompt (the same
+        logits, checked on SmolLM2)."""
+        if not self._reading:
+            return
+        entry = self._reading[0]
+        sequence, cache, done = entry
+        total = len(sequence.ids)
+        if sequence.cancelled or sequence.finished is not None:
+            self._reading.pop(0)
+            return
+        end = min(total, done + self.prompt_chunk_tokens) if self.sequences else total
+        ids = np.asarray(sequence.ids[done:end], dtype=self._ids_dtype).reshape(1, -1)
+        try:
+            logits = self._run(cache, ids, np.ones((1, end), np.int64))
+        except Exception as error:  # its own run: it fails alone
+            self._reading.pop(0)
+            sequence.fail(row_failed(error))
+            return
+        entry[2] = end
+        if end < total:
+            return
+        self._reading.pop(0)
+        self._reserve(len(self.sequences) + 1, total + sequence.options["max_tokens"])
+        self._start(sequence, logits[0, -1], total, [part[0] for part in cache], end_tokens)
         self._drop_finished()
 
     def step(self, end_tokens: set[int]) -> None:
-        """Decode one token for every row. A run that fails is run again row by row, so that a
-        row that fails alone ends alone and the others take their tokens from their own runs."""
+        """Decode one token for every row, then read a chunk of a long prompt, if one waits."""
+        if self.sequences:
+            self._decode(end_tokens)
+        self._read_chunk(end_tokens)
+
+    def _decode(self, end_tokens: set[int]) -> None:
+        """One token for every row. A run that fails is run again row by row, so that a row
+        that fails alone ends alone and the others take their tokens from their own runs."""
         count = len(self.sequences)
         mask = np.zeros((count, max(self._lengths) + 1), dtype=np.int64)
         for row, length in enumerate(self._lengths):
@@ -220,6 +288,8 @@ class SharedRows:
         """Give up every row (the loop itself broke): the sequences it held, for the caller to
         fail."""
         held, self.sequences, self._lengths, self._last = self.sequences, [], [], []
+        held += [entry[0] for entry in self._reading]
+        self._reading = []
         self._replace_cache([])
         return held
 

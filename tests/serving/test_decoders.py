@@ -9,7 +9,7 @@ import json
 import pytest
 
 from llm_packager.serving.shared_rows import SharedRows, unsupported_search
-from tests.serving.serving_support import chat, genai_config_of, load
+from tests.serving.serving_support import chat, genai_config_of, load, streamed_text
 
 PROMPTS = [
     chat("What is the capital of Spain?", max_tokens=40),
@@ -92,3 +92,29 @@ def test_the_load_probe_compares_logits_not_only_shapes(served_fp32, monkeypatch
     assert SharedRows.open(folder, config, model._loop._tokenizer, 1) is None
     monkeypatch.setattr(SharedRows, "_run", run)
     assert SharedRows.open(folder, config, model._loop._tokenizer, 1) is not None
+
+
+def test_a_long_prompt_read_in_chunks_between_steps_gives_the_same_answers(served_fp32):
+    """A prompt longer than the chunk is read a chunk per step beside a running answer; both
+    answers equal those they get alone with the prompt read whole."""
+    model = load(served_fp32, batch_wait_ms=0)
+    rows = model._loop._rows
+    long_request = chat(" ".join(["the sea and its many moods"] * 12), max_tokens=20)
+    running_request = chat("Hi", max_tokens=120)
+    alone = [model.predict(None, r)[0]["choices"] for r in (long_request, running_request)]
+    assert len(model._prepare(long_request, {}, chat=True)[0]) > 64
+    rows.prompt_chunk_tokens = 16
+    reads, read_chunk = [], rows._read_chunk
+
+    def counting_read(end_tokens):
+        if rows._reading:
+            reads.append(len(rows.sequences))  # rows decoding while a chunk is read
+        read_chunk(end_tokens)
+
+    rows._read_chunk = counting_read
+    running = model.predict_stream(None, running_request)
+    started = [next(running), next(running)]
+    long_answer = model.predict(None, long_request)[0]["choices"]
+    assert long_answer == alone[0]
+    assert streamed_text([*started, *running])[0] == alone[1][0]["message"]["content"]
+    assert len(reads) > 3 and all(count == 1 for count in reads)  # chunks, between steps
