@@ -3,8 +3,8 @@
 Owns: the keys the served model reads (its ONNX artifact, its model_config), request validation
 and the errors a refused request gets, the sequence record (one answer being generated), the two
 decoders (onnxruntime-genai Generators, and our shared key/value rows on onnxruntime), the
-decode loop that owns them, and what the model does for MLflow's scoring server. The pyfunc class that uses them is
-``llm_packager/models/onnx_chat_model.py``.
+decode loop that owns them, and what the model does for MLflow's scoring server. The pyfunc class
+that uses them is ``llm_packager/models/onnx_chat_model.py``.
 
 This folder is logged beside that file as the top-level package ``llm_packager_serving`` (see
 ``llm_packager.models.served_code``), so it imports nothing from ``llm_packager``, only its own
@@ -19,7 +19,7 @@ Public names:
   RowFailedError, BusyError, present, number, request_rows, chat_messages, stop_strings, held_back
 - sequence: Sequence, ReleasingStream
 - generators: GeneratorBatch
-- shared_rows: CACHE_DTYPES, SharedRows, unsupported_search, row_failed
+- shared_rows: CACHE_DTYPES, PROMPT_CHUNK_TOKENS, SharedRows, unsupported_search, row_failed
 - scoring_server: REQUEST_TIMEOUT_VARIABLE, SPARE_THREADS, server_timeout, grow_server_threads
 - decode_loop: DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_BATCH_WAIT_MS,
   LONE_CLIENT_SECONDS, usable_cores, DecodeLoop
