@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from llm_packager.errors import is_server_unreachable
 from llm_packager.keys import FETCH_RUN_TAG, FETCHED_MODEL_DIR, LINEAGE_TAGS, MANIFEST_FILE_NAME
@@ -55,16 +56,22 @@ def cache_root() -> Path:
     return Path(os.environ.get(_CACHE_ENV, default)).expanduser()
 
 
-def _download(uri: str, destination: Path, what: str, run_id: str) -> Path:
+def _download(artifact_uri: str, path: str, destination: Path, what: str, run_id: str) -> Path:
+    # From the run's own artifact store, not through a runs:/ URI: MLflow's runs:/ repository
+    # turns every failure (a gone server's too) into "please ensure that the path is correct",
+    # which would send the user to rerun fetch_model for an outage.
     try:
-        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(destination)))
+        repository = get_artifact_repository(artifact_uri)
+        return Path(repository.download_artifacts(path, str(destination)))
     except (MlflowException, FileNotFoundError) as error:
         # Only a missing artifact is fixed by fetching again; a server that is gone, a full
         # disk or a permission error are told as what they are (llm_packager.errors).
         if is_server_unreachable(error):
             raise
+        # The artifact store lists each failed file on its own lines; the account stays one line.
+        reason = " ".join(str(error).split())
         raise ModelFilesError(
-            f"Upstream fetch_model run {run_id} has no usable {what} ({error}); "
+            f"Upstream fetch_model run {run_id} has no usable {what} ({reason}); "
             "rerun it with -P force=fetch_model"
         ) from error
 
@@ -78,12 +85,14 @@ def fetched_model(run_id: str) -> FetchedModel:
     """
     client = mlflow.MlflowClient()
     try:
-        tags = client.get_run(run_id).data.tags
+        run = client.get_run(run_id)
     except MlflowException as error:
+        if is_server_unreachable(error):
+            raise
         raise ModelFilesError(f"Upstream fetch_model run {run_id} not found: {error}") from error
     with tempfile.TemporaryDirectory(prefix="manifest-") as scratch:
         manifest_path = _download(
-            f"runs:/{run_id}/{MANIFEST_FILE_NAME}", Path(scratch), MANIFEST_FILE_NAME, run_id
+            run.info.artifact_uri, MANIFEST_FILE_NAME, Path(scratch), MANIFEST_FILE_NAME, run_id
         )
         manifest_bytes = manifest_path.read_bytes()
         manifest = read_manifest(manifest_path)
@@ -94,14 +103,14 @@ def fetched_model(run_id: str) -> FetchedModel:
         try:
             verify_manifest(cached, manifest)
             logger.info("Using verified cached copy %s", cached)
-            return FetchedModel(run_id, cached, manifest, tags)
+            return FetchedModel(run_id, cached, manifest, run.data.tags)
         except ModelFilesError as error:
             logger.warning("Cached copy %s is not intact (%s); downloading again", cached, error)
             shutil.rmtree(cached)
     staging = staging_folder(cached.parent)
     try:
         folder = _download(
-            f"runs:/{run_id}/{FETCHED_MODEL_DIR}", staging, FETCHED_MODEL_DIR, run_id
+            run.info.artifact_uri, FETCHED_MODEL_DIR, staging, FETCHED_MODEL_DIR, run_id
         )
         try:
             verify_manifest(folder, manifest)
@@ -120,4 +129,4 @@ def fetched_model(run_id: str) -> FetchedModel:
             verify_manifest(cached, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return FetchedModel(run_id, cached, manifest, tags)
+    return FetchedModel(run_id, cached, manifest, run.data.tags)
