@@ -7,16 +7,33 @@ the package index. They are slow: the whole pipeline on 135 M parameters takes m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from llm_packager.choices import ExecutionProvider, OnnxPrecision
-from llm_packager.evaluation.metrics import QUALITY_METRICS, apply_gate
+from llm_packager.evaluation.metrics import QUALITY_METRICS, TEACHER_FORCED_METRICS, apply_gate
 from llm_packager.evaluation.record import Evaluation
 from llm_packager.evaluation.scoring import load_eval_set, score_answer
-from llm_packager.keys import VERSION_CANDIDATE_TAG
+from llm_packager.evaluation.teacher_forcing import (
+    compare_with_reference,
+    corpus_texts,
+    onnx_logits,
+    tokenize_corpus,
+    torch_logits,
+    write_reference,
+)
+from llm_packager.keys import (
+    KL_DIVERGENCE_CHART,
+    KLD_MEAN_METRIC,
+    KLD_P99_METRIC,
+    PERPLEXITY_RATIO_METRIC,
+    REPORT_ARTIFACT,
+    TOP1_AGREEMENT_METRIC,
+    VERSION_CANDIDATE_TAG,
+)
 from llm_packager.models.onnx_build import build_onnx_model
 from llm_packager.models.parity import chat_token_ids, greedy_onnx, greedy_transformers
 from llm_packager.project import PROJECT_DIR
@@ -31,12 +48,19 @@ NAME = "smollm2-test-chat"
 SMOLLM2 = ("model=smollm2-135m-instruct",)
 
 
-def test_fp32_onnx_gives_transformers_answers_on_the_evaluation_set(smollm2_hf, tmp_path):
-    onnx = build_onnx_model(
-        smollm2_hf, tmp_path / "fp32", precision=OnnxPrecision.fp32,
+@pytest.fixture(scope="module")
+def smollm2_fp32_onnx(smollm2_hf, tmp_path_factory) -> Path:
+    """SmolLM2 built as a float32 ONNX model, once for the module."""
+    folder = tmp_path_factory.mktemp("smollm2-fp32-onnx")
+    return build_onnx_model(
+        smollm2_hf, folder / "fp32", precision=OnnxPrecision.fp32,
         execution_provider=ExecutionProvider.cpu, extra_options={},
-        log_path=tmp_path / "builder.log",
+        log_path=folder / "builder.log",
     )  # fmt: skip
+
+
+def test_fp32_onnx_gives_transformers_answers_on_the_evaluation_set(smollm2_hf, smollm2_fp32_onnx):
+    onnx = smollm2_fp32_onnx
     examples = load_eval_set(EVAL_SET)
     chats = [tuple(example.chat_request(24)["messages"]) for example in examples]
     prompts = chat_token_ids(smollm2_hf, chats)
@@ -141,3 +165,53 @@ def test_each_variant_is_judged_by_its_quality_drop_from_the_reference(
         if candidate.name == "onnx":
             assert not strict.passed
             assert any("(at most 0 allowed)" in reason for reason in strict.reasons)
+
+
+def test_every_candidate_s_teacher_forced_figures_are_in_evaluation_json_and_the_report(
+    smollm2_pipeline, tracking_server, tmp_path
+):
+    """`-P model=smollm2-135m-instruct` compares every candidate teacher-forced with the float32
+    transformers reference: int8 stays close, the int4 re-quantization of the GGUF's already
+    quantized (Q4_1) weights moves the distribution far more."""
+    client = MlflowClient(tracking_uri=tracking_server.uri)
+    evaluation = _evaluation(client)
+    for candidate in evaluation.candidates:
+        assert set(TEACHER_FORCED_METRICS) <= set(candidate.metrics), candidate.name
+    reference = evaluation.candidate("transformers").metrics
+    int8, int4 = evaluation.candidate("onnx-int8").metrics, evaluation.candidate("onnx").metrics
+    assert reference[KLD_MEAN_METRIC] == 0.0 and reference[TOP1_AGREEMENT_METRIC] == 1.0
+    assert 0 < int8[KLD_MEAN_METRIC] < int4[KLD_MEAN_METRIC]
+    assert int8[KLD_P99_METRIC] < int4[KLD_P99_METRIC]
+    assert int8[TOP1_AGREEMENT_METRIC] > int4[TOP1_AGREEMENT_METRIC]
+    assert 1 < int8[PERPLEXITY_RATIO_METRIC] < int4[PERPLEXITY_RATIO_METRIC]
+    with tracking_uri(tracking_server.uri):
+        run_id = runs_of(client, EXPERIMENT, "evaluate")[0].info.run_id
+        folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/",
+                                                          dst_path=str(tmp_path)))  # fmt: skip
+    report = (folder / REPORT_ARTIFACT).read_text()
+    for candidate in evaluation.candidates:
+        kld = candidate.metrics[KLD_MEAN_METRIC]
+        assert f"<tr><td>{candidate.name}</td><td>{kld:.4g}</td>" in report
+    assert (folder / "charts" / KL_DIVERGENCE_CHART).is_file()
+
+
+def test_fp32_onnx_is_teacher_forced_nearest_the_reference_then_int8_then_int4(
+    smollm2_pipeline, tracking_server, smollm2_hf, smollm2_fp32_onnx, tmp_path
+):
+    """The order fp32 ONNX (below 1e-3) < int8 < re-quantized int4, on the corpus the pipeline
+    used (the same tokenizer cuts the same text); and the fp32 model compared with itself, at
+    batch 1 against its own batch-4 reference, gives KL below 1e-6 and top-1 agreement 1."""
+    chunks = tokenize_corpus(smollm2_hf, corpus_texts(EVAL_SET))
+    for folder in ("torch", "self"):
+        (tmp_path / folder).mkdir()
+    write_reference(tmp_path / "torch", torch_logits(smollm2_hf), chunks, batch_size=4)
+    onnx = onnx_logits(smollm2_fp32_onnx)
+    fp32 = compare_with_reference(tmp_path / "torch", onnx, 1)[0].figures()
+    write_reference(tmp_path / "self", onnx, chunks, batch_size=4)
+    itself = compare_with_reference(tmp_path / "self", onnx, 1)[0].figures()
+    evaluation = _evaluation(MlflowClient(tracking_uri=tracking_server.uri))
+    int8, int4 = evaluation.candidate("onnx-int8").metrics, evaluation.candidate("onnx").metrics
+    assert fp32[KLD_MEAN_METRIC] < 1e-3
+    assert fp32[KLD_MEAN_METRIC] < int8[KLD_MEAN_METRIC] < int4[KLD_MEAN_METRIC]
+    assert itself[KLD_MEAN_METRIC] < 1e-6 and itself[KLD_P99_METRIC] < 1e-6
+    assert itself[TOP1_AGREEMENT_METRIC] == 1.0
