@@ -105,17 +105,34 @@ def existing_version(versions: list, model_uri: str, run_id: str):
     return min(matches, key=lambda version: int(version.version), default=None)
 
 
+# Answers that say the registry has no alias endpoint: MLflow raises a 404 without an MLflow error
+# body as ENDPOINT_NOT_FOUND; a server that routes the path but does not implement it answers 405
+# or 501. How Azure ML's registry refuses an alias call is not documented, so any of these counts.
+_NO_ALIAS_ENDPOINT_CODES = {"ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"}
+_NO_ALIAS_ENDPOINT_STATUSES = {404, 405, 501}
+# A registry that has aliases answers these for a missing model or alias, or a refused write.
+_ALIAS_ENDPOINT_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"}
+
+
 def aliases_unsupported(error: MlflowException) -> bool:
-    """Whether a failed alias call means the registry has no alias endpoint at all (``404`` with
-    no MLflow error body, which MLflow raises as ``ENDPOINT_NOT_FOUND``), rather than a missing
-    model or alias (``RESOURCE_DOES_NOT_EXIST``)."""
-    return error.error_code == "ENDPOINT_NOT_FOUND"
+    """Whether a failed alias call means the registry has no alias endpoint at all (a 404 without
+    an MLflow error body, a 405 or a 501), rather than a missing model or alias
+    (``RESOURCE_DOES_NOT_EXIST``) or a refused write (``PERMISSION_DENIED``)."""
+    if error.error_code in _ALIAS_ENDPOINT_ANSWERS:
+        return False
+    return (
+        error.error_code in _NO_ALIAS_ENDPOINT_CODES
+        or error.get_http_status_code() in _NO_ALIAS_ENDPOINT_STATUSES
+    )
 
 
 def _versions(client, name: str) -> list:
-    # By name only, tags read here: Azure ML's registry search is documented for names, not tags.
-    return list(all_pages(client.search_model_versions, MODEL_VERSIONS_PAGE_SIZE,
-                          filter_string=f"name = '{name}'"))  # fmt: skip
+    # Found by name only (Azure ML's registry search is documented for names, not tags), and each
+    # read whole: Unity Catalog's search leaves tags out, and nothing documents that Azure's
+    # keeps them. Only the alias fallback reads this, on registries without aliases.
+    found = all_pages(client.search_model_versions, MODEL_VERSIONS_PAGE_SIZE,
+                      filter_string=f"name = '{name}'")  # fmt: skip
+    return [client.get_model_version(name, version.version) for version in found]
 
 
 def set_alias(client, name: str, alias: str, version: str) -> bool:

@@ -128,3 +128,27 @@ def test_the_oldest_of_duplicate_versions_is_the_one_reused():
     by_id = [_version(7, source="s3://bucket/x", run_id="other",
                       model_id="m-0123456789abcdef0123456789abcdef")]  # fmt: skip
     assert existing_version(by_id, uri, "r").version == "7"
+
+
+@pytest.mark.parametrize(
+    ("error_code", "status", "unsupported"),
+    [
+        ("ENDPOINT_NOT_FOUND", 404, True),  # a 404 without an MLflow body (the Azure double's)
+        ("NOT_IMPLEMENTED", 501, True),
+        ("BAD_REQUEST", 405, True),  # the path is routed, the method is not
+        ("RESOURCE_DOES_NOT_EXIST", 404, False),  # the model or alias is missing: aliases exist
+        ("PERMISSION_DENIED", 403, False),  # a refused write is told as itself
+        ("INVALID_PARAMETER_VALUE", 400, False),
+    ],
+)
+def test_only_an_answer_without_an_alias_endpoint_turns_aliases_into_version_tags(
+    error_code, status, unsupported
+):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    from llm_packager.models.registry import aliases_unsupported
+
+    error = MlflowException("refused", error_code=ErrorCode.Value(error_code))
+    error.get_http_status_code = lambda: status  # as MLflow's REST client reports the answer
+    assert aliases_unsupported(error) is unsupported
