@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import mlflow
 import psutil
+from mlflow.exceptions import MlflowException
 
 from llm_packager.errors import UserError, is_server_unreachable, one_line
 from llm_packager.keys import (
@@ -214,6 +215,30 @@ def run_command_line(
     exit_process(run_step(entry_point, lambda run_id: work(parameters, run_id)))
 
 
+# A tracking URI of Azure ML's own server (azureml-mlflow's scheme), whose documentation says
+# run searches cannot filter on `attributes.status`.
+_AZUREML_SCHEME = "azureml:"
+
+
+def _runs_matching(client, experiment_id: str, filter_string: str) -> list | None:
+    """Every run of the experiment matching ``filter_string``; None where the server refuses a
+    filter on status (Azure ML: refused by its documentation, or answered 400)."""
+    if "attributes.status" in filter_string and str(client.tracking_uri).startswith(
+        _AZUREML_SCHEME
+    ):
+        return None
+    try:
+        return list(all_pages(client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
+                              filter_string=filter_string))  # fmt: skip
+    except MlflowException as error:
+        if "attributes.status" in filter_string and error.error_code in {
+            "INVALID_PARAMETER_VALUE",
+            "BAD_REQUEST",
+        }:
+            return None
+        raise
+
+
 def fail_orphaned_runs(client, experiment_id: str) -> list[str]:
     """Mark FAILED the runs of this machine left RUNNING by a process that is gone (killed, or cut
     off from the tracking server), so no run stays RUNNING for ever; return their ids.
@@ -223,13 +248,14 @@ def fail_orphaned_runs(client, experiment_id: str) -> list[str]:
     """
     host = socket.gethostname()
     # Listed in full before any is ended: a page token may count from the start of the results,
-    # which ending a run would shift. The status is compared here, in any casing, not in the
-    # filter: Azure ML's tracking server does not support `attributes.status` there.
-    of_host = all_pages(
-        client.search_runs, RUNS_PAGE_SIZE, experiment_ids=[experiment_id],
-        filter_string=f"tags.`{HOST_TAG}` = '{host}'",
-    )  # fmt: skip
-    running = [run for run in of_host if has_status(run, "RUNNING")]
+    # which ending a run would shift. The status is compared on the runs returned, in any casing.
+    of_host = f"tags.`{HOST_TAG}` = '{host}'"
+    running = _runs_matching(client, experiment_id, f"attributes.status = 'RUNNING' and {of_host}")
+    if running is None:
+        # Azure ML's tracking server does not support `attributes.status` in a filter: list the
+        # host's runs instead, which grows with the experiment's history, paged.
+        running = _runs_matching(client, experiment_id, of_host)
+    running = [run for run in running if has_status(run, "RUNNING")]
     orphaned = []
     for run in running:
         pid = int(run.data.tags.get(PID_TAG, "0"))
