@@ -39,8 +39,10 @@ NODE_TYPES = {"aws": "m5d.2xlarge", "azure": "Standard_D8ds_v5", "gcp": "n2-high
 # One NVIDIA GPU (A10G, T4, L4: 16-24 GB, Turing or newer as CUDA 13 needs) and 32 GiB or more.
 GPU_NODE_TYPES = {"aws": "g5.2xlarge", "azure": "Standard_NC8as_T4_v3", "gcp": "g2-standard-8"}
 CLOUDS = tuple(NODE_TYPES)
-# The CUDA choices of docs/deployment.md's GPU section.
-GPU_OVERRIDES = "onnx=build-cuda transformers=cuda"
+# The CUDA choices of docs/deployment.md's GPU section, with Microsoft's prebuilt CUDA build: the
+# model builder (onnx=build-cuda) peaks at 25.7 GiB of host memory for Phi-3-mini, too close to a
+# 32 GiB GPU node's total once the driver's JVM and the OS have their share.
+GPU_OVERRIDES = "onnx=prebuilt-cuda transformers=cuda"
 
 
 def databricks_bundle(cfg: DictConfig) -> dict[str, object]:
@@ -147,6 +149,9 @@ def _cluster(runtime: str, node_type: str) -> dict:
             "PIP_CACHE_DIR": f"{LOCAL_DISK}/pip",
             "LLM_PACKAGER_CACHE": f"{LOCAL_DISK}/models",
             "LLM_PACKAGER_VENVS": f"{LOCAL_DISK}/venvs",
+            # Model saves and downloads stage in the temporary folder: the local disk too, not
+            # the root volume.
+            "TMPDIR": f"{LOCAL_DISK}/tmp",
         },
     }
 
@@ -189,5 +194,6 @@ def _on_cloud(cloud: str) -> dict[str, dict]:
 
 
 def _config_summary(cfg: DictConfig, gpu: bool) -> str:
-    onnx = "build/cuda" if gpu else f"{cfg.onnx.source.value}/{cfg.onnx.execution_provider.value}"
+    source, provider = cfg.onnx.source.value, cfg.onnx.execution_provider.value
+    onnx = "prebuilt/cuda" if gpu else f"{source}/{provider}"
     return f"by default model={cfg.model.name}, onnx={onnx}, register to Unity Catalog"

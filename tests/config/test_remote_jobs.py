@@ -370,7 +370,7 @@ def test_the_gpu_targets_run_the_cuda_build_on_a_gpu_node_per_cloud():
             "--cuda",
         ]
         overrides = arguments[arguments.index("--overrides") + 1]
-        assert overrides.startswith("onnx=build-cuda transformers=cuda ")
+        assert overrides.startswith("onnx=prebuilt-cuda transformers=cuda ")
 
 
 def _run_step_module():
