@@ -97,6 +97,34 @@ def ensure_environment(locks: list[Path], cuda: bool, wheelhouse: str, root: Pat
     return python
 
 
+def workspace_credentials(environment: dict[str, str]) -> dict[str, str]:
+    """The workspace host and a token for MLflow in the task's own environment, read here, in the
+    runtime's Python, where databricks-sdk finds them from the runtime's own context.
+
+    MLflow inside a Databricks runtime takes its credentials from that context (dbutils and the
+    runtime's modules), which live in the runtime's environment, not in ours; without these two
+    variables, MLflow in our environment would have no way to reach the workspace. Nothing is
+    changed where the job already sets ``DATABRICKS_HOST``, or where the SDK finds nothing (the
+    error is then MLflow's own, at its first call). The token travels in the environment only,
+    never on a command line, a tag or a log line.
+    """
+    if environment.get("DATABRICKS_HOST"):
+        return {}
+    try:
+        from databricks.sdk.core import Config
+
+        config = Config()
+        authorization = config.authenticate().get("Authorization", "")
+    except Exception as error:  # the SDK absent or without credentials: MLflow will say so
+        print(f"run_step.py: no workspace credentials from databricks-sdk ({type(error).__name__})",
+              file=sys.stderr)  # fmt: skip
+        return {}
+    scheme, _, token = authorization.partition(" ")
+    if scheme != "Bearer" or not token or not config.host:
+        return {}
+    return {"DATABRICKS_HOST": config.host, "DATABRICKS_TOKEN": token}
+
+
 def main() -> None:
     options, rest = _arguments(sys.argv[1:])
     if options.lock:
@@ -106,6 +134,7 @@ def main() -> None:
             python = ensure_environment(locks, options.cuda, options.wheelhouse, root)
         except subprocess.CalledProcessError as error:
             sys.exit(f"run_step.py: making the task's environment failed: {error}")
+        os.environ.update(workspace_credentials(dict(os.environ)))
         # The same script, now in the environment, without the options that made it.
         os.execv(python, [str(python), str(Path(__file__).resolve()), *rest])
     entry_point = rest[0]

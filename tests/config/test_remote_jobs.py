@@ -433,3 +433,36 @@ def test_a_failed_install_leaves_no_environment_marked_whole_and_a_half_one_is_r
     (environment / "left-over").write_text("from the cut-short install")
     _run_in_environment(tmp_path, "no-such-package-anywhere==1.0\n")
     assert not (environment / "left-over").exists()
+
+
+class _RuntimeConfig:
+    """databricks-sdk's Config as a Databricks runtime gives it: the workspace host, and a bearer
+    header from the runtime's own context (databricks.sdk.core.Config.authenticate)."""
+
+    host = "https://adb-1234.5.azuredatabricks.net"
+
+    def authenticate(self) -> dict[str, str]:
+        return {"Authorization": "Bearer runtime-token"}
+
+
+def test_mlflow_in_the_tasks_environment_gets_the_runtimes_workspace_credentials(
+    monkeypatch, capsys
+):
+    import databricks.sdk.core
+
+    monkeypatch.setattr(databricks.sdk.core, "Config", _RuntimeConfig)
+    workspace_credentials = _run_step_module().workspace_credentials
+    assert workspace_credentials({}) == {
+        "DATABRICKS_HOST": _RuntimeConfig.host,
+        "DATABRICKS_TOKEN": "runtime-token",
+    }
+    # A job that sets its own host keeps it; a runtime without credentials changes nothing.
+    assert workspace_credentials({"DATABRICKS_HOST": "https://mine"}) == {}
+
+    class NoCredentials(_RuntimeConfig):
+        def authenticate(self) -> dict[str, str]:
+            raise ValueError("default auth: cannot configure default credentials")
+
+    monkeypatch.setattr(databricks.sdk.core, "Config", NoCredentials)
+    assert workspace_credentials({}) == {}
+    assert "runtime-token" not in capsys.readouterr().err
