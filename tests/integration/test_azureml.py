@@ -190,34 +190,53 @@ def _azure_venv() -> Path:
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_on_the_azure_ml_lock(tracking_server, tmp_path):
+def test_the_pipeline_runs_on_the_azure_ml_lock_through_the_azure_double(tracking_server, tmp_path):
+    # The combination Azure ML deploys: the Azure lock's MLflow with azureml-mlflow, the workspace
+    # job's own command, and a server that refuses what Azure's refuses (no LoggedModel API, no
+    # aliases, no status filters, no request without the workspace token, the job's run handed
+    # in).
     venv = _azure_venv()
-    experiment, name = "azure-lock", "azure-lock-chat"
+    experiment, name = f"azure-lock-{uuid.uuid4().hex[:8]}", f"azure-lock-{uuid.uuid4().hex[:8]}"
     version = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import mlflow; print(mlflow.__version__)"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert version == _lock_pins(AZURE_LOCK)["mlflow"]
-    with reverse_proxy(tracking_server.uri) as (uri, _):
-        environment = project_environment(MLFLOW_TRACKING_URI=uri,
-                                          MLFLOW_EXPERIMENT_NAME=experiment)  # fmt: skip
+    overrides = f"evaluate.limit=4 register.registered_model_name={name}"
+    command = _job_command(PROJECT_DIR / "azureml" / "job.yml", model="tiny-random-phi3",
+                           overrides=overrides)  # fmt: skip
+    code = _job_snapshot(tmp_path / "code")
+    with azureml_double(tracking_server.uri, token="generate") as workspace:
+        job = workspace.start_job(experiment)
+        environment = project_environment(**job.environment())
         # The Azure ML environment's interpreter and scripts first, as in the job.
         environment["PATH"] = f"{venv / 'bin'}{os.pathsep}{environment['PATH']}"
         environment.pop("VIRTUAL_ENV", None)
-        completed = subprocess.run(
-            [str(venv / "bin" / "python"), "-m", "mlflow", "run", str(PROJECT_DIR), "-e", "main",
-             "--env-manager", "local", "-P", STEPS[0],
-             "-P", f"{STEPS[1]} register.registered_model_name={name}"],
-            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=1200,
-        )  # fmt: skip
+        completed = subprocess.run(["bash", "-c", command], cwd=code, env=environment,
+                                   capture_output=True, text=True, timeout=1200)  # fmt: skip
+        job.end(completed.returncode)
         assert completed.returncode == 0, completed.stderr[-4000:]
-        client = MlflowClient(tracking_uri=uri)
-        _check_artifact_mode_pipeline(client, experiment, name)
+        client = MlflowClient(tracking_uri=tracking_server.uri)
+        assert client.get_run(job.run_id).data.tags[MODEL_STORE_TAG] == "run_artifacts"
+        steps = _nested_steps(client, job.experiment_id, job.run_id)
+        assert {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps} == {
+            "fetch_model", "log_transformers", "log_onnx", "evaluate", "register"}  # fmt: skip
+        for logged in (
+            r for r in steps if r.data.tags[MLFLOW_PROJECT_ENTRY_POINT].startswith("log_")
+        ):
+            assert logged.data.tags[MODEL_URI_TAG] == (
+                f"runs:/{logged.info.run_id}/{MODEL_ARTIFACT_PATH}"
+            )
+        assert len(workspace.requests_with_token(workspace.token)) == len(workspace.received)
+        # No alias endpoint: the champion is the version tagged for it; it loads on the Azure
+        # lock's MLflow and answers.
+        registry = MlflowClient(tracking_uri=tracking_server.uri, registry_uri=tracking_server.uri)
+        uri = alias_model_uri(registry, name, "champion")
         answered = subprocess.run(
             [str(venv / "bin" / "python"), "-c",
              "import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
              "print(json.dumps(m.predict({'messages': [{'role': 'user', 'content': 'hi'}], "
-             "'max_tokens': 3})))", f"models:/{name}@champion"],
+             "'max_tokens': 3})))", uri],
             env=environment, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert answered.returncode == 0, answered.stderr[-3000:]
