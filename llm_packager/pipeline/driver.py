@@ -44,7 +44,7 @@ from llm_packager.config.parameters import (
 )
 from llm_packager.config.planning import PlannedStep
 from llm_packager.config.specs import FETCH_MODEL, pipeline_steps, step_names, upstream_steps
-from llm_packager.errors import TrackingServerUnreachableError, UserError
+from llm_packager.errors import REQUESTS_IN_TURN, TrackingServerUnreachableError, UserError
 from llm_packager.keys import (
     CODE_VERSION_TAG,
     ERROR_TAG,
@@ -66,6 +66,7 @@ from llm_packager.pipeline.step_run import (
     fail_orphaned_runs,
     log_artifact_uri,
 )
+from llm_packager.pipeline.watchdog import wait_watching_server
 from llm_packager.project import PROJECT_DIR
 
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
@@ -183,6 +184,7 @@ def _launch(
     *,
     env_manager: str,
     experiment_id: str,
+    silent_limit_s: float,
 ) -> str:
     entry_point = planned.definition.entry_point
     # MLflow's local project backend (its plugin interface) starts the step's process and returns
@@ -208,11 +210,21 @@ def _launch(
     # As mlflow.projects.run tags it.
     client.set_tag(run_id, MLFLOW_PROJECT_BACKEND, "local")
     try:
-        exit_code = submitted.command_proc.wait()
+        exit_code = wait_watching_server(
+            submitted.command_proc, mlflow.get_tracking_uri(), silent_limit_s
+        )
     except KeyboardInterrupt:
         submitted.cancel()
         client.set_terminated(run_id, "KILLED")
         raise
+    if exit_code is None:
+        # No call to the server from here on: each would wait through MLflow's retries. The step
+        # run stays RUNNING, and the next main marks it FAILED (its process is gone).
+        raise TrackingServerUnreachableError(
+            f"The tracking server {mlflow.get_tracking_uri()} did not answer for "
+            f"{silent_limit_s:.0f} s while step '{planned.name}' (run {run_id}) was working, so "
+            "main stopped it. Start the server again; a rerun reuses every step that finished"
+        )
     if exit_code == EXIT_SERVER_UNREACHABLE:
         raise TrackingServerUnreachableError(
             f"Step '{planned.name}' (run {run_id}) lost the tracking server "
@@ -296,6 +308,10 @@ def run_pipeline(
             run_id = _launch(
                 client, planned, parameters, env_manager=env_manager,
                 experiment_id=experiment_id,
+                # The share of the budget a step's own call would wait (llm_packager.errors): a
+                # step that computes without calling the server is stopped as soon as its next
+                # call would have given up.
+                silent_limit_s=cfg.tracking.server_timeout_s / REQUESTS_IN_TURN,
             )  # fmt: skip
             client.set_tag(
                 run_id,
