@@ -106,3 +106,35 @@ def test_a_launch_without_a_command_is_refused_in_one_line():
     )  # fmt: skip
     assert completed.returncode == 2
     assert completed.stderr.strip() == "error: Give the command to run after --"
+
+
+def test_key_vault_is_read_with_the_jobs_managed_identity(monkeypatch):
+    import azure.identity
+    import azure.keyvault.secrets
+
+    from llm_packager.pipeline.azureml_launcher import key_vault_fetcher
+
+    made: dict[str, object] = {}
+
+    class ManagedIdentity:
+        def __init__(self, **options):
+            made["identity"] = options
+
+    class Vault:
+        # azure-keyvault-secrets' SecretClient: get_secret(name) -> KeyVaultSecret with .value
+        def __init__(self, vault_url, credential):
+            made["vault"], made["credential"] = vault_url, credential
+
+        def get_secret(self, name):
+            return type("KeyVaultSecret", (), {"value": f"value of {name}"})()
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", ManagedIdentity)
+    monkeypatch.setattr(azure.keyvault.secrets, "SecretClient", Vault)
+    monkeypatch.setenv("DEFAULT_IDENTITY_CLIENT_ID", "client-id-of-the-user-assigned-identity")
+    fetch = key_vault_fetcher("https://my-vault.vault.azure.net/")
+    assert fetch("mlflow-password") == "value of mlflow-password"
+    assert made["vault"] == "https://my-vault.vault.azure.net/"
+    assert isinstance(made["credential"], ManagedIdentity)
+    assert made["identity"] == {
+        "managed_identity_client_id": "client-id-of-the-user-assigned-identity"
+    }
