@@ -37,7 +37,7 @@ import pandas as pd
 from llm_packager.choices import EvaluationEngine
 from llm_packager.config.specs import EvaluateParameters, runtime_named
 from llm_packager.errors import InvalidParametersError, UserError, retry_after_insert_race
-from llm_packager.evaluation.metrics import format_gate
+from llm_packager.evaluation.metrics import TEACHER_FORCED_METRICS, format_gate
 from llm_packager.evaluation.record import (
     CandidateResult,
     Evaluation,
@@ -168,7 +168,8 @@ def _answer(name: str, uri: str, run_id: str, eval_set: Path, request: EvaluateP
 def _answer_on_spark(candidates: list[tuple[str, str, str, str]], examples: list[EvalExample],
                      request: EvaluateParameters) -> dict[str, dict]:  # fmt: skip
     # A gate on a figure Spark does not measure would judge a NaN: refused before any work.
-    if local_only := sorted({rule.metric for rule in request.gate} & set(LOCAL_ONLY_METRICS)):
+    not_measured = set(LOCAL_ONLY_METRICS) | set(TEACHER_FORCED_METRICS)
+    if local_only := sorted({rule.metric for rule in request.gate} & not_measured):
         raise InvalidParametersError(
             f"evaluate.engine=spark does not measure {', '.join(local_only)} (local-only "
             "figures); take them out of evaluate.gate or use evaluate.engine=local"

@@ -7,6 +7,7 @@ A gate is a list of rules, ``metric`` ``>=`` or ``<=`` a threshold. It is writte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import MISSING
@@ -81,9 +82,11 @@ class GateRule:
 
     def check(self, metrics: dict[str, float]) -> str | None:
         """None if the rule holds, else the reason it does not."""
-        if self.metric not in metrics:
+        value = metrics.get(self.metric)
+        # NaN compares False both ways, so it would pass every rule: a figure that came out NaN
+        # (a build whose logits overflowed, an engine that does not measure it) is not measured.
+        if value is None or not math.isfinite(value):
             return f"{self.metric} was not measured"
-        value = metrics[self.metric]
         if self.direction == GateDirection.higher and value < self.threshold:
             return f"{self.metric} {value:.4g} < {self.threshold:g}"
         if self.direction == GateDirection.lower and value > self.threshold:

@@ -107,7 +107,12 @@ def onnx_logits(onnx_folder: Path, threads: int = 0) -> LogitsFunction:
     inputs = {node.name: node.type for node in session.get_inputs()}
     ids_type = np.int32 if inputs["input_ids"] == "tensor(int32)" else np.int64
     cache = [name for name in inputs if name.startswith("past_key_values.")]
-    cache_type = np.float16 if "float16" in inputs[cache[0]] else np.float32
+    cache_types = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    if inputs[cache[0]] not in cache_types:  # bfloat16 has no numpy type to feed it with
+        raise TeacherForcingError(
+            f"the build's cache is {inputs[cache[0]]}; the comparison reads float16 and float32"
+        )
+    cache_type = cache_types[inputs[cache[0]]]
     heads, head_size = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
 
     def logits(rows: list[list[int]]) -> list[np.ndarray]:

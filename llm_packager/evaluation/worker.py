@@ -130,6 +130,11 @@ def teacher_forced(local_model: Path, folder: Path, *, reference: bool, eval_set
             comparison, _ = compare_with_reference(folder, logits, batch_size)
     except TeacherForcingError as error:
         return {TEACHER_FORCED_SKIPPED: str(error)}
+    except Exception as error:
+        # The candidate's answers are already measured; a comparison that cannot run on its
+        # graph (another input layout, a cache type, an execution provider) is a note naming the
+        # error, never the candidate's failure.
+        return {TEACHER_FORCED_SKIPPED: f"{type(error).__name__}: {error}"}
     return comparison.figures() | {KL_DIVERGENCES: comparison.kl_divergences.tolist()}
 
 

@@ -259,10 +259,16 @@ class OnnxChatModel(PythonModel):
         # Sampling exactly when asked for: a temperature or top_p in the request, or the model's
         # configured default. Otherwise greedy, where temperature would have no effect.
         sampling = "temperature" in merged or "top_p" in merged or self._default_sampling
+        if merged.get("temperature") == 0:
+            # OpenAI's way of asking for the greedy answer: greedy, whatever else is set (a
+            # top_p given with it is still checked below, but has no effect).
+            sampling = False
+            del merged["temperature"]
         temperature = merged.get("temperature", self._default_temperature)
         top_p = merged.get("top_p", self._default_top_p)
         if sampling:
             temperature = number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+        if sampling or "top_p" in merged:
             top_p = number("top_p", top_p, 0, 1, low_open=True)
         seed = merged.get("seed")
         if seed is not None:

@@ -121,6 +121,9 @@ def test_gate_parses_applies_and_explains():
     assert (rejected.status, rejected.reasons) == (
         "rejected", ("exact_match 0.1 < 0.5", "latency_p95_s 3 > 2")
     )  # fmt: skip
+    # NaN compares False both ways: a figure that came out NaN must not pass a rule.
+    nan = apply_gate(rules, {"exact_match": float("nan"), "latency_p95_s": float("nan")})
+    assert nan.reasons == ("exact_match was not measured", "latency_p95_s was not measured")
     with pytest.raises(GateError, match=r"^gate rule 'speed>=3': unknown metric 'speed'$"):
         parse_gate("speed>=3")
     with pytest.raises(GateError, match=r"^gate rule 'exact_match=1' is not metric>=number"):

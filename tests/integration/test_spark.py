@@ -186,3 +186,6 @@ def test_a_gate_on_a_figure_spark_does_not_measure_is_refused(spark, logged_mode
     _, runs = logged_models_tracking
     with pytest.raises(InvalidParametersError, match="does not measure ttft_s"):
         _evaluate(runs, EvaluationEngine.spark, "ttft_s<=1.0")
+    # The teacher-forced figures are the local engine's too.
+    with pytest.raises(InvalidParametersError, match="does not measure kld_mean"):
+        _evaluate(runs, EvaluationEngine.spark, "kld_mean<=0.05")

@@ -19,7 +19,6 @@ REFUSED = {
     "temperature inf": ({"temperature": math.inf}, "'temperature'"),
     "temperature -inf": ({"temperature": -math.inf}, "'temperature'"),
     "temperature denormal": ({"temperature": 1e-320}, "got 1e-320"),
-    "temperature 0": ({"temperature": 0.0}, "'temperature'"),
     "temperature 1000": ({"temperature": 1000.0}, "'temperature'"),
     "top_p NaN": ({"top_p": math.nan}, "'top_p' must be a number in (0, 1]"),
     "top_p 0": ({"top_p": 0.0}, "'top_p'"),
@@ -53,6 +52,16 @@ def test_out_of_range_options_are_refused_with_400(pyfunc_model, case):
     with pytest.raises(MlflowException) as raised:
         pyfunc_model.predict(chat("Hi", **options))
     assert raised.value.get_http_status_code() == 400
+
+
+def test_temperature_zero_asks_for_the_greedy_answer(pyfunc_model):
+    # OpenAI's clients send temperature=0 for "greedy"; it is no sampling temperature.
+    greedy = pyfunc_model.predict(chat("Hi", max_tokens=6))
+    zero = pyfunc_model.predict(chat("Hi", max_tokens=6, temperature=0.0))
+    assert zero[0]["choices"][0]["message"] == greedy[0]["choices"][0]["message"]
+    # A top_p beside it is still checked, though greedy answers do not use it.
+    with pytest.raises(MlflowException, match="'top_p'"):
+        pyfunc_model.unwrap_python_model().predict(None, chat("Hi", temperature=0.0, top_p=0.0))
 
 
 def test_the_edges_of_each_range_are_accepted(pyfunc_model):
