@@ -11,6 +11,11 @@ executor: at once where it loads inside the running loop (uvicorn with several w
 the app in ``Server._serve``), otherwise (one worker: uvicorn 0.54's ``main.run`` imports the app
 before it creates the loop) from a thread that waits for the server's loop to run, and sets it
 there with ``call_soon_threadsafe``, before the server's start-up ends.
+
+That second way rests on two things no interface promises: that uvicorn runs its loop on the
+main thread, and that MLflow runs ``predict`` on the loop's default executor
+(``asyncio.to_thread``). tests/serving/test_server_limits.py fails if either stops holding (no
+503 under load). A setting in MLflow's scoring server for its thread count would replace it.
 """
 
 from __future__ import annotations
@@ -59,19 +64,29 @@ def grow_server_threads(requests: int) -> int | None:
 
 
 def _give_threads(loop: asyncio.AbstractEventLoop, threads: int) -> None:
+    # A server that already gave its loop as many threads or more (the OpenAI endpoint's
+    # --threads) keeps its own pool.
+    current = getattr(loop, "_default_executor", None)
+    if current is not None and getattr(current, "_max_workers", 0) >= threads:
+        return
     loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="scoring"))
     _logger.info("The scoring server runs predict on %d threads", threads)
 
 
-def _when_the_loop_runs(threads: int, seconds: float = 300) -> None:
-    """Find the event loop this process runs (asyncio names no other thread's running loop),
-    then set its executor from its own thread."""
+def _when_the_loop_runs(threads: int, seconds: float = 60) -> None:
+    """Find the event loop the server runs on the main thread (asyncio names no other thread's
+    running loop), then set its executor from its own thread. Each look scans the heap, so the
+    looks slow down, and stop after ``seconds``."""
     deadline = time.monotonic() + seconds
+    pause = 0.05
     while time.monotonic() < deadline:
+        main = threading.main_thread().ident
         loops = [obj for obj in gc.get_objects()
-                 if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running()]  # fmt: skip
+                 if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running()
+                 and getattr(obj, "_thread_id", main) == main]  # fmt: skip
         if loops:
             loops[0].call_soon_threadsafe(_give_threads, loops[0], threads)
             return
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
     _logger.warning("No event loop ran within %d s; the scoring server keeps its threads", seconds)
