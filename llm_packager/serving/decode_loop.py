@@ -27,6 +27,10 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_QUEUED_REQUESTS = 64
 DEFAULT_BATCH_WAIT_MS = 20
 LONE_CLIENT_SECONDS = 1.0
+# An idle loop's thread ends after this long, and the next request starts a new one: a thread
+# that waited for ever would hold the loop, and so the loaded model, alive after its last user
+# dropped it (a batch job or Spark task that loads models one after another).
+IDLE_THREAD_SECONDS = 30.0
 
 
 def usable_cores() -> int:
@@ -166,7 +170,12 @@ class DecodeLoop:
             while True:
                 with self._changed:
                     while not self._busy() and (wait := self._wait_before_admitting()) != 0:
-                        self._changed.wait(wait)
+                        if wait is None and not self._changed.wait(IDLE_THREAD_SECONDS):
+                            if not self._busy() and not self._waiting:
+                                self._thread = None  # submit starts a new one
+                                return
+                        elif wait is not None:
+                            self._changed.wait(wait)
                     admitted = self._admit() if self._wait_before_admitting() == 0 else []
                 if self._rows is not None:
                     self._step_rows(admitted)
