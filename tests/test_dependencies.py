@@ -11,7 +11,7 @@ from llm_packager.project import PROJECT_DIR
 
 # What running the pipeline imports; the test tools are pinned in the dev lock only.
 RUNTIME = {"mlflow", "transformers", "torch", "onnxruntime-genai", "numpy", "pandas", "hydra-core"}
-TEST_TOOLS = {"pytest", "ruff", "azure-ai-ml", "databricks-bundles"}
+TEST_TOOLS = {"pytest", "pytest-xdist", "ruff", "azure-ai-ml", "databricks-bundles", "openai"}
 
 
 def _canonical(name: str) -> str:
