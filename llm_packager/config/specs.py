@@ -323,6 +323,13 @@ def _candidate_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory
                       transformers_dtype=transformers_dtype)  # fmt: skip
 
 
+def _evaluated_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory:
+    # As _candidate_models, but the reference's teacher-forced pass reloads the transformers
+    # weights in float32 (the exact reference on CPU) once its answers are done, whatever dtype
+    # they were served in: the larger of the two is what evaluate holds.
+    return _candidate_models(values, TorchDtype.float32)
+
+
 MAIN = StepDefinition("main", MainParameters, None)
 FETCH_MODEL = StepDefinition("fetch_model", FetchModelParameters, "model", plan=plan_fetch)
 TRANSFORMERS = RuntimeDefinition(
@@ -349,7 +356,7 @@ ONNX = RuntimeDefinition(
 # its log step, steps/log_<name>.py.
 RUNTIMES: tuple[RuntimeDefinition, ...] = (TRANSFORMERS, ONNX)
 EVALUATE = StepDefinition("evaluate", EvaluateParameters, "evaluate", plan=plan_evaluate,
-                          memory=_candidate_models)  # fmt: skip
+                          memory=_evaluated_models)  # fmt: skip
 REGISTER = StepDefinition("register", RegisterParameters, "register", memory=_candidate_models)
 
 
