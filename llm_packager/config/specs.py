@@ -325,9 +325,12 @@ def _candidate_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory
 
 def _evaluated_models(values: Any, transformers_dtype: TorchDtype) -> StepMemory:
     # As _candidate_models, but the reference's teacher-forced pass reloads the transformers
-    # weights in float32 (the exact reference on CPU) once its answers are done, whatever dtype
-    # they were served in: the larger of the two is what evaluate holds.
-    return _candidate_models(values, TorchDtype.float32)
+    # weights as stored once its answers are done: evaluate holds the larger of the served and
+    # the stored copy (float32 is never smaller than the stored; any other choice may be).
+    served_or_stored = (
+        TorchDtype.float32 if transformers_dtype == TorchDtype.float32 else (TorchDtype.auto)
+    )
+    return _candidate_models(values, served_or_stored)
 
 
 MAIN = StepDefinition("main", MainParameters, None)
