@@ -213,7 +213,13 @@ def check_registry(name: str, registry_uri: str) -> None:
         except MlflowException as error:
             if error.error_code not in _MISSING:
                 raise
-            client.create_registered_model(name)
+            try:
+                client.create_registered_model(name)
+            except MlflowException as created:
+                # Another main made it between the two calls (two pipelines at once): the
+                # write right is proven by that one, and the model is there.
+                if created.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
         else:
             # A write that changes nothing: the model's own description, set again.
             client.update_registered_model(name, description=model.description or "")

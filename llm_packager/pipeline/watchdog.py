@@ -32,6 +32,16 @@ def health_url(tracking_uri: str) -> str | None:
     return tracking_uri.rstrip("/") + "/health"
 
 
+def _credentials() -> dict:
+    # As MLflow's own calls carry them (MLFLOW_TRACKING_TOKEN, or username and password): a
+    # server that refuses anonymous requests, or counts them, sees the same client.
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"headers": {"Authorization": f"Bearer {token}"}}
+    username, password = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
+                          os.environ.get("MLFLOW_TRACKING_PASSWORD"))  # fmt: skip
+    return {"auth": (username, password)} if username and password else {}
+
+
 def server_answers(url: str, timeout_s: float) -> bool:
     """Whether the server answers at all: any answer below 500 counts (a 401 or 404 comes from a
     live server); a refused connection, a timeout or a 5xx (a proxy whose server is gone) does
@@ -39,7 +49,7 @@ def server_answers(url: str, timeout_s: float) -> bool:
     import requests
 
     try:
-        return requests.get(url, timeout=timeout_s).status_code < 500
+        return requests.get(url, timeout=timeout_s, **_credentials()).status_code < 500
     except requests.RequestException:
         return False
 
@@ -74,7 +84,9 @@ def wait_watching_server(
             if url is None:
                 continue
         asked = time.monotonic()
-        if server_answers(url, timeout_s=min(poll_s, silent_limit_s)):
+        # One question may wait the whole limit: a server busy with other requests (one worker
+        # taking uploads) answers late, and is not gone.
+        if server_answers(url, timeout_s=silent_limit_s):
             silent_since = None
             continue
         silent_since = asked if silent_since is None else silent_since

@@ -81,9 +81,12 @@ def _when_the_loop_runs(threads: int, seconds: float = 60) -> None:
     pause = 0.05
     while time.monotonic() < deadline:
         main = threading.main_thread().ident
-        loops = [obj for obj in gc.get_objects()
-                 if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running()
-                 and getattr(obj, "_thread_id", main) == main]  # fmt: skip
+        running = [obj for obj in gc.get_objects()
+                   if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running()]  # fmt: skip
+        # The main thread's loop (uvicorn's), else the only one running (a server run from a
+        # worker thread); never a guess between several.
+        loops = [loop for loop in running if getattr(loop, "_thread_id", None) == main]
+        loops = loops or (running if len(running) == 1 else [])
         if loops:
             loops[0].call_soon_threadsafe(_give_threads, loops[0], threads)
             return

@@ -66,7 +66,9 @@ def _check_evaluation(client: MlflowClient, run, models: set[str]) -> None:
     assert {EVALUATION_FILE, EVAL_TABLE_ARTIFACT, COMPARISON_CSV, COMPARISON_JSON,
             REPORT_ARTIFACT} <= artifacts  # fmt: skip
     charts = {info.path for info in client.list_artifacts(run.info.run_id, "charts")}
-    assert charts == {f"charts/{name}.png" for name in ("quality", "latency", "speed", "memory")}
+    assert charts == {
+        f"charts/{name}.png" for name in ("quality", "latency", "speed", "memory", "kl_divergence")
+    }
 
 
 def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_server, server):
