@@ -230,8 +230,12 @@ def test_the_pipeline_runs_on_the_azure_ml_lock_through_the_azure_double(trackin
         assert len(workspace.requests_with_token(workspace.token)) == len(workspace.received)
         # No alias endpoint: the champion is the version tagged for it; it loads on the Azure
         # lock's MLflow and answers.
-        registry = MlflowClient(tracking_uri=tracking_server.uri, registry_uri=tracking_server.uri)
-        uri = alias_model_uri(registry, name, "champion")
+        registry = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
+        os.environ["MLFLOW_TRACKING_TOKEN"] = workspace.token
+        try:
+            uri = alias_model_uri(registry, name, "champion")
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_TOKEN")
         answered = subprocess.run(
             [str(venv / "bin" / "python"), "-c",
              "import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
