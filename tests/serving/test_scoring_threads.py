@@ -40,3 +40,30 @@ def test_a_server_that_gave_its_loop_more_threads_keeps_them():
         return smaller, _pool_size(loop)
 
     assert asyncio.run(with_own_pool()) == (128, 50)
+
+
+class _WarnsWhenTouched:
+    """As torch's deprecated aliases (``torch.distributed.reduce_op``): reading ``__class__``
+    warns, which this project's warning filters turn into an error. CI's run met one on the heap."""
+
+    @property
+    def __class__(self):  # noqa: D401 - the property is the injected failure
+        import warnings
+
+        warnings.warn("touched", FutureWarning, stacklevel=2)
+        return _WarnsWhenTouched
+
+
+def test_the_heap_scan_survives_objects_that_warn_when_touched():
+    touchy = _WarnsWhenTouched()
+    threading.Thread(target=scoring_server._when_the_loop_runs, args=(50, 10), daemon=True).start()
+
+    async def serve_a_while() -> int | None:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if _pool_size(asyncio.get_running_loop()) == 50:
+                break
+        return _pool_size(asyncio.get_running_loop())
+
+    assert asyncio.run(serve_a_while()) == 50
+    del touchy
