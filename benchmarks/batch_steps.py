@@ -45,7 +45,7 @@ def _decoder(folder: Path, name: str):
     if name == "generators":
         model = og.Model(config)
     else:
-        rows = SharedRows.open(folder, genai_config, tokenizer, threads)
+        rows = SharedRows.open(folder, genai_config, tokenizer, threads, max(SEQUENCES))
         if rows is None:
             raise SystemExit(f"{folder}: the shared-rows decoder does not apply to this build")
 
