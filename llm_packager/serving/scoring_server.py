@@ -83,8 +83,9 @@ def _when_the_loop_runs(threads: int, seconds: float = 60) -> None:
         main = threading.main_thread().ident
         # type(), not isinstance(): isinstance may read an object's __class__, and some heap
         # objects (torch's deprecated aliases) warn or raise when touched.
+        loop_type = asyncio.AbstractEventLoop
         running = [obj for obj in gc.get_objects()
-                   if issubclass(type(obj), asyncio.AbstractEventLoop) and obj.is_running()]  # fmt: skip
+                   if issubclass(type(obj), loop_type) and obj.is_running()]  # fmt: skip
         # The main thread's loop (uvicorn's), else the only one running (a server run from a
         # worker thread); never a guess between several.
         loops = [loop for loop in running if getattr(loop, "_thread_id", None) == main]

@@ -47,7 +47,7 @@ class _WarnsWhenTouched:
     warns, which this project's warning filters turn into an error. CI's run met one on the heap."""
 
     @property
-    def __class__(self):  # noqa: D401 - the property is the injected failure
+    def __class__(self):
         import warnings
 
         warnings.warn("touched", FutureWarning, stacklevel=2)
