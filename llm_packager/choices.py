@@ -41,6 +41,16 @@ class ExecutionProvider(Enum):
     cuda = "cuda"
 
 
+class GgufBlocks(Enum):
+    """What an int4 ONNX build does with a GGUF source's quantized blocks. ``auto``: carries
+    Q4_0, Q4_1 and Q8_0 blocks over as they are, so the model computes the file's own weights
+    (other formats are re-quantized, and the run's tag says why); ``requantize``: the model
+    builder quantizes the weights dequantized from them again."""
+
+    auto = "auto"
+    requantize = "requantize"
+
+
 class ServingBatching(Enum):
     """How the served ONNX model decodes concurrent requests. ``auto``: one batch that sequences
     join and leave at every step, where the build allows it (CPU builds of the builder's decoder);

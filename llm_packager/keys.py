@@ -102,6 +102,8 @@ FETCH_RUN_TAG = "llm_packager.fetch_model_run_id"
 # A published (prebuilt) ONNX build: its repository and the commit it resolved to.
 ONNX_REPO_ID_TAG = "onnx.repo_id"
 ONNX_RESOLVED_COMMIT_TAG = "onnx.resolved_commit"
+# On an ONNX log run from a GGUF source: "imported" (the file's own blocks) or why it re-quantized.
+GGUF_BLOCKS_TAG = "llm_packager.gguf_blocks"
 ONNXRUNTIME_GENAI_VERSION_PARAM = "onnxruntime_genai_version"
 
 # ----- Tags of evaluate -----
@@ -195,6 +197,8 @@ ONNX_BUILDER_LOG = "onnx_builder.log"
 # fetch_model: the model folder and its checksum manifest.
 FETCHED_MODEL_DIR = "hf_model"
 MANIFEST_FILE_NAME = "manifest.json"
+# fetch_model from a GGUF source: the file itself, for an ONNX build to carry its blocks over.
+FETCHED_GGUF_DIR = "gguf"
 # The log steps: every logged chat model, in both model stores; the check request's answers.
 MODEL_ARTIFACT_PATH = "chat_model"
 SAMPLE_COMPLETION_ARTIFACT = "sample_completion.json"

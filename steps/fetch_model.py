@@ -7,7 +7,8 @@ float32 safetensors; ``synthetic``: the tiny random Phi-3 built here) and what i
 architecture the model must have, if the config names one.
 
 Writes (on its own run):
-    artifacts ``hf_model/`` (the model folder) and ``manifest.json`` (file, size, sha256);
+    artifacts ``hf_model/`` (the model folder) and ``manifest.json`` (file, size, sha256), and
+    for a GGUF source ``gguf/<file>`` (the file itself: an int4 ONNX build carries its blocks);
     tags ``llm_packager.outputs`` (announced URIs ``runs:/<id>/hf_model`` and
     ``runs:/<id>/manifest.json``), ``llm_packager.model_name``, ``hf.repo_id``, ``hf.revision``,
     ``hf.resolved_commit`` (hub), ``gguf.file``, ``gguf.sha256``, ``gguf.package`` (gguf);
@@ -29,6 +30,7 @@ from llm_packager.choices import ModelSource
 from llm_packager.config.specs import FetchModelParameters
 from llm_packager.errors import InvalidParametersError
 from llm_packager.keys import (
+    FETCHED_GGUF_DIR,
     FETCHED_MODEL_DIR,
     GGUF_FILE_TAG,
     GGUF_PACKAGE_TAG,
@@ -80,8 +82,10 @@ def _synthetic_spec(request: FetchModelParameters) -> SyntheticPhi3Spec:
                                 for size in fields(SyntheticPhi3Spec)})  # fmt: skip
 
 
-def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str]]:
-    """Return the model folder and the provenance tags for it."""
+def _materialise(
+    request: FetchModelParameters, scratch: Path
+) -> tuple[Path, dict[str, str], Path | None]:
+    """Return the model folder, the provenance tags for it, and the GGUF file it came from."""
     if request.source == ModelSource.hub:
         snapshot = download_pinned_snapshot(
             request.repo_id,
@@ -89,22 +93,26 @@ def _materialise(request: FetchModelParameters, scratch: Path) -> tuple[Path, di
             list(request.allow_patterns),
             allow_unpinned=request.allow_unpinned_revision,
         )
-        return snapshot.folder, {
-            HF_REPO_ID_TAG: request.repo_id,
-            HF_REVISION_TAG: request.revision,
-            HF_RESOLVED_COMMIT_TAG: snapshot.commit,
-        }
+        return (
+            snapshot.folder,
+            {
+                HF_REPO_ID_TAG: request.repo_id,
+                HF_REVISION_TAG: request.revision,
+                HF_RESOLVED_COMMIT_TAG: snapshot.commit,
+            },
+            None,
+        )
     if request.source == ModelSource.local:
         if not request.local_dir:
             raise InvalidParametersError("source=local needs local_dir")
-        return Path(request.local_dir).expanduser(), {LOCAL_DIR_TAG: request.local_dir}
+        return Path(request.local_dir).expanduser(), {LOCAL_DIR_TAG: request.local_dir}, None
     if request.source == ModelSource.gguf:
         return _from_gguf(request, scratch)
     folder = build_synthetic_phi3(_synthetic_spec(request), scratch / "synthetic-phi3")
-    return folder, {SYNTHETIC_RANDOM_WEIGHTS_TAG: "true"}
+    return folder, {SYNTHETIC_RANDOM_WEIGHTS_TAG: "true"}, None
 
 
-def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str]]:
+def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict[str, str], Path]:
     if not request.gguf_file:
         raise InvalidParametersError("source=gguf needs gguf_file")
     if request.gguf_package:
@@ -118,7 +126,7 @@ def _from_gguf(request: FetchModelParameters, scratch: Path) -> tuple[Path, dict
     provenance = {GGUF_FILE_TAG: request.gguf_file, GGUF_SHA256_TAG: sha256_of_file(path)}
     if request.gguf_package:
         provenance[GGUF_PACKAGE_TAG] = request.gguf_package
-    return folder, provenance
+    return folder, provenance, path
 
 
 def _check_unchanged(request: FetchModelParameters) -> None:
@@ -146,7 +154,7 @@ def _check_architecture(request: FetchModelParameters, folder: Path) -> None:
 def fetch_model(request: FetchModelParameters, run_id: str) -> FetchResult:
     """Fetch the model folder, check and checksum it, and log it on run ``run_id``."""
     with tempfile.TemporaryDirectory(prefix="fetch-model-") as scratch:
-        folder, provenance = _materialise(request, Path(scratch))
+        folder, provenance, gguf_file = _materialise(request, Path(scratch))
         _check_architecture(request, folder)
         _check_unchanged(request)
         entries = build_manifest(folder)
@@ -160,6 +168,8 @@ def fetch_model(request: FetchModelParameters, run_id: str) -> FetchResult:
         )
         mlflow.log_artifact(str(manifest_path))
         mlflow.log_artifacts(str(folder), FETCHED_MODEL_DIR)
+        if gguf_file is not None:
+            mlflow.log_artifact(str(gguf_file), FETCHED_GGUF_DIR)
     result = FetchResult(
         model_uri=f"runs:/{run_id}/{FETCHED_MODEL_DIR}",
         manifest_uri=f"runs:/{run_id}/{MANIFEST_FILE_NAME}",

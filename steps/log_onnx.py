@@ -12,10 +12,12 @@ Writes (on its own run):
     with ``llm_packager/serving`` in its ``code/`` folder as ``llm_packager_serving``) with the
     ONNX folder as artifact ``onnx_model``; its ``models:/<id>`` URI in the tags
     ``llm_packager.outputs`` and ``llm_packager.model_uri``; tags ``llm_packager.candidate`` and
-    ``llm_packager.runtime`` (``onnx``); param ``onnxruntime_genai_version``; artifacts
-    ``sample_completion.json``, ``sample_prompt_answer.json`` and ``logs/onnx_builder.log``;
-    metrics ``onnx_size_bytes``, ``load_seconds``, ``log_seconds`` and ``greedy_token_agreement``
-    (vs transformers in ``agreement_dtype``: as stored by default).
+    ``llm_packager.runtime`` (``onnx``); from a GGUF source, tag ``llm_packager.gguf_blocks``
+    (``imported``: the int4 build computes the file's own blocks, listed in the ONNX folder's
+    ``gguf_blocks.json``; or why it was re-quantized); param ``onnxruntime_genai_version``;
+    artifacts ``sample_completion.json``, ``sample_prompt_answer.json`` and
+    ``logs/onnx_builder.log``; metrics ``onnx_size_bytes``, ``load_seconds``, ``log_seconds``
+    and ``greedy_token_agreement`` (vs transformers in ``agreement_dtype``: as stored by default).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pathlib import Path
 
 import mlflow
 
-from llm_packager.choices import ExecutionProvider, OnnxSource
+from llm_packager.choices import ExecutionProvider, GgufBlocks, OnnxPrecision, OnnxSource
 from llm_packager.config.specs import ONNX, LogOnnxParameters
 from llm_packager.errors import InvalidParametersError
 from llm_packager.keys import (
     CANDIDATE_METADATA,
+    GGUF_BLOCKS_TAG,
+    GGUF_SHA256_TAG,
     GREEDY_TOKEN_AGREEMENT_METRIC,
     HF_REPO_ID_TAG,
     LOAD_SECONDS_METRIC,
@@ -55,6 +59,7 @@ from llm_packager.models.chat import (
     MalformedCompletionError,
     load_back_and_answer,
 )
+from llm_packager.models.gguf_blocks import UnsupportedBlocksError, import_gguf_blocks
 from llm_packager.models.model_store import log_chat_model
 from llm_packager.models.onnx_build import (
     RUNTIME_DISTRIBUTIONS,
@@ -83,8 +88,8 @@ from llm_packager.serving.keys import (
     TOP_P_KEY,
 )
 from llm_packager.sources.hub import download_pinned_snapshot
-from llm_packager.sources.manifest import check_model_files, folder_bytes
-from llm_packager.sources.upstream import FetchedModel, fetched_model
+from llm_packager.sources.manifest import ModelFilesError, check_model_files, folder_bytes
+from llm_packager.sources.upstream import FetchedModel, fetched_gguf, fetched_model
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
     check_builder_supports(hf_architecture(fetched.folder))
     log_path = scratch / ONNX_BUILDER_LOG
     try:
-        return build_onnx_model(
+        folder = build_onnx_model(
             fetched.folder,
             scratch / "onnx",
             precision=request.precision,
@@ -127,6 +132,32 @@ def _onnx_folder(request: LogOnnxParameters, fetched: FetchedModel, scratch: Pat
     finally:
         if log_path.exists():
             mlflow.log_artifact(str(log_path), LOG_ARTIFACT_DIR)
+    if GGUF_SHA256_TAG in fetched.tags:
+        mlflow.set_tag(GGUF_BLOCKS_TAG, _carry_gguf_blocks(request, fetched, folder))
+    return folder
+
+
+def _carry_gguf_blocks(request: LogOnnxParameters, fetched: FetchedModel, folder: Path) -> str:
+    """Put a GGUF source's own blocks into the int4 build where they carry over exactly; the
+    tag's value: "imported", or why the builder's re-quantized weights stay."""
+    if request.gguf_blocks == GgufBlocks.requantize:
+        return "requantized: onnx.gguf_blocks=requantize"
+    if (
+        request.precision != OnnxPrecision.int4
+        or request.execution_provider != ExecutionProvider.cpu
+    ):
+        return (f"requantized: blocks are carried into int4 CPU builds, this is "
+                f"{request.precision.value} {request.execution_provider.value}")  # fmt: skip
+    try:
+        gguf = fetched_gguf(fetched)
+        summary = import_gguf_blocks(folder, gguf, fetched.tags[GGUF_SHA256_TAG])
+    except (UnsupportedBlocksError, ModelFilesError) as error:
+        # The build stands as the builder made it: re-quantized from the verified weights.
+        logger.warning("The GGUF's blocks were not carried over, the build re-quantized: %s", error)
+        return f"requantized: {error}"
+    logger.info("Carried the GGUF's blocks into %d matmuls (%d nodes added for Q4_1)",
+                len(summary.tensors), summary.correction_nodes)  # fmt: skip
+    return "imported"
 
 
 def _agreement(

@@ -27,6 +27,7 @@ from llm_packager.choices import (
     Device,
     EvaluationEngine,
     ExecutionProvider,
+    GgufBlocks,
     ModelSource,
     ModelStore,
     OnnxPrecision,
@@ -176,6 +177,11 @@ class LogOnnxParameters(GenerationParameters):
         "the onnxruntime execution provider", ExecutionProvider.cpu
     )
     extra_options: dict[str, str] = parameter("model builder --extra_options (build)", {})
+    gguf_blocks: GgufBlocks = parameter(
+        "a GGUF source's int4 CPU build: auto (carry its Q4_0/Q4_1/Q8_0 blocks over exactly) or "
+        "requantize (the builder re-quantizes the dequantized weights)",
+        GgufBlocks.auto,
+    )
     max_tokens_cap: int = parameter("the largest max_tokens a request may ask for", 1024)
     batching: ServingBatching = parameter(
         "when serving: auto (requests join and leave one running batch on CPU builds) or "

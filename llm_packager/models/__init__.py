@@ -1,6 +1,7 @@
 """The logged models: how they are built, what they answer, where they are stored and registered.
 
-Owns: the onnxruntime-genai model builder and the chat signature (`onnx_build`), the ONNX
+Owns: the onnxruntime-genai model builder and the chat signature (`onnx_build`), a GGUF file's
+quantized blocks carried into an int4 build as they are (`gguf_blocks`), the ONNX
 models-from-code file (`onnx_chat_model`: the pyfunc class and `set_model`, nothing else), the
 OpenAI chat-completion contract and the load-back check (`chat`), greedy decoding in both runtimes
 (`parity`), pinned pip requirements (`requirements`), LoggedModels or run artifacts
@@ -12,6 +13,8 @@ Public names:
 - onnx_build: OnnxBuildError, UnsupportedArchitectureError, PrebuiltMismatchError,
   RUNTIME_DISTRIBUTIONS, builder_architectures, check_builder_supports, check_prebuilt_matches,
   hf_architecture, builder_command, build_onnx_model, chat_signature
+- gguf_blocks: BLOCK, SUMMARY_FILE, UnsupportedBlocksError, Blocks, ImportSummary, blocks_of,
+  gguf_dequantized, unpermute_rows, gguf_weights, import_gguf_blocks
 - chat: FINISH_REASONS, EXAMPLE_CHAT_REQUEST, CHECK_MAX_TOKENS, MalformedCompletionError,
   check_chat_completion, LoadBackCheck, LoadedModel, load_logged_model, load_back_and_answer
 - parity: PARITY_CHATS, REFERENCE_SAMPLE_CHAT, chat_prompt_text, chat_token_ids,

@@ -17,7 +17,7 @@ Public names:
   verify_manifest, folder_bytes, total_bytes
 - content_hash: content_digest
 - staging: staging_folder, remove_abandoned_staging
-- upstream: FetchedModel, cache_root, fetched_model
+- upstream: FetchedModel, cache_root, fetched_gguf, fetched_model
 
 Imports only the root modules (`errors`, `choices`, `keys`), never another subpackage.
 """

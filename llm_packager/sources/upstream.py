@@ -21,11 +21,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from llm_packager.errors import is_server_unreachable
-from llm_packager.keys import FETCH_RUN_TAG, FETCHED_MODEL_DIR, LINEAGE_TAGS, MANIFEST_FILE_NAME
+from llm_packager.keys import (
+    FETCH_RUN_TAG,
+    FETCHED_GGUF_DIR,
+    FETCHED_MODEL_DIR,
+    GGUF_FILE_TAG,
+    GGUF_SHA256_TAG,
+    LINEAGE_TAGS,
+    MANIFEST_FILE_NAME,
+)
 from llm_packager.sources.manifest import (
     ManifestEntry,
     ModelFilesError,
     read_manifest,
+    sha256_of_file,
     verify_manifest,
 )
 from llm_packager.sources.staging import remove_abandoned_staging, staging_folder
@@ -130,3 +139,49 @@ def fetched_model(run_id: str) -> FetchedModel:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return FetchedModel(run_id, cached, manifest, run.data.tags)
+
+
+def fetched_gguf(fetched: FetchedModel) -> Path | None:
+    """The GGUF file a fetch_model run converted, downloaded from its ``gguf`` artifact and
+    checked against the run's ``gguf.sha256`` tag, kept in the cache under that hash; None when
+    the model did not come from a GGUF file.
+
+    Raises:
+        ModelFilesError: the run names a GGUF file but its artifact is missing or differs.
+    """
+    sha256 = fetched.tags.get(GGUF_SHA256_TAG)
+    if not sha256:
+        return None
+    cached = cache_root() / "gguf" / f"{sha256}.gguf"
+    if cached.is_file() and sha256_of_file(cached) == sha256:
+        return cached
+    run = mlflow.MlflowClient().get_run(fetched.run_id)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(cached.parent)
+    staging = staging_folder(cached.parent)
+    try:
+        folder = _download(
+            run.info.artifact_uri,
+            FETCHED_GGUF_DIR,
+            staging,
+            f"GGUF file ({fetched.tags.get(GGUF_FILE_TAG)})",
+            fetched.run_id,
+        )
+        files = sorted(folder.glob("*.gguf"))
+        if len(files) != 1:
+            raise ModelFilesError(
+                f"Upstream fetch_model run {fetched.run_id}: {FETCHED_GGUF_DIR}/ holds "
+                f"{len(files)} GGUF files, not one; rerun it with -P force=fetch_model"
+            )
+        path = files[0]
+        digest = sha256_of_file(path)
+        if digest != sha256:
+            raise ModelFilesError(
+                f"Upstream fetch_model run {fetched.run_id}: {FETCHED_GGUF_DIR}/{path.name} has "
+                f"sha256 {digest}, not the {sha256} its tag records; rerun it with "
+                "-P force=fetch_model"
+            )
+        path.replace(cached)  # only once verified
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cached
