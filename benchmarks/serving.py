@@ -12,6 +12,16 @@ is measured ``--repeats`` times and figures are the median with min and max.
   one thread per client: MLflow's local scoring server does not stream, so this is where streaming
   can be measured on a laptop. Time to first token is when the first content arrives.
 
+``--batching auto`` (the default) or ``--batching generators`` writes the model's ``batching``
+setting (``onnx.batching``): ``auto`` is the shared-rows decoder on CPU builds, one batch that
+requests join and leave at every step; ``generators`` is onnxruntime-genai Generators, a batch per
+group of arrivals. The pyfunc is saved afresh for every run, so each run serves its own setting.
+
+``--ceiling benchmarks/results/batch-steps.json`` (the output of ``benchmarks.batch_steps`` for
+the same builds) adds to the table how close 8 whole-answer clients come to the in-process
+ceiling: their tokens/s against 8 sequences per decode step of the same build and decoder, and
+their 8-against-1 speed-up against that of the decode steps.
+
 ``--model-code`` and ``--serving-code`` serve another version of the model's file and of its
 serving package, which is how the figures before a change are taken (``git worktree add before
 <commit>``, then ``--model-code before/llm_packager/models/onnx_chat_model.py --serving-code
@@ -22,7 +32,8 @@ only.
 ``--max-tokens 8,64`` mixes short and long answers (each client asks for them in turn), the load
 where a batch that requests join and leave at every step matters most.
 
-Usage: ``python -m benchmarks.serving [--requests-per-client 4] [--max-tokens 32] [--repeats 3]``
+Usage: ``python -m benchmarks.serving [--batching auto|generators] [--requests-per-client 4]
+[--max-tokens 32] [--repeats 3] [--ceiling BATCH_STEPS_JSON]``
 """
 
 from __future__ import annotations
@@ -46,9 +57,12 @@ from benchmarks.model_speed import (
     prepare_proxy,
 )
 from llm_packager.models.served_code import MODEL_CODE, SERVING_SOURCE
-from llm_packager.serving.keys import BATCH_WAIT_MS_KEY
+from llm_packager.serving.keys import BATCH_WAIT_MS_KEY, BATCHING_KEY
 
 CONCURRENCY = (1, 4, 8, 16)
+BATCHINGS = ("auto", "generators")
+# The decoder of benchmarks.batch_steps that each batching setting serves on a CPU build.
+CEILING_DECODER = {"auto": "shared rows", "generators": "generators"}
 
 
 def served_model(model_dir: Path) -> contextlib.AbstractContextManager[str]:
@@ -178,11 +192,14 @@ def measure(
     batch_wait_ms: int | None = None,
     build: str = "onnx-int4",
     serving_code: Path = SERVING_SOURCE,
+    batching: str = "auto",
 ) -> dict[str, object]:
     """Each concurrency level's figures (median, min, max over ``repeats``), whole and streamed."""
     import mlflow
 
-    config = {} if batch_wait_ms is None else {BATCH_WAIT_MS_KEY: batch_wait_ms}
+    config = {BATCHING_KEY: batching}
+    if batch_wait_ms is not None:
+        config[BATCH_WAIT_MS_KEY] = batch_wait_ms
     _, _, pyfunc_dir = prepare_proxy(workdir, model_code, config, build, serving_code)
     modes = {}
     with served_model(pyfunc_dir) as uri:
@@ -197,6 +214,7 @@ def measure(
         "model_code": str(model_code),
         "serving_code": str(serving_code),
         "build": build,
+        "batching": batching,
         "batch_wait_ms": batch_wait_ms,
         "requests_per_client": requests_per_client,
         "max_tokens": list(max_tokens),
@@ -212,10 +230,12 @@ def _tokens_asked(max_tokens: int | list[int]) -> str:
     return " or ".join(map(str, max_tokens)) + " (in turn)"
 
 
-def markdown(figures: dict[str, object]) -> str:
-    """The serving table: one row per mode and number of clients."""
+def markdown(figures: dict[str, object], ceiling: dict[str, dict] | None = None) -> str:
+    """The serving table: one row per mode and number of clients; with ``ceiling`` (the figures of
+    ``benchmarks.batch_steps``), the share of it that 8 whole-answer clients get."""
+    batching = f", batching {figures['batching']}" if figures.get("batching") else ""
     lines = [
-        f"Int4 proxy pyfunc ({figures.get('build', 'onnx-int4')}), "
+        f"Int4 proxy pyfunc ({figures.get('build', 'onnx-int4')}{batching}), "
         f"{_tokens_asked(figures['max_tokens'])} new tokens per request, "
         f"{figures['requests_per_client']} requests per client, median (min-max) of "
         f"{figures['repeats']}. Whole: `mlflow models serve`, 1 worker. Streamed: "
@@ -251,7 +271,25 @@ def markdown(figures: dict[str, object]) -> str:
         if "1" in levels and "8" in levels
     ]
     lines += ["", f"Generated tokens/s, 8 against 1: {', '.join(ratios)}."]
+    if ceiling and "whole" in figures["modes"]:
+        lines += ["", _against_ceiling(figures, ceiling)]
     return "\n".join(lines)
+
+
+def _against_ceiling(figures: dict[str, object], ceiling: dict[str, dict]) -> str:
+    """8 whole-answer clients against 8 sequences per decode step of the same build and decoder:
+    their tokens/s, and their speed-up over 1 client against the steps' speed-up over 1."""
+    build = figures.get("build", "onnx-int4")
+    decoder = CEILING_DECODER[figures.get("batching") or "auto"]
+    steps = {n: ceiling[build][decoder][n]["tokens_per_s"]["median"] for n in ("1", "8")}
+    whole = {n: figures["modes"]["whole"][n]["tokens_per_s"]["median"] for n in ("1", "8")}
+    share = whole["8"] / steps["8"]
+    speed_ups = (whole["8"] / whole["1"]) / (steps["8"] / steps["1"])
+    return (
+        f"Against the ceiling ({build}, {decoder}, `benchmarks.batch_steps`): 8 clients whole "
+        f"{whole['8']:.1f} / {steps['8']:.1f} tokens/s = {share:.2f}; speed-up 8 against 1 "
+        f"{whole['8'] / whole['1']:.2f}x / {steps['8'] / steps['1']:.2f}x = {speed_ups:.2f}."
+    )
 
 
 def _speed_up(levels: dict[str, dict]) -> str:
@@ -285,12 +323,22 @@ def main() -> None:
     parser.add_argument(
         "--build", choices=sorted(BUILDS), default="onnx-int4", help="which int4 build to serve"
     )
+    parser.add_argument(
+        "--batching", choices=BATCHINGS, default="auto",
+        help="the model's batching: auto (shared rows on CPU) or onnxruntime-genai Generators",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ceiling", type=Path, default=None,
+        help="a benchmarks.batch_steps JSON: also print the share of it that 8 clients get",
+    )  # fmt: skip
     arguments = parser.parse_args()
     figures = measure(
         arguments.requests_per_client, arguments.max_tokens, arguments.repeats, arguments.workdir,
         arguments.model_code, arguments.batch_wait_ms, arguments.build, arguments.serving_code,
+        arguments.batching,
     )  # fmt: skip
-    print(markdown(figures))
+    ceiling = json.loads(arguments.ceiling.read_text()) if arguments.ceiling else None
+    print(markdown(figures, ceiling))
     if arguments.json:
         arguments.json.write_text(json.dumps(figures, indent=2))
 
