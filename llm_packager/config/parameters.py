@@ -85,17 +85,26 @@ def _boolean(text: str) -> bool:
 
 
 def parse_key_values(text: str) -> dict[str, str]:
-    """``key=value`` pairs separated by commas or spaces.
+    """``key=value`` pairs separated by commas or spaces. A comma-separated part without ``=``
+    continues the value before it, so a value may hold commas: the builder's
+    ``matmul_mixed_precision=last_matmul:int8,mixed_layers:int8`` is one option.
 
     Raises:
         ValueError: naming a pair without ``=``.
     """
-    options = {}
-    for pair in text.replace(",", " ").split():
-        key, separator, value = pair.partition("=")
-        if not separator or not key or not value:
-            raise ValueError(f"'{pair}' is not key=value")
-        options[key] = value
+    options: dict[str, str] = {}
+    for words in text.split():
+        key = None
+        for part in words.split(","):
+            if key is not None and part and "=" not in part:
+                options[key] += f",{part}"
+                continue
+            pair_key, separator, value = part.partition("=")
+            if not part:
+                continue
+            if not separator or not pair_key or not value:
+                raise ValueError(f"'{part}' is not key=value")
+            key, options[pair_key] = pair_key, value
     return options
 
 

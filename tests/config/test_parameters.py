@@ -14,6 +14,7 @@ from llm_packager.config.parameters import (
     as_mlflow_parameters,
     config_schema_fields,
     fields_of,
+    format_key_values,
     mlproject_entry_point,
     parameter,
     parse_arguments,
@@ -144,3 +145,14 @@ def test_a_new_spec_field_reaches_mlproject_and_the_docs_table_with_no_other_edi
     assert ("kv_cache_bits", int) in [(name, kind) for name, kind, _ in
                                       config_schema_fields(Extended)]  # fmt: skip
     assert Extended(fetch_model_run_id="r").precision == OnnxPrecision.int4
+
+
+def test_a_builder_option_whose_value_holds_commas_reaches_the_step_whole():
+    # conf/onnx/search.yaml's kquant_mixed8: main wrote it comma-joined, and the step once split
+    # it into a second "pair", mixed_layers:int8, and refused it.
+    options = {"algo_config": "k_quant",
+               "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}  # fmt: skip
+    written = format_key_values(options)
+    parsed = parse_arguments(LogOnnxParameters,
+                             ["--fetch-model-run-id", "r", "--extra-options", written])  # fmt: skip
+    assert parsed.extra_options == options
