@@ -157,6 +157,8 @@ def _carry_gguf_blocks(request: LogOnnxParameters, fetched: FetchedModel, folder
         return f"requantized: {error}"
     logger.info("Carried the GGUF's blocks into %d matmuls (%d nodes added for Q4_1)",
                 len(summary.tensors), summary.correction_nodes)  # fmt: skip
+    if summary.kept:
+        return f"imported; the builder's own weights kept for {', '.join(summary.kept)}"
     return "imported"
 
 

@@ -85,9 +85,10 @@ def _boolean(text: str) -> bool:
 
 
 def parse_key_values(text: str) -> dict[str, str]:
-    """``key=value`` pairs separated by commas or spaces. A comma-separated part without ``=``
-    continues the value before it, so a value may hold commas: the builder's
-    ``matmul_mixed_precision=last_matmul:int8,mixed_layers:int8`` is one option.
+    """``key=value`` pairs separated by commas or spaces. A comma-separated ``group:type`` part
+    (with ``:``, without ``=``) continues the value before it, so the builder's list values stay
+    whole: ``matmul_mixed_precision=last_matmul:int8,mixed_layers:int8`` is one option. Any
+    other part without ``=`` is refused, as a typo such as ``accuracy_level=4,block_size``.
 
     Raises:
         ValueError: naming a pair without ``=``.
@@ -96,7 +97,7 @@ def parse_key_values(text: str) -> dict[str, str]:
     for words in text.split():
         key = None
         for part in words.split(","):
-            if key is not None and part and "=" not in part:
+            if key is not None and ":" in part and "=" not in part:
                 options[key] += f",{part}"
                 continue
             pair_key, separator, value = part.partition("=")

@@ -77,15 +77,18 @@ class Blocks:
 
 @dataclass
 class ImportSummary:
-    """What was carried over: projections per GGUF type, and the nodes added for Q4_1."""
+    """What was carried over: each projection's bit width, the nodes added for Q4_1, and what
+    kept the builder's weights."""
 
     tensors: dict[str, int] = field(default_factory=dict)
     correction_nodes: int = 0
     gguf_sha256: str = ""
+    # Quantized nodes that keep the builder's own weights (an untied embedding).
+    kept: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"tensors": self.tensors, "correction_nodes": self.correction_nodes,
-                "gguf_sha256": self.gguf_sha256}  # fmt: skip
+                "gguf_sha256": self.gguf_sha256, "kept": self.kept}  # fmt: skip
 
 
 def blocks_of(tensor) -> Blocks:
@@ -221,25 +224,51 @@ def import_gguf_blocks(onnx_folder: Path, gguf_path: Path, gguf_sha256: str = ""
 
     Raises:
         UnsupportedBlocksError: not an int4 MatMulNBits build of the same shapes, or a GGUF the
-            blocks of which cannot be carried over exactly; the folder is then left unchanged.
+            blocks of which cannot be carried over exactly; the folder is then left unchanged
+            (every check and edit happens in memory, before the model file is written).
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     genai = json.loads((onnx_folder / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
-    weights = gguf_weights(gguf_path, int(decoder["num_hidden_layers"]),
-                           int(decoder["num_attention_heads"]),
-                           int(decoder["num_key_value_heads"]))  # fmt: skip
     model_file = onnx_folder / decoder.get("filename", "model.onnx")
-    model = onnx.load(str(model_file))
-    graph = model.graph
+    try:
+        weights = gguf_weights(gguf_path, int(decoder["num_hidden_layers"]),
+                               int(decoder["num_attention_heads"]),
+                               int(decoder["num_key_value_heads"]))  # fmt: skip
+        model = onnx.load(str(model_file))
+        summary = _carry_over(model.graph, weights, gguf_sha256)
+    except UnsupportedBlocksError:
+        raise
+    except Exception as error:  # a graph or file this code does not know: the build stays as is
+        raise UnsupportedBlocksError(
+            f"the build's graph or the GGUF file is not one whose blocks this version carries "
+            f"over ({type(error).__name__}: {error})"
+        ) from error
+    data_file = model_file.with_name(model_file.name + ".data")
+    data_file.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    onnx.save(model, str(model_file), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=data_file.name)  # fmt: skip
+    counts: dict[str, int] = {}
+    for bits in summary.tensors.values():
+        counts[f"{bits}-bit"] = counts.get(f"{bits}-bit", 0) + 1
+    (onnx_folder / SUMMARY_FILE).write_text(
+        json.dumps({**summary.as_dict(), "matmuls": counts}, indent=2) + "\n"
+    )
+    return summary
+
+
+def _carry_over(graph, weights: dict[str, Blocks], gguf_sha256: str) -> ImportSummary:
+    """The graph edits of `import_gguf_blocks`, in memory."""
+    from onnx import helper, numpy_helper
+
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     summary = ImportSummary(gguf_sha256=gguf_sha256)
-    new_nodes = []
+    after: dict[int, list] = {}  # nodes to insert after the node at each index
     block_sums: dict[str, str] = {}
+    indicators: dict[int, str] = {}
     replaced: dict[str, Blocks] = {}
-    for node in list(graph.node):
+    for index, node in enumerate(graph.node):
         if node.op_type != "MatMulNBits":
             if node.op_type == "MatMul" and "lm_head" not in node.name:
                 raise UnsupportedBlocksError(f"{node.name} is a float MatMul: not an int4 build")
@@ -268,28 +297,26 @@ def import_gguf_blocks(onnx_folder: Path, gguf_path: Path, gguf_sha256: str = ""
         summary.tensors[key] = blocks.bits
         if blocks.correction is None:
             continue
+        inserted = after.setdefault(index, [])
         activations = node.input[0]
         if activations not in block_sums:
-            prefix = f"/gguf_blocks/{len(block_sums)}"
-            shape = f"{prefix}/shape"
-            graph.initializer.append(numpy_helper.from_array(
-                np.array([0, 0, k // BLOCK, BLOCK], dtype=np.int64), shape))  # fmt: skip
-            axes = f"{prefix}/axes"
-            graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
-            new_nodes += [
-                helper.make_node("Reshape", [activations, shape], [f"{prefix}/blocks"],
-                                 name=f"{prefix}/Reshape"),
-                helper.make_node("ReduceSum", [f"{prefix}/blocks", axes], [f"{prefix}/sums"],
-                                 name=f"{prefix}/ReduceSum", keepdims=0),
-            ]  # fmt: skip
-            block_sums[activations] = f"{prefix}/sums"
+            # The sum of the activations over each block of 32, as one matmul with a 0/1
+            # (K, K/32) matrix: whatever the activations' rank, and one node, not two.
+            if k not in indicators:
+                indicators[k] = f"/gguf_blocks/block_indicator_{k}"
+                indicator = np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0)
+                graph.initializer.append(numpy_helper.from_array(indicator, indicators[k]))
+            block_sums[activations] = f"/gguf_blocks/{len(block_sums)}/sums"
+            inserted.append(helper.make_node(
+                "MatMul", [activations, indicators[k]], [block_sums[activations]],
+                name=f"/gguf_blocks/{len(block_sums)}/BlockSums"))  # fmt: skip
         correction = f"{weight_name}_gguf_correction"
         graph.initializer.append(
             numpy_helper.from_array(np.ascontiguousarray(blocks.correction.T), correction)
         )
         output, raw = node.output[0], f"{node.output[0]}/before_correction"
         node.output[0] = raw
-        new_nodes += [
+        inserted += [
             helper.make_node("MatMul", [block_sums[activations], correction],
                              [f"{raw}/correction"], name=f"{node.name}/GgufCorrection"),
             helper.make_node("Add", [raw, f"{raw}/correction"], [output],
@@ -297,26 +324,22 @@ def import_gguf_blocks(onnx_folder: Path, gguf_path: Path, gguf_sha256: str = ""
         ]  # fmt: skip
     for node in graph.node:  # a tied embedding reads the head's blocks
         if node.op_type == "GatherBlockQuantized":
-            _retie_embedding(graph, node, replaced)
-    graph.node.extend(new_nodes)
-    summary.correction_nodes = len(new_nodes)
+            summary.kept += _retie_embedding(graph, node, replaced)
+    # Each node's corrections right after it, so the graph stays in topological order.
+    nodes = list(graph.node)
+    del graph.node[:]
+    for index, node in enumerate(nodes):
+        graph.node.append(node)
+        graph.node.extend(after.get(index, []))
+    summary.correction_nodes = sum(len(inserted) for inserted in after.values())
     _drop_stale_shapes(graph)
-    data_file = model_file.with_name(model_file.name + ".data")
-    data_file.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    onnx.save(model, str(model_file), save_as_external_data=True,
-              all_tensors_to_one_file=True, location=data_file.name)  # fmt: skip
-    counts: dict[str, int] = {}
-    for bits in summary.tensors.values():
-        counts[f"{bits}-bit"] = counts.get(f"{bits}-bit", 0) + 1
-    (onnx_folder / SUMMARY_FILE).write_text(
-        json.dumps({**summary.as_dict(), "matmuls": counts}, indent=2) + "\n"
-    )
     return summary
 
 
-def _retie_embedding(graph, node, replaced: dict[str, Blocks]) -> None:
+def _retie_embedding(graph, node, replaced: dict[str, Blocks]) -> list[str]:
     """The builder's tied embedding gathers rows of the head's int4 weights through a Reshape;
-    point it at the head's new blocks, in their bit width."""
+    point it at the head's new blocks, in their bit width. Returns the embedding's name where it
+    keeps the builder's own re-quantized weights (an untied one)."""
     from onnx import numpy_helper
 
     producer = next((n for n in graph.node if n.output and n.output[0] == node.input[0]), None)
@@ -324,21 +347,22 @@ def _retie_embedding(graph, node, replaced: dict[str, Blocks]) -> None:
     if source not in replaced:
         if node.input[0] in replaced or source:
             raise UnsupportedBlocksError(f"{node.name} reads weights that were not carried over")
-        return
+        return [node.name]
     blocks = replaced[source]
-    shape_name = producer.input[1]
+    if blocks.correction is not None:
+        # A gather has no place for Q4_1's per-block correction.
+        raise UnsupportedBlocksError(
+            f"the tied embedding and head are Q4_1, which {node.name} cannot gather exactly"
+        )
     rows = blocks.codes.shape[0]
-    new_shape = np.array([rows, blocks.codes.shape[1] * blocks.codes.shape[2]], np.int64)
-    shape_tensor = next((t for t in graph.initializer if t.name == shape_name), None)
-    if shape_tensor is None:
-        constant = next(n for n in graph.node if n.output and n.output[0] == shape_name)
-        shape_name = f"{source}_gguf_embedding_shape"
-        graph.initializer.append(numpy_helper.from_array(new_shape, shape_name))
-        producer.input[1] = shape_name
-        del constant
-    else:
-        shape_tensor.CopyFrom(numpy_helper.from_array(new_shape, shape_name))
+    shape_name = f"{source}_gguf_embedding_shape"
+    row_bytes = blocks.codes.shape[1] * blocks.codes.shape[2]
+    shape = np.array([rows, row_bytes], np.int64)
+    graph.initializer.append(numpy_helper.from_array(shape, shape_name))
+    producer.input[1] = shape_name
     _set_attribute(node, "bits", blocks.bits)
+    del node.input[3:]  # the builder's zero points: the head's blocks have none
+    return []
 
 
 def _drop_stale_shapes(graph) -> None:
@@ -346,6 +370,11 @@ def _drop_stale_shapes(graph) -> None:
     wrong (onnxruntime infers them again), and the initializers no node reads any more."""
     del graph.value_info[:]
     used = {name for node in graph.node for name in node.input}
+    outputs = {output.name for output in graph.output}
+    orphans = [node for node in graph.node if node.op_type == "Constant"
+               and not any(name in used or name in outputs for name in node.output)]  # fmt: skip
+    for node in orphans:
+        graph.node.remove(node)
     stale = [tensor for tensor in graph.initializer if tensor.name not in used]
     for tensor in stale:
         graph.initializer.remove(tensor)

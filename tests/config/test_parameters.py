@@ -156,3 +156,10 @@ def test_a_builder_option_whose_value_holds_commas_reaches_the_step_whole():
     parsed = parse_arguments(LogOnnxParameters,
                              ["--fetch-model-run-id", "r", "--extra-options", written])  # fmt: skip
     assert parsed.extra_options == options
+
+
+def test_a_part_without_equals_that_is_no_group_type_pair_is_still_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(LogOnnxParameters, ["--fetch-model-run-id", "r", "--extra-options",
+                                            "accuracy_level=4,block_size"])  # fmt: skip
+    assert "'block_size' is not key=value" in capsys.readouterr().err

@@ -171,3 +171,92 @@ def test_the_imported_build_computes_smollm2s_own_weights(
     fp32_bytes = (smollm2_hf / "model.safetensors").stat().st_size
     onnx_bytes = sum(path.stat().st_size for path in imported.iterdir())
     assert onnx_bytes <= 0.40 * fp32_bytes
+
+
+def _tiny_llama_gguf(folder: Path, embedding_kind: str) -> tuple[Path, Path]:
+    """A tiny random llama in Hugging Face layout whose weights are exactly what a GGUF file of
+    it holds (Q4_1 projections, the tied embedding in ``embedding_kind``), and that file, written
+    as llama.cpp's converter writes one: q and k rows permuted per head."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_packager.sources.synthetic import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(512)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=3, pad_token_id=3)  # fmt: skip
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    state = model.state_dict()
+    writer = GGUFWriter(str(folder / "tiny.gguf"), "llama")
+
+    def put(name: str, weight: torch.Tensor, kind: str, heads: int = 0) -> torch.Tensor:
+        values = weight.detach().float().numpy()
+        quantized = quantize(values, GGMLQuantizationType[kind])
+        stored = quantized
+        if heads:  # rows permuted as convert_hf_to_gguf.py's LlamaModel.permute does
+            stored = (quantized.reshape(heads, 2, quantized.shape[0] // heads // 2, -1)
+                      .swapaxes(1, 2).reshape(quantized.shape))  # fmt: skip
+        writer.add_tensor(name, np.ascontiguousarray(stored), raw_dtype=GGMLQuantizationType[kind])
+        return torch.from_numpy(dequantize(quantized, GGMLQuantizationType[kind]).copy())
+
+    names = {"self_attn.q_proj": ("attn_q", 4), "self_attn.k_proj": ("attn_k", 2),
+             "self_attn.v_proj": ("attn_v", 0), "self_attn.o_proj": ("attn_output", 0),
+             "mlp.gate_proj": ("ffn_gate", 0), "mlp.up_proj": ("ffn_up", 0),
+             "mlp.down_proj": ("ffn_down", 0)}  # fmt: skip
+    exact = {"model.embed_tokens.weight": put(
+        "token_embd.weight", state["model.embed_tokens.weight"], embedding_kind)}  # fmt: skip
+    for layer in range(config.num_hidden_layers):
+        for theirs, (ours, heads) in names.items():
+            key = f"model.layers.{layer}.{theirs}.weight"
+            exact[key] = put(f"blk.{layer}.{ours}.weight", state[key], "Q4_1", heads)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model.load_state_dict(exact, strict=False)
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    return folder / "hf", folder / "tiny.gguf"
+
+
+@pytest.mark.slow
+def test_a_tiny_llama_built_from_its_gguf_blocks_computes_the_files_weights(tmp_path):
+    """onnxruntime's own kernels on the imported graph give the logits of the model whose weights
+    are the file's: Q4_1 corrections, q/k rows put back, the tied embedding gathering the Q8_0
+    head; and a tied Q4_1 embedding, which no gather can carry exactly, is refused and leaves the
+    build as the builder made it."""
+    from llm_packager.evaluation.teacher_forcing import onnx_logits, torch_logits
+    from llm_packager.models.onnx_build import build_onnx_model
+
+    hf, gguf = _tiny_llama_gguf(tmp_path, "Q8_0")
+    build = build_onnx_model(
+        hf, tmp_path / "int4", precision=OnnxPrecision.int4,
+        execution_provider=ExecutionProvider.cpu,
+        extra_options={"accuracy_level": "0", "block_size": "32"}, log_path=tmp_path / "log",
+    )  # fmt: skip
+    rows = [[5, 17, 300, 42, 9, 250, 77], [8, 100, 3, 64]]
+    expected = torch_logits(hf)(rows)
+    before = onnx_logits(build)(rows)
+    summary = import_gguf_blocks(build, gguf)
+    after = onnx_logits(build)(rows)
+    assert summary.kept == [] and summary.correction_nodes > 0
+    for want, old, new in zip(expected, before, after, strict=True):
+        np.testing.assert_allclose(new, want, rtol=0, atol=1e-4)
+        assert np.abs(old - want).max() > 100 * np.abs(new - want).max()
+
+    q4_1_embedding, q4_1_gguf = _tiny_llama_gguf(tmp_path / "q4_1", "Q4_1")
+    built = build_onnx_model(
+        q4_1_embedding, tmp_path / "q4_1" / "int4", precision=OnnxPrecision.int4,
+        execution_provider=ExecutionProvider.cpu, extra_options={"block_size": "32"},
+        log_path=tmp_path / "q4_1" / "log",
+    )  # fmt: skip
+    unchanged = {path.name: path.read_bytes() for path in built.iterdir()}
+    with pytest.raises(UnsupportedBlocksError, match="tied embedding and head are Q4_1"):
+        import_gguf_blocks(built, q4_1_gguf)
+    assert {path.name: path.read_bytes() for path in built.iterdir()} == unchanged
