@@ -10,9 +10,10 @@ weights are replaced by the file's own blocks, in a form onnxruntime's fast CPU 
 - **Q8_0** (``d·q``, q signed): 8-bit ``MatMulNBits`` (and 8-bit ``GatherBlockQuantized`` for a
   tied embedding), the codes shifted by 128, the kernel's default zero point.
 - **Q4_1** (``d·q + m``): the symmetric part ``d·(q-8)`` in 4-bit ``MatMulNBits``, plus the
-  block's constant ``8·d + m`` times the sum of the activations over that block: a ReduceSum
-  and a matmul over K/32 rows, added to the output. Float zero points would carry ``m`` directly
-  but run 24-60x slower on onnxruntime 1.31's CPU kernel.
+  block's constant ``8·d + m`` times the sum of the activations over that block: the block sums
+  are one matmul with a 0/1 (K, K/32) matrix, shared by the matmuls reading the same
+  activations, then a matmul over K/32 rows and an add per projection. Float zero points
+  would carry ``m`` directly but run 24-60x slower on onnxruntime 1.31's CPU kernel.
 
 Other block formats (K-quants, Q5, float) are refused with ``UnsupportedBlocksError``; the
 logging step then re-quantizes, as before (``onnx.gguf_blocks``).
