@@ -164,13 +164,6 @@ def _prompt_ids(hf: Path) -> list[int]:
     return [int(token) for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _onnx_decoder(folder: Path, threads: int):
     """(read the prompt and pick the first token, pick the next token) on onnxruntime-genai."""
     import onnxruntime_genai as og
@@ -226,6 +219,8 @@ def measure_one(engine: str, path: Path, hf: Path, new_tokens: int, repeats: int
                 threads: int) -> dict[str, object]:  # fmt: skip
     """Speed and peak memory of one contender, in this process."""
     ids = _prompt_ids(hf)
+    from llm_packager.evaluation.worker import peak_rss_mib
+
     start, step = (_onnx_decoder if engine == "onnx" else _llama_cpp_decoder)(path, threads)
     start(ids, new_tokens)  # warm-up
     first, prompt_rate, decode_rate = [], [], []
@@ -244,7 +239,7 @@ def measure_one(engine: str, path: Path, hf: Path, new_tokens: int, repeats: int
         "time_to_first_token_s": summarise(first),
         "prompt_tokens_per_s": summarise(prompt_rate),
         "decode_tokens_per_s": summarise(decode_rate),
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "bytes": sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir())),
     }
 

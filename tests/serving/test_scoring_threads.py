@@ -15,8 +15,9 @@ def _pool_size(loop: asyncio.AbstractEventLoop) -> int | None:
     return None if executor is None else executor._max_workers
 
 
-def test_a_loop_that_starts_later_on_the_main_thread_gets_the_threads():
-    # As uvicorn 0.54 with one worker: the model loads, then the server's loop starts.
+def _pool_of_a_loop_started_after_the_scan() -> int | None:
+    """As uvicorn 0.54 with one worker: the model loads (the scan starts looking), then the
+    server's loop starts; its pool size once the scan found it, or after 5 s."""
     threading.Thread(target=scoring_server._when_the_loop_runs, args=(50, 10), daemon=True).start()
 
     async def serve_a_while() -> int | None:
@@ -26,7 +27,11 @@ def test_a_loop_that_starts_later_on_the_main_thread_gets_the_threads():
                 break
         return _pool_size(asyncio.get_running_loop())
 
-    assert asyncio.run(serve_a_while()) == 50
+    return asyncio.run(serve_a_while())
+
+
+def test_a_loop_that_starts_later_on_the_main_thread_gets_the_threads():
+    assert _pool_of_a_loop_started_after_the_scan() == 50
 
 
 def test_a_server_that_gave_its_loop_more_threads_keeps_them():
@@ -56,14 +61,5 @@ class _WarnsWhenTouched:
 
 def test_the_heap_scan_survives_objects_that_warn_when_touched():
     touchy = _WarnsWhenTouched()
-    threading.Thread(target=scoring_server._when_the_loop_runs, args=(50, 10), daemon=True).start()
-
-    async def serve_a_while() -> int | None:
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if _pool_size(asyncio.get_running_loop()) == 50:
-                break
-        return _pool_size(asyncio.get_running_loop())
-
-    assert asyncio.run(serve_a_while()) == 50
+    assert _pool_of_a_loop_started_after_the_scan() == 50
     del touchy
