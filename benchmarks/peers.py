@@ -5,7 +5,8 @@ the float32 transformers reference.
 The contenders:
 
 - **onnx int4, GGUF blocks**: the model builder's int4 graph computing the file's own Q4_1 blocks
-  (``onnx.gguf_blocks=auto``, the default);
+  (``onnx.gguf_blocks=auto``, the default: the 4-bit matmuls on float activations, the Q8_0 head
+  on int8), and the same blocks with every matmul on int8 activations (``onnx.gguf_blocks=fast``);
 - **onnx int4, re-quantized** and **onnx int8**: the builder quantizing the dequantized weights
   (``onnx.gguf_blocks=requantize``; ``precision=int8``);
 - **onnx int4, HQQ**: onnxruntime's HQQ quantizer (no calibration data) run over a float32 build,
@@ -85,15 +86,21 @@ def prepare(workdir: Path) -> dict[str, tuple[str, Path]]:
                              execution_provider=ExecutionProvider.cpu, extra_options=options,
                              log_path=workdir / f"{folder.name}.log")  # fmt: skip
         contenders[name] = ("onnx", folder)
-    imported = workdir / "onnx_int4_gguf_blocks"
-    if not (imported / "gguf_blocks.json").is_file():
-        shutil.rmtree(imported, ignore_errors=True)
-        shutil.copytree(contenders["onnx int4, re-quantized"][1], imported)
-        import_gguf_blocks(imported, gguf)
+    imported = {}
+    for name, int8_activations in (("onnx int4, GGUF blocks", False),
+                                   ("onnx int4, GGUF blocks, int8 activations", True)):  # fmt: skip
+        folder = workdir / name.replace(" ", "_").replace(",", "")
+        summary = folder / "gguf_blocks.json"
+        # A build from before the import chose each matmul's activations is made again.
+        if not summary.is_file() or "accuracy_levels" not in json.loads(summary.read_text()):
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(contenders["onnx int4, re-quantized"][1], folder)
+            import_gguf_blocks(folder, gguf, int8_activations=int8_activations)
+        imported[name] = ("onnx", folder)
     hqq = workdir / "onnx_int4_hqq"
     if not (hqq / "genai_config.json").is_file():
         _hqq_build(hf, workdir, hqq)
-    contenders = {"onnx int4, GGUF blocks": ("onnx", imported), **contenders,
+    contenders = {**imported, **contenders,
                   "onnx int4, HQQ": ("onnx", hqq)}  # fmt: skip
     if _llama_cpp_missing() is None:
         contenders["llama.cpp Q4_1 (as shipped)"] = ("llama.cpp", gguf)

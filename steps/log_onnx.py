@@ -150,16 +150,20 @@ def _carry_gguf_blocks(request: LogOnnxParameters, fetched: FetchedModel, folder
                 f"{request.precision.value} {request.execution_provider.value}")  # fmt: skip
     try:
         gguf = fetched_gguf(fetched)
-        summary = import_gguf_blocks(folder, gguf, fetched.tags[GGUF_SHA256_TAG])
+        summary = import_gguf_blocks(folder, gguf, fetched.tags[GGUF_SHA256_TAG],
+                                     int8_activations=request.gguf_blocks == GgufBlocks.fast)  # fmt: skip
     except (UnsupportedBlocksError, ModelFilesError) as error:
         # The build stands as the builder made it: re-quantized from the verified weights.
         logger.warning("The GGUF's blocks were not carried over, the build re-quantized: %s", error)
         return f"requantized: {error}"
     logger.info("Carried the GGUF's blocks into %d matmuls (%d nodes added for Q4_1)",
                 len(summary.tensors), summary.correction_nodes)  # fmt: skip
+    notes = []
+    if request.gguf_blocks == GgufBlocks.fast:
+        notes.append("int8 activations (onnx.gguf_blocks=fast)")
     if summary.kept:
-        return f"imported; the builder's own weights kept for {', '.join(summary.kept)}"
-    return "imported"
+        notes.append(f"the builder's own weights kept for {', '.join(summary.kept)}")
+    return "; ".join(["imported", *notes])
 
 
 def _agreement(

@@ -178,7 +178,8 @@ class LogOnnxParameters(GenerationParameters):
     )
     extra_options: dict[str, str] = parameter("model builder --extra_options (build)", {})
     gguf_blocks: GgufBlocks = parameter(
-        "a GGUF source's int4 CPU build: auto (carry its Q4_0/Q4_1/Q8_0 blocks over exactly) or "
+        "a GGUF source's int4 CPU build: auto (carry its Q4_0/Q4_1/Q8_0 blocks over exactly, "
+        "4-bit matmuls on float activations), fast (the same blocks on int8 activations) or "
         "requantize (the builder re-quantizes the dequantized weights)",
         GgufBlocks.auto,
     )

@@ -217,15 +217,13 @@ def test_the_imported_int4_candidate_keeps_the_reference_s_quality_in_0_4_of_its
     smollm2_pipeline, tracking_server
 ):
     """The pipeline's int4 candidate carries the GGUF's blocks over (the log run says so), stays
-    within KL 0.05 of the reference, and weighs at most 0.40 of the fetched float32 bytes.
+    within KL 0.05 of the reference, keeps at least 0.97 of the reference's contains_reference,
+    and weighs at most 0.40 of the fetched float32 bytes.
 
-    Its contains_reference is held to the pipeline's own relative rule for SmolLM2 (at most 0.1
-    below the reference), which the re-quantized int4 failed (0.104 below). The 0.97 of the
-    reference once asked for is missed on this machine by one or two answers of 48 (22 or 21
-    against 23, with two graphs of the same weights), with accuracy level 4's int8 activations
-    the only cause left (KL 0.0035, less than int8's 0.0049); with float activations the build
-    is exact but decodes 10x slower. On 48 prompts an answer moves the figure by 0.021: the KL
-    bound is the finer check."""
+    Its 4-bit matmuls take float activations (onnx.gguf_blocks=auto): with int8 activations
+    everywhere (onnx.gguf_blocks=fast, accuracy level 4) the same weights answered 21 of 48
+    against the reference's 23, at KL 0.0035; with float activations 24 of 48, at KL 0.0008
+    (the int8 activations of the 8-bit head, kept for speed, are what is left)."""
     client = MlflowClient(tracking_uri=tracking_server.uri)
     evaluation = _evaluation(client)
     reference, int4 = evaluation.candidate("transformers"), evaluation.candidate("onnx")
@@ -233,7 +231,7 @@ def test_the_imported_int4_candidate_keeps_the_reference_s_quality_in_0_4_of_its
                   if run.data.tags.get(CANDIDATE_TAG) == "onnx"]  # fmt: skip
     assert log_run.data.tags[GGUF_BLOCKS_TAG] == "imported"
     assert int4.metrics[KLD_MEAN_METRIC] <= 0.05
-    assert int4.metrics["contains_reference"] >= reference.metrics["contains_reference"] - 0.1
+    assert int4.metrics["contains_reference"] >= 0.97 * reference.metrics["contains_reference"]
     assert int4.verdict.passed, int4.verdict.reasons
     (fetch,) = runs_of(client, EXPERIMENT, "fetch_model")
     fp32_bytes = fetch.data.metrics[MODEL_TOTAL_BYTES_METRIC]

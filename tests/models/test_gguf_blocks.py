@@ -119,6 +119,38 @@ def test_every_smollm2_weight_is_the_one_transformers_dequantized(smollm2_gguf, 
     assert compared == 7 * config["num_hidden_layers"]
 
 
+def _accuracy_levels(folder: Path) -> dict[str, int]:
+    """Each MatMulNBits node's accuracy_level in the build in ``folder``, by its weight's name."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {
+        node.input[1].split(".MatMul.")[0]: next(
+            helper.get_attribute_value(a) for a in node.attribute if a.name == "accuracy_level"
+        )
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
+def _float_activations_everywhere(folder: Path) -> None:
+    """Every MatMulNBits of the build at accuracy level 0, the 8-bit head too (the import keeps
+    that one on int8 activations for speed): with no activation rounding left, what remains of a
+    difference is the weights'."""
+    import onnx
+    from onnx import helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for index, attribute in enumerate(node.attribute):
+                if attribute.name == "accuracy_level":
+                    node.attribute[index].CopyFrom(helper.make_attribute("accuracy_level", 0))
+    onnx.save(model, str(path))
+
+
 @pytest.fixture(scope="module")
 def smollm2_int4_exact(smollm2_hf, tmp_path_factory) -> Path:
     """SmolLM2's builder int4 build with float activations (accuracy level 0), before import."""
@@ -157,6 +189,10 @@ def test_the_imported_build_computes_smollm2s_own_weights(
         "8-bit": 1,
     }
     assert summary.correction_nodes > 0
+    # The 4-bit projections on float activations, the Q8_0 head on int8 ones (the default).
+    levels = _accuracy_levels(imported)
+    assert levels.pop("lm_head") == 4 and set(levels.values()) == {0}, levels
+    _float_activations_everywhere(imported)
     texts = [(PROJECT_DIR / "data" / "heldout_text.txt").read_text()[:1500]]
     chunks = tokenize_corpus(smollm2_hf, texts)
     reference = np.concatenate(list(next_token_log_probs(torch_logits(smollm2_hf), chunks, 1)))
@@ -243,7 +279,17 @@ def test_a_tiny_llama_built_from_its_gguf_blocks_computes_the_files_weights(tmp_
     rows = [[5, 17, 300, 42, 9, 250, 77], [8, 100, 3, 64]]
     expected = torch_logits(hf)(rows)
     before = onnx_logits(build)(rows)
+    fast = tmp_path / "fast"
+    shutil.copytree(build, fast)
     summary = import_gguf_blocks(build, gguf)
+    # By default the 4-bit projections take float activations, the 8-bit head int8 ones;
+    # int8_activations (onnx.gguf_blocks=fast) puts every matmul on int8 activations.
+    levels = _accuracy_levels(build)
+    assert summary.accuracy_levels == levels
+    assert levels.pop("lm_head") == 4 and set(levels.values()) == {0}, levels
+    import_gguf_blocks(fast, gguf, int8_activations=True)
+    assert set(_accuracy_levels(fast).values()) == {4}
+    _float_activations_everywhere(build)
     after = onnx_logits(build)(rows)
     assert summary.kept == [] and summary.correction_nodes > 0
     for want, old, new in zip(expected, before, after, strict=True):
