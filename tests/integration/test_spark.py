@@ -39,6 +39,7 @@ from llm_packager.keys import (
     TOKEN_AGREEMENT_METRIC,
     TOKEN_F1_METRIC,
 )
+from llm_packager.project import PROJECT_DIR
 from steps.evaluate import evaluate
 
 PARTITIONS = 2
@@ -118,6 +119,34 @@ def test_the_onnx_champion_answers_a_dataframe_through_mlflows_spark_udf_as_pred
     spark_answers = {question: completion.choices[0].message.content
                      for question, completion in by_question.items()}  # fmt: skip
     assert spark_answers == _predicted(registered["onnx"])
+
+
+def _recipe(heading: str) -> str:
+    """The first Python block under ``heading`` in docs/spark.md, as a user would copy it."""
+    text = (PROJECT_DIR / "docs" / "spark.md").read_text()
+    section = text[text.index(heading) :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_batch_inference_recipe_writes_predicts_answers_beside_the_prompts(
+    spark, champions, tmp_path, monkeypatch
+):
+    """docs/spark.md's recipe run as written (only the champion's name is this test's): the
+    champion over a Parquet table of 2 partitions, with an int max_tokens column, through
+    MLflow's own UDF; the answers written beside the prompts equal predict's."""
+    _, registered = champions
+    documented = "models:/tiny-random-phi3-chat@champion"
+    code = _recipe("## Batch inference: the champion over a table")
+    assert documented in code, code
+    monkeypatch.chdir(tmp_path)
+    _requests(spark).write.parquet("prompts.parquet")
+    # The documented code itself, so that the docs and this test cannot drift apart.
+    exec(code.replace(documented, registered["onnx"]), {})
+
+    written = spark.read.parquet("answers.parquet")
+    assert {"messages", "max_tokens", "completion", "answer"} <= set(written.columns)
+    answers = {row.messages[0].content: row.answer for row in written.collect()}
+    assert answers == _predicted(registered["onnx"])
 
 
 def test_separate_columns_reproduce_the_reported_failure_on_max_tokens(spark, champions):
