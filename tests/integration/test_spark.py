@@ -129,21 +129,25 @@ def _recipe(heading: str) -> str:
 
 
 def test_the_documented_batch_inference_recipe_writes_predicts_answers_beside_the_prompts(
-    spark, champions, tmp_path, monkeypatch
+    spark, champions, tmp_path
 ):
-    """docs/spark.md's recipe run as written (only the champion's name is this test's): the
+    """docs/spark.md's recipe run as written, but for the champion's name and the tables' paths
+    (Spark resolves a relative path against its JVM's working folder, not Python's): the
     champion over a Parquet table of 2 partitions, with an int max_tokens column, through
     MLflow's own UDF; the answers written beside the prompts equal predict's."""
     _, registered = champions
-    documented = "models:/tiny-random-phi3-chat@champion"
     code = _recipe("## Batch inference: the champion over a table")
-    assert documented in code, code
-    monkeypatch.chdir(tmp_path)
-    _requests(spark).write.parquet("prompts.parquet")
+    names = {"models:/tiny-random-phi3-chat@champion": registered["onnx"],
+             '"prompts.parquet"': repr(str(tmp_path / "prompts.parquet")),
+             '"answers.parquet"': repr(str(tmp_path / "answers.parquet"))}  # fmt: skip
+    for documented, ours in names.items():
+        assert documented in code, (documented, code)
+        code = code.replace(documented, ours)
+    _requests(spark).write.parquet(str(tmp_path / "prompts.parquet"))
     # The documented code itself, so that the docs and this test cannot drift apart.
-    exec(code.replace(documented, registered["onnx"]), {})
+    exec(code, {})
 
-    written = spark.read.parquet("answers.parquet")
+    written = spark.read.parquet(str(tmp_path / "answers.parquet"))
     assert {"messages", "max_tokens", "completion", "answer"} <= set(written.columns)
     answers = {row.messages[0].content: row.answer for row in written.collect()}
     assert answers == _predicted(registered["onnx"])
