@@ -18,11 +18,12 @@ weights are replaced by the file's own blocks, in a form onnxruntime's fast CPU 
 The activations: ``MatMulNBits`` can quantize them to int8 per block (accuracy level 4) or keep
 them float (level 0). With int8 activations the imported SmolLM2 stays KL 0.0035 from its float32
 reference, which costs answers (21 of 48 contain the reference against its 23); with float
-activations in the 4-bit matmuls it is 0.0008 (24 of 48) and decodes about a third slower (33
-against 51 tokens/s, measured back to back). So by default the 4-bit matmuls take float
+activations in the 4-bit matmuls it is 0.0008 (24 of 48) and decodes a third slower (38 against
+58 tokens/s at batch 1, ``benchmarks/peers.py``). So by default the 4-bit matmuls take float
 activations and the 8-bit ones (a Q8_0 head) int8: onnxruntime 1.31 has no fast float path for
-8 bits (3.9 tokens/s with the head at level 0, for KL 0.0027). ``int8_activations`` puts every
-matmul at level 4 (``onnx.gguf_blocks=fast``).
+8 bits (with the head on float activations too the model is exact, KL 1.4e-8, but decodes at 3.5
+tokens/s). The levels are set whatever ``accuracy_level`` the build was given.
+``int8_activations`` puts every matmul at level 4 (``onnx.gguf_blocks=fast``).
 
 Other block formats (K-quants, Q5, float) are refused with ``UnsupportedBlocksError``; the
 logging step then re-quantizes, as before (``onnx.gguf_blocks``).
