@@ -59,7 +59,11 @@ from llm_packager.models.chat import (
     MalformedCompletionError,
     load_back_and_answer,
 )
-from llm_packager.models.gguf_blocks import UnsupportedBlocksError, import_gguf_blocks
+from llm_packager.models.gguf_blocks import (
+    FLOAT_ACTIVATIONS,
+    UnsupportedBlocksError,
+    import_gguf_blocks,
+)
 from llm_packager.models.model_store import log_chat_model
 from llm_packager.models.onnx_build import (
     RUNTIME_DISTRIBUTIONS,
@@ -148,24 +152,26 @@ def _carry_gguf_blocks(request: LogOnnxParameters, fetched: FetchedModel, folder
     ):
         return (f"requantized: blocks are carried into int4 CPU builds, this is "
                 f"{request.precision.value} {request.execution_provider.value}")  # fmt: skip
+    fast = request.gguf_blocks == GgufBlocks.fast
     try:
         gguf = fetched_gguf(fetched)
-        fast = request.gguf_blocks == GgufBlocks.fast
         summary = import_gguf_blocks(folder, gguf, fetched.tags[GGUF_SHA256_TAG],
                                      int8_activations=fast)  # fmt: skip
     except (UnsupportedBlocksError, ModelFilesError) as error:
         # The build stands as the builder made it: re-quantized from the verified weights.
         logger.warning("The GGUF's blocks were not carried over, the build re-quantized: %s", error)
         return f"requantized: {error}"
-    float_activations = sum(level == 0 for level in summary.accuracy_levels.values())
     # The import sets each matmul's accuracy level whatever extra_options asked: say so.
+    float_activations = sum(
+        level == FLOAT_ACTIVATIONS for level in summary.accuracy_levels.values()
+    )
     int8_activations = len(summary.accuracy_levels) - float_activations
     logger.info("Carried the GGUF's blocks into %d matmuls (%d nodes added for Q4_1); %d on "
                 "float activations, %d on int8 (onnx.gguf_blocks=%s)", len(summary.tensors),
                 summary.correction_nodes, float_activations, int8_activations,
                 request.gguf_blocks.value)  # fmt: skip
     notes = []
-    if request.gguf_blocks == GgufBlocks.fast:
+    if fast:
         notes.append("int8 activations (onnx.gguf_blocks=fast)")
     if summary.kept:
         notes.append(f"the builder's own weights kept for {', '.join(summary.kept)}")
