@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 # Read by huggingface_hub when it is first imported: no test may wait on the (unreachable) Hub for
 # model cards or licences. Tests of the Hub path point HF_ENDPOINT at a closed local port instead.
@@ -31,12 +32,37 @@ from tests.support import (
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
+# The files that keep a worker busiest, longest first (worker-seconds of a full run, -n 2). With
+# `--dist loadfile` xdist hands out whole files in collection order (pyproject's addopts turn off
+# its own reordering by test count), so starting the longest first leaves only short files for
+# the end and no core idles while one worker finishes the SmolLM2 module alone.
+LONGEST_FILES_FIRST = (
+    "integration/test_real_weights.py",
+    "integration/test_faults.py",
+    "integration/test_log_steps_pipeline.py",
+    "integration/test_azureml.py",
+    "integration/test_pipeline_server.py",
+    "steps/test_register.py",
+    "steps/test_evaluate_step.py",
+    "integration/test_databricks_double.py",
+    "integration/test_spark.py",
+)
+
+
+def _file_rank(item: pytest.Item) -> int:
+    relative = Path(item.fspath).relative_to(Path(__file__).parent).as_posix()
+    return LONGEST_FILES_FIRST.index(relative) if relative in LONGEST_FILES_FIRST else len(
+        LONGEST_FILES_FIRST
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # tests/integration/ holds the tests that run the pipeline against real servers: they are
     # slow by where they live, so a new one there cannot slip into the quick loop unmarked.
     for item in items:
         if INTEGRATION_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_file_rank)  # stable: the rest keep their collected order
 
 
 @pytest.fixture(scope="session")
@@ -115,12 +141,28 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder (float32), converted once per session."""
+def smollm2_hf(smollm2_gguf, tmp_path_factory, worker_id) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32), converted once per test run.
+
+    Under xdist the workers share it through the run's common temporary folder: the first one
+    converts it behind a file lock, and a worker that needs it later reads the same folder
+    instead of spending another ~50 s of the 2 cores converting it again. Tests only read it."""
+    from filelock import FileLock
+
     from llm_packager.sources.gguf import convert_gguf
 
-    return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf",
-                        package=SMOLLM2_PACKAGE)  # fmt: skip
+    if worker_id == "master":  # no xdist: this process is the whole run
+        return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf",
+                            package=SMOLLM2_PACKAGE)  # fmt: skip
+    shared = tmp_path_factory.getbasetemp().parent / "smollm2-shared"
+    with FileLock(f"{shared}.lock"):
+        converted = shared / "converted"
+        if not converted.is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a conversion that failed half-way
+            shared.mkdir()
+            folder = convert_gguf(smollm2_gguf, shared / "hf", package=SMOLLM2_PACKAGE)
+            converted.write_text(str(folder))
+        return Path(converted.read_text())
 
 
 @pytest.fixture(scope="session")
