@@ -45,27 +45,51 @@ def chat_token_ids(hf_folder: Path, chats=PARITY_CHATS) -> list[list[int]]:
 
 
 def greedy_transformers(
-    hf_folder: Path, prompts: list[list[int]], new_tokens: int, dtype: str = "float32"
-) -> list[list[int]]:
+    hf_folder: Path, prompts: list[list[int]], new_tokens: int, dtype: str = "float32",
+    batch_size: int = 1,
+) -> list[list[int]]:  # fmt: skip
     """Greedy continuations from the transformers model, up to ``new_tokens`` each.
 
     ``dtype`` is a torch dtype's name, or ``auto`` for the stored one: float32 is the exact
     reference on CPU, and the stored bfloat16 of a large model needs half its memory.
+
+    ``batch_size`` prompts decode together, left-padded behind an attention mask, as
+    transformers batches generation. On CPU a small model's decoding reads every weight once a
+    step whatever the rows, so 48 prompts in one batch decode about 5 times faster than one by one
+    (SmolLM2: 14 s against 76 s). Padding changes the shapes the matmuls sum over, so a near tie
+    could in principle break differently; each row ends at its first end-of-sequence token, as
+    an unbatched decode stops there.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     loaded_as = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=loaded_as).eval()
+    configured = model.generation_config.eos_token_id
+    ends = set(configured if isinstance(configured, list) else [configured]) - {None}
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else min(ends, default=0)
     outputs = []
     with torch.inference_mode():
-        for ids in prompts:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            padded = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
             generated = model.generate(
-                torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                padded, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=pad,
             )  # fmt: skip
-            outputs.append(generated[0, len(ids) :].tolist())
+            outputs.extend(_through_first_end(row, ends) for row in generated[:, width:].tolist())
     return outputs
+
+
+def _through_first_end(tokens: list[int], ends: set[int]) -> list[int]:
+    # A finished row of a batch is filled with padding until the longest row ends.
+    for position, token in enumerate(tokens):
+        if token in ends:
+            return tokens[: position + 1]
+    return tokens
 
 
 def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

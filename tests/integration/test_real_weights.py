@@ -68,7 +68,8 @@ def test_fp32_onnx_gives_transformers_answers_on_the_evaluation_set(smollm2_hf, 
     examples = load_eval_set(EVAL_SET)
     chats = [tuple(example.chat_request(24)["messages"]) for example in examples]
     prompts = chat_token_ids(smollm2_hf, chats)
-    expected = greedy_transformers(smollm2_hf, prompts, 24)
+    # All 48 in one batch: 14 s instead of 76 s one by one, and the same 48 answers (measured).
+    expected = greedy_transformers(smollm2_hf, prompts, 24, batch_size=len(prompts))
     answered = greedy_onnx(onnx, prompts, 24)
     identical = sum(a == b for a, b in zip(expected, answered, strict=True))
     assert len(examples) == 48

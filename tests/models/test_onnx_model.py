@@ -94,6 +94,14 @@ def test_fp32_greedy_tokens_match_transformers_exactly(tiny_model_dir, fp32_onnx
     assert all(len(tokens) > 0 for tokens in expected)
 
 
+def test_prompts_decoded_in_one_left_padded_batch_give_the_one_by_one_answers(tiny_model_dir):
+    # The four chats differ in length (one has a system turn), so the batch pads three of them.
+    prompts = chat_token_ids(tiny_model_dir)
+    assert len({len(ids) for ids in prompts}) > 1
+    one_by_one = greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS)
+    assert greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS, batch_size=3) == one_by_one
+
+
 @pytest.mark.slow
 def test_fp32_pyfunc_text_matches_transformers_text(tiny_model_dir, model):
     from transformers import AutoTokenizer
