@@ -189,66 +189,6 @@ def _azure_venv() -> Path:
     return venv
 
 
-@pytest.mark.slow
-def test_the_pipeline_runs_on_the_azure_ml_lock_through_the_azure_double(tracking_server, tmp_path):
-    # The combination Azure ML deploys: the Azure lock's MLflow with azureml-mlflow, the workspace
-    # job's own command, and a server that refuses what Azure's refuses (no LoggedModel API, no
-    # aliases, no status filters, no request without the workspace token, the job's run handed
-    # in).
-    venv = _azure_venv()
-    experiment, name = f"azure-lock-{uuid.uuid4().hex[:8]}", f"azure-lock-{uuid.uuid4().hex[:8]}"
-    version = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import mlflow; print(mlflow.__version__)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    assert version == _lock_pins(AZURE_LOCK)["mlflow"]
-    overrides = f"evaluate.limit=4 register.registered_model_name={name}"
-    command = _job_command(PROJECT_DIR / "azureml" / "job.yml", model="tiny-random-phi3",
-                           overrides=overrides)  # fmt: skip
-    code = _job_snapshot(tmp_path / "code")
-    with azureml_double(tracking_server.uri, token="generate") as workspace:
-        job = workspace.start_job(experiment)
-        environment = project_environment(**job.environment())
-        # The Azure ML environment's interpreter and scripts first, as in the job.
-        environment["PATH"] = f"{venv / 'bin'}{os.pathsep}{environment['PATH']}"
-        environment.pop("VIRTUAL_ENV", None)
-        completed = subprocess.run(["bash", "-c", command], cwd=code, env=environment,
-                                   capture_output=True, text=True, timeout=1200)  # fmt: skip
-        job.end(completed.returncode)
-        assert completed.returncode == 0, completed.stderr[-4000:]
-        client = MlflowClient(tracking_uri=tracking_server.uri)
-        assert client.get_run(job.run_id).data.tags[MODEL_STORE_TAG] == "run_artifacts"
-        steps = _nested_steps(client, job.experiment_id, job.run_id)
-        assert {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps} == {
-            "fetch_model", "log_transformers", "log_onnx", "evaluate", "register"}  # fmt: skip
-        for logged in (
-            r for r in steps if r.data.tags[MLFLOW_PROJECT_ENTRY_POINT].startswith("log_")
-        ):
-            assert logged.data.tags[MODEL_URI_TAG] == (
-                f"runs:/{logged.info.run_id}/{MODEL_ARTIFACT_PATH}"
-            )
-        assert len(workspace.requests_with_token(workspace.token)) == len(workspace.received)
-        # No alias endpoint: the champion is the version tagged for it; it loads on the Azure
-        # lock's MLflow and answers.
-        registry = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
-        os.environ["MLFLOW_TRACKING_TOKEN"] = workspace.token
-        try:
-            uri = alias_model_uri(registry, name, "champion")
-        finally:
-            os.environ.pop("MLFLOW_TRACKING_TOKEN")
-        answered = subprocess.run(
-            [str(venv / "bin" / "python"), "-c",
-             "import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-             "print(json.dumps(m.predict({'messages': [{'role': 'user', 'content': 'hi'}], "
-             "'max_tokens': 3})))", uri],
-            env=environment, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert answered.returncode == 0, answered.stderr[-3000:]
-        assert json.loads(answered.stdout.strip().splitlines()[-1])[0]["object"] == (
-            "chat.completion"
-        )
-
-
 # ----- The Azure ML double (tests/azureml_double.py): status filters and aliases -----
 
 
@@ -414,12 +354,16 @@ def _job_snapshot(folder: Path) -> Path:
 
 
 def _run_job(
-    command: str, environment: dict[str, str], code: Path = PROJECT_DIR
+    command: str, environment: dict[str, str], code: Path = PROJECT_DIR, venv: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    # The job runs in its code folder (code: ..), the project's root.
-    return subprocess.run(["bash", "-c", command], cwd=code,
-                          env=project_environment(**environment), capture_output=True,
-                          text=True, timeout=1200)  # fmt: skip
+    # The job runs in its code folder (code: ..), the project's root; given ``venv``, with that
+    # environment's interpreter and scripts first on the PATH, as Azure ML's image has them.
+    environment = project_environment(**environment)
+    if venv is not None:
+        environment["PATH"] = f"{venv / 'bin'}{os.pathsep}{environment['PATH']}"
+        environment.pop("VIRTUAL_ENV", None)
+    return subprocess.run(["bash", "-c", command], cwd=code, env=environment,
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
 def _nested_steps(client: MlflowClient, experiment_id: str, parent: str) -> list:
@@ -427,7 +371,19 @@ def _nested_steps(client: MlflowClient, experiment_id: str, parent: str) -> list
 
 
 @pytest.mark.slow
-def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_server, tmp_path):
+def test_the_workspace_job_on_the_azure_ml_lock_adopts_its_run_and_passes_cold_and_warm(
+    tracking_server, tmp_path
+):
+    # The combination Azure ML deploys: the Azure lock's MLflow with azureml-mlflow, the workspace
+    # job's own command, and a server that refuses what Azure's refuses (no LoggedModel API, no
+    # aliases, no status filters, no request without the workspace token, the job's run handed
+    # in). Run twice, as a team reruns a job: cold, then warm.
+    venv = _azure_venv()
+    version = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import mlflow; print(mlflow.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert version == _lock_pins(AZURE_LOCK)["mlflow"]
     experiment, name = f"azure-job-{uuid.uuid4().hex[:8]}", f"azure-job-{uuid.uuid4().hex[:8]}"
     overrides = f"evaluate.limit=4 register.registered_model_name={name}"
     command = _job_command(PROJECT_DIR / "azureml" / "job.yml", model="tiny-random-phi3",
@@ -438,11 +394,12 @@ def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_serv
         registered = 0
         for warm in (False, True):
             job = workspace.start_job(experiment)
-            completed = _run_job(command, job.environment(), code)
+            completed = _run_job(command, job.environment(), code, venv)
             job.end(completed.returncode)
             assert completed.returncode == 0, completed.stderr[-4000:]
             # main is the job's own run: the steps are nested under the handed-in run id.
             main_run = client.get_run(job.run_id)
+            assert main_run.data.tags[MODEL_STORE_TAG] == "run_artifacts"
             steps = _nested_steps(client, job.experiment_id, job.run_id)
             reused = main_run.data.tags[STEPS_REUSED_TAG]
             versions = client.search_model_versions(f"name = '{name}'")
@@ -457,6 +414,11 @@ def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_serv
                 entry_points = {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps}
                 assert entry_points == {"fetch_model", "log_transformers", "log_onnx",
                                         "evaluate", "register"}  # fmt: skip
+                for logged in (r for r in steps
+                               if r.data.tags[MLFLOW_PROJECT_ENTRY_POINT].startswith("log_")):
+                    assert logged.data.tags[MODEL_URI_TAG] == (
+                        f"runs:/{logged.info.run_id}/{MODEL_ARTIFACT_PATH}"
+                    )  # fmt: skip
                 # Every step run ran in the job's experiment, and nothing ran outside the job.
                 outside = client.search_runs([job.experiment_id], "")
                 assert {run.info.run_id for run in outside} == {
@@ -467,17 +429,24 @@ def test_the_workspace_job_adopts_its_run_and_passes_cold_and_warm(tracking_serv
         assert workspace.received and len(workspace.requests_with_token(workspace.token)) == len(
             workspace.received
         )
-        # No alias endpoint here: the champion is the version tagged for it, and it loads.
+        # No alias endpoint here: the champion is the version tagged for it, and it loads and
+        # answers on the Azure lock's MLflow, as a deployment there would load it.
         registry = MlflowClient(tracking_uri=workspace.uri, registry_uri=workspace.uri)
-        with tracking_uri(workspace.uri):
-            os.environ["MLFLOW_TRACKING_TOKEN"] = workspace.token
-            try:
-                uri = alias_model_uri(registry, name, "champion")
-                answer = mlflow.pyfunc.load_model(uri).predict(
-                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-                )
-            finally:
-                del os.environ["MLFLOW_TRACKING_TOKEN"]
+        os.environ["MLFLOW_TRACKING_TOKEN"] = workspace.token
+        try:
+            uri = alias_model_uri(registry, name, "champion")
+        finally:
+            del os.environ["MLFLOW_TRACKING_TOKEN"]
+        environment = project_environment(**job.environment())
+        answered = subprocess.run(
+            [str(venv / "bin" / "python"), "-c",
+             "import json, sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+             "print(json.dumps(m.predict({'messages': [{'role': 'user', 'content': 'hi'}], "
+             "'max_tokens': 3})))", uri],
+            env=environment, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert answered.returncode == 0, answered.stderr[-3000:]
+        answer = json.loads(answered.stdout.strip().splitlines()[-1])
         assert answer[0]["object"] == "chat.completion"
         # Each alias is on one version, the champion's and the challenger's apart.
         holders = {alias: [v.version for v in versions if alias_tag_key(alias) in v.tags]
