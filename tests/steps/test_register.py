@@ -1,7 +1,8 @@
 """The register step: alias only past the gate, idempotent versions, lineage on the version.
 
-Each test evaluates the tiny model's candidates first (a worker process per candidate), so these
-tests are slow.
+The tiny model's candidates are evaluated for real (a worker process per candidate), once per
+gate for the module: register never changes an evaluate run, so every test registers the same
+passing and failing runs under a model name of its own. These tests are slow.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from llm_packager.keys import (
 )
 from steps.evaluate import evaluate
 from steps.register import register
-from tests.support import run_step
+from tests.support import run_step, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,14 @@ def _evaluation(runs, gate: str, candidate_run_ids=None) -> str:
     return run.info.run_id
 
 
+@pytest.fixture(scope="module")
+def evaluated(logged_models) -> dict[str, str]:
+    """The two tiny candidates evaluated under the passing and the failing gate: run ids by gate."""
+    uri, runs = logged_models
+    with tracking_uri(uri):
+        return {gate: _evaluation(runs, gate) for gate in (PASSING_GATE, FAILING_GATE)}
+
+
 def _register(runs, evaluate_run_id: str, name: str, **options):
     request = RegisterParameters(
         evaluate_run_id=evaluate_run_id, registered_model_name=name, **options
@@ -70,9 +79,11 @@ def _register(runs, evaluate_run_id: str, name: str, **options):
     return run.info.run_id, result
 
 
-def test_winner_gets_champion_runner_up_gets_challenger_with_lineage(logged_models_tracking):
+def test_winner_gets_champion_runner_up_gets_challenger_with_lineage(
+    logged_models_tracking, evaluated
+):
     client, runs = logged_models_tracking
-    evaluate_run_id = _evaluation(runs, PASSING_GATE)
+    evaluate_run_id = evaluated[PASSING_GATE]
     register_run_id, result = _register(runs, evaluate_run_id, "lineage-test")
 
     # Which candidate is faster on three tiny prompts is noise; register must follow evaluate.
@@ -108,21 +119,25 @@ def test_winner_gets_champion_runner_up_gets_challenger_with_lineage(logged_mode
     assert answer[0]["object"] == "chat.completion"
 
 
-def test_registering_the_same_model_again_returns_the_existing_version(logged_models_tracking):
+def test_registering_the_same_model_again_returns_the_existing_version(
+    logged_models_tracking, evaluated
+):
     client, runs = logged_models_tracking
-    evaluate_run_id = _evaluation(runs, PASSING_GATE)
+    evaluate_run_id = evaluated[PASSING_GATE]
     _, first = _register(runs, evaluate_run_id, "idempotent-test")
     _, again = _register(runs, evaluate_run_id, "idempotent-test")
     assert again.version == first.version
     assert len(client.search_model_versions("name = 'idempotent-test'")) == 2  # onnx + transformers
 
 
-def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(logged_models_tracking):
+def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(
+    logged_models_tracking, evaluated
+):
     client, runs = logged_models_tracking
-    _register(runs, _evaluation(runs, PASSING_GATE), "gate-test")
+    _register(runs, evaluated[PASSING_GATE], "gate-test")
     before = client.get_registered_model("gate-test").aliases
     versions_before = len(client.search_model_versions("name = 'gate-test'"))
-    failing = _evaluation(runs, FAILING_GATE)
+    failing = evaluated[FAILING_GATE]
 
     completed = run_step(
         "register", "--evaluate-run-id", failing, "--registered-model-name", "gate-test",
@@ -142,12 +157,12 @@ def test_no_candidate_past_the_gate_registers_nothing_and_keeps_aliases(logged_m
 
 
 def test_allow_unvalidated_registers_says_so_and_removes_a_stale_challenger(
-    logged_models_tracking,
+    logged_models_tracking, evaluated
 ):
     client, runs = logged_models_tracking
-    _register(runs, _evaluation(runs, PASSING_GATE), "unvalidated-test")
+    _register(runs, evaluated[PASSING_GATE], "unvalidated-test")
     assert "challenger" in client.get_registered_model("unvalidated-test").aliases
-    _, result = _register(runs, _evaluation(runs, FAILING_GATE), "unvalidated-test",
+    _, result = _register(runs, evaluated[FAILING_GATE], "unvalidated-test",
                           allow_unvalidated=True)  # fmt: skip
     assert result.status == "registered"
     champion = client.get_model_version_by_alias("unvalidated-test", "champion")
