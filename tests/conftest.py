@@ -49,6 +49,11 @@ LONGEST_FILES_FIRST = (
 )
 
 
+def _missing_longest_files() -> list[str]:
+    # A renamed or removed file would silently lose its early start: say so instead.
+    return [name for name in LONGEST_FILES_FIRST if not (Path(__file__).parent / name).is_file()]
+
+
 def _file_rank(item: pytest.Item) -> int:
     relative = Path(item.fspath).relative_to(Path(__file__).parent).as_posix()
     return LONGEST_FILES_FIRST.index(relative) if relative in LONGEST_FILES_FIRST else len(
@@ -62,6 +67,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+    if missing := _missing_longest_files():
+        raise pytest.UsageError(f"LONGEST_FILES_FIRST in tests/conftest.py names {missing}")
     items.sort(key=_file_rank)  # stable: the rest keep their collected order
 
 
