@@ -14,9 +14,13 @@ error for an unknown model is the one OpenAI answers (404, ``invalid_request_err
 from __future__ import annotations
 
 import json
+import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
+
+_logger = logging.getLogger(__name__)
 
 # The request fields this endpoint answers itself; they never reach the model.
 ENDPOINT_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
@@ -72,14 +76,26 @@ def error_from_model(error: Exception) -> OpenAIError:
     MLflow exceptions carry their HTTP status in their error code: the ONNX model's refused
     request is ``INVALID_PARAMETER_VALUE`` (400) and its full queue ``TEMPORARILY_UNAVAILABLE``
     (503), as ``llm_packager/serving/requests.py`` defines them; MLflow's own schema check raises
-    400s too. Anything else is a failure of the model, a 500.
+    400s too. Their messages are written for the client and pass through.
+
+    Anything else is a failure of the model, a 500. Its text stays in the server's log: an
+    exception's message can hold a file path, a URL with its credentials or a piece of someone
+    else's request, so the client gets the exception's type and an error id to quote, which the
+    logged traceback carries too (OpenAI's own 500 names no cause either).
     """
     from mlflow.exceptions import MlflowException
 
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
-        return OpenAIError(status, error.message, code=error.error_code.lower())
-    return OpenAIError(500, f"The model failed: {type(error).__name__}: {error}")
+        if status < 500 or status == 503:
+            return OpenAIError(status, error.message, code=error.error_code.lower())
+    error_id = uuid.uuid4().hex[:12]
+    _logger.error("The model failed (error id %s)", error_id, exc_info=error)
+    return OpenAIError(
+        500,
+        f"The model failed ({type(error).__name__}; error id {error_id}): the server's log "
+        "has the details.",
+    )
 
 
 @dataclass(frozen=True)

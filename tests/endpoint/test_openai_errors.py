@@ -182,24 +182,40 @@ def test_a_request_the_model_refuses_is_a_400_with_its_message(serve):
     assert _error(raised)["type"] == "invalid_request_error"
 
 
-def test_a_model_crash_is_a_500_naming_it(serve):
+def _logged_error_id(message: str, caplog: pytest.LogCaptureFixture) -> str:
+    """The error id a 500's message quotes, checked against the traceback the server logged."""
+    found = re.search(r"error id ([0-9a-f]{12})", message)
+    assert found, message
+    (record,) = [r for r in caplog.records if found.group(1) in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    return found.group(1)
+
+
+def test_a_model_crash_is_a_500_naming_its_type_and_keeping_its_text_in_the_log(serve, caplog):
     model = StandInModel()
-    model.fault = ValueError("weights are gone")
+    model.fault = ValueError("weights are gone from /secret/path?token=abc")
     client = serve(model)
-    with pytest.raises(openai.InternalServerError, match="ValueError: weights are gone") as raised:
+    with pytest.raises(openai.InternalServerError, match="ValueError; error id") as raised:
         client.chat.completions.create(model=SERVED, messages=HELLO)
     assert raised.value.status_code == 500
+    message = _error(raised)["message"]
+    assert "secret" not in message and "token" not in message
+    error_id = _logged_error_id(message, caplog)
+    (record,) = [r for r in caplog.records if error_id in r.getMessage()]
+    assert "weights are gone from /secret/path?token=abc" in str(record.exc_info[1])
 
 
-def test_a_failure_mid_stream_reaches_the_client_as_an_error_event(serve):
+def test_a_failure_mid_stream_reaches_the_client_as_an_error_event(serve, caplog):
     model = StandInModel()
     model.fail_after = 2
     client = serve(model)
     received = []
-    with pytest.raises(openai.APIError, match="RuntimeError: the decoder failed"):
+    with pytest.raises(openai.APIError, match="RuntimeError; error id") as raised:
         for chunk in client.chat.completions.create(model=SERVED, messages=HELLO, stream=True):
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "one two"
+    assert "the decoder failed" not in raised.value.message
+    _logged_error_id(raised.value.message, caplog)
 
 
 @pytest.mark.parametrize(
