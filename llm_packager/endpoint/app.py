@@ -82,6 +82,9 @@ class ChatBackend:
         return iter([completion_as_chunk(self.complete(request))])
 
 
+TIMEOUT_MESSAGE = "Request processing time exceeded the server's --timeout."
+
+
 def _close_after(
     chunks: Iterator[Any], pending: concurrent.futures.Future | None, context: contextvars.Context
 ) -> None:
@@ -109,9 +112,12 @@ def build_app(
         executor: where model calls run, one per thread.
         created: the Unix time `/v1/models` reports (now, by default).
     """
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
     backend = ChatBackend(model)
+    # Read as MLflow's scoring server reads it, when the app is built.
+    timeout_s = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
     created = int(time.time()) if created is None else created
     app = scoring_server.init(model)
 
@@ -129,6 +135,7 @@ def build_app(
         first: Any,
         chat: ChatRequest,
         context: contextvars.Context,
+        deadline: float,
     ) -> AsyncIterator[bytes]:
         usage, last, pending = None, None, None
         try:
@@ -138,10 +145,18 @@ def build_app(
                 usage, last = chunk_usage or usage, served
                 yield server_sent_event(served)
                 pending = executor.submit(context.run, next, chunks, _END)
-                try:
-                    chunk = await asyncio.wrap_future(pending)
-                except Exception as error:
+                waiting = asyncio.wrap_future(pending)
+                # MLflow's timeout stops at the status line; the rest of a stream keeps to the
+                # same --timeout, counted from the request's arrival, as a whole answer does.
+                await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
+                if not waiting.done():
                     # The status line has gone: OpenAI's clients read an error event instead.
+                    # The generator is closed (its row given up) once this chunk is made.
+                    yield server_sent_event(OpenAIError(504, TIMEOUT_MESSAGE).body())
+                    return
+                try:
+                    chunk = waiting.result()
+                except Exception as error:
                     yield server_sent_event(error_from_model(error).body())
                     return
                 pending = None
@@ -153,6 +168,7 @@ def build_app(
 
     @app.post(CHAT_COMPLETIONS_PATH)
     async def chat_completions(request: Request) -> Response:
+        deadline = time.monotonic() + timeout_s
         try:
             body = parse_body(await request.body())
             requested = body.get("model")
@@ -171,7 +187,7 @@ def build_app(
             # (MLflow's stream raises at the first chunk) still gets its status code.
             first = await call_model(context.run, next, chunks, _END)
             return StreamingResponse(
-                events(chunks, first, chat, context), media_type="text/event-stream"
+                events(chunks, first, chat, context, deadline), media_type="text/event-stream"
             )
         except OpenAIError as error:
             return error_response(error)
@@ -200,9 +216,7 @@ def build_app(
         # error object to read. Added after MLflow's, this middleware runs outside it.
         response = await call_next(request)
         if response.status_code == 504 and request.url.path.startswith(_OPENAI_PREFIX):
-            return error_response(
-                OpenAIError(504, "Request processing time exceeded the server's --timeout.")
-            )
+            return error_response(OpenAIError(504, TIMEOUT_MESSAGE))
         return response
 
     return app
