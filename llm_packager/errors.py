@@ -42,9 +42,13 @@ def tracking_uri() -> str:
 
 def is_server_unreachable(error: BaseException) -> bool:
     """Whether an exception, or one that caused it, is the tracking server not answering:
-    a refused or dropped connection or a timeout after MLflow's retries."""
+    a refused or dropped connection or a timeout after MLflow's retries. An artifact upload
+    whose connection a server that still answers kept dropping is not (`server_dropped_upload`).
+    """
     import requests
 
+    if server_dropped_upload(error):
+        return False
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(
@@ -81,6 +85,52 @@ def server_kept_failing(error: BaseException) -> tuple[str, str] | None:
     return None
 
 
+# urllib3's last reason when every retry of a request lost its connection mid-request.
+_DROPPED_UPLOAD = re.compile(
+    r"API request to (\S+/mlflow-artifacts/artifacts/\S+) failed with exception .*"
+    r"Max retries exceeded.*Connection aborted"
+)
+
+
+def server_dropped_upload(error: BaseException) -> str | None:
+    """The artifact's URL, if every retry of an artifact upload lost its connection while the
+    tracking server still answers its health check.
+
+    A server that cannot write an upload (its artifact store full, say) can give up on the
+    connection before it has read the whole body, and the client, still sending, sees it reset
+    instead of an answer: MLflow's server did so with a full tmpfs now and then, where it
+    usually answers 500. The server is up, so this is told as the store's failure, not as the
+    server gone.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if match := _DROPPED_UPLOAD.search(str(seen)):
+            return match.group(1) if _server_answers() else None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _server_answers() -> bool:
+    import requests
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=5).ok
+    except requests.exceptions.RequestException:
+        return False
+
+
+def _artifact_failure(url: str, what: str) -> str:
+    stored = url.split("/mlflow-artifacts/artifacts/", 1)[1]
+    return (
+        f"The tracking server {tracking_uri()} could not store the artifact {stored}: it {what} "
+        "to every retry. A full or unwritable artifact store is the usual cause, and the "
+        "server's log says which; fix it and rerun (a rerun reuses every step that finished)"
+    )
+
+
 def _server_disk_full(error: BaseException) -> bool:
     seen: BaseException | None = error
     while seen is not None:
@@ -101,16 +151,12 @@ def one_line(error: BaseException) -> str | None:
             "retries). Start it again, or check MLFLOW_TRACKING_URI; a rerun reuses every step "
             "that finished"
         )
+    if dropped := server_dropped_upload(error):
+        return _artifact_failure(dropped, "closed the connection mid-upload")
     if failing := server_kept_failing(error):
         url, status = failing
         if "/mlflow-artifacts/artifacts/" in url:
-            stored = url.split("/mlflow-artifacts/artifacts/", 1)[1]
-            return (
-                f"The tracking server {tracking_uri()} could not store the artifact {stored}: it "
-                f"answered HTTP {status} to every retry. A full or unwritable artifact store is "
-                "the usual cause, and the server's log says which; fix it and rerun (a rerun "
-                "reuses every step that finished)"
-            )
+            return _artifact_failure(url, f"answered HTTP {status}")
         return (
             f"The tracking server {tracking_uri()} answered HTTP {status} to every retry of "
             f"{url}; the server's log says why"

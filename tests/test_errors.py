@@ -8,8 +8,11 @@ tests/integration/test_faults.py.
 
 from __future__ import annotations
 
+import http.server
 import re
 import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,7 +21,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from llm_packager.config.schema import TrackingConfig
-from llm_packager.errors import bound_tracking_retries, is_server_unreachable, tracking_exports
+from llm_packager.errors import (
+    bound_tracking_retries,
+    is_server_unreachable,
+    one_line,
+    tracking_exports,
+)
 from llm_packager.project import PROJECT_DIR
 
 # Calls that wait for a gone server one after the other, counted here rather than taken from the
@@ -144,3 +152,64 @@ def test_mlflow_gives_up_on_a_stopped_server_after_its_sleeps(refusing_server, m
     retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     assert sum(factor * 2 ** (n - 1) for n in range(2, retries + 1)) - 0.5 <= spent
     assert spent <= budget / CALLS_IN_TURN
+
+
+class _StoreFullServer(http.server.BaseHTTPRequestHandler):
+    """A tracking server whose artifact store cannot take a file: it answers its health check,
+    and drops an upload's connection after its first chunk, which resets it under a client still
+    sending (what MLflow's server did, now and then, with a full tmpfs: the upload failed with
+    "Connection reset by peer" on every retry, in tests/integration/test_faults.py)."""
+
+    def do_GET(self) -> None:  # /health
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def do_PUT(self) -> None:
+        self.rfile.read(1 << 16)  # the write fails at the first chunk
+        # Closed with most of the upload unread and no answer: the connection is reset under the
+        # client (forced here with a zero linger, as an unread receive buffer does on close).
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+
+    def log_message(self, *arguments) -> None:  # quiet
+        pass
+
+
+def _upload_error(uri: str, tmp_path) -> MlflowException:
+    from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+    big = tmp_path / "model.onnx.data"
+    big.write_bytes(b"\0" * (16 << 20))  # still being sent when the server closes
+    repository = HttpArtifactRepository(f"{uri}/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts")
+    with pytest.raises(MlflowException) as raised:
+        repository.log_artifact(str(big), "onnx")
+    return raised.value
+
+
+def test_an_upload_a_live_server_keeps_dropping_is_the_store_failing_not_the_server_gone(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StoreFullServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        error = _upload_error(uri, tmp_path)
+        assert "Connection aborted" in str(error), error  # the reset, not the 500, reached us
+        assert not is_server_unreachable(error)
+        assert one_line(error) == (
+            f"The tracking server {uri} could not store the artifact 1/abc/artifacts/onnx/"
+            "model.onnx.data: it closed the connection mid-upload to every retry. A full or "
+            "unwritable artifact store is the usual cause, and the server's log says which; fix "
+            "it and rerun (a rerun reuses every step that finished)"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The same failure once the server no longer answers is the server gone.
+    assert is_server_unreachable(error)
+    assert one_line(error).startswith(f"The tracking server {uri} cannot be reached")
