@@ -1,5 +1,5 @@
 """The whole pipeline (`steps=all`) against a real server and the embedded default: every step's
-outputs, reuse, a new fetch rippling through, and a gate the model cannot pass."""
+outputs, reuse, a new fetch rippling through, and an ONNX variant as a third candidate."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ def _check_evaluation(client: MlflowClient, run, models: set[str]) -> None:
     }
 
 
-def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_server, server):
+def test_server_logs_reuses_relogs_after_a_new_fetch_and_takes_a_variant_as_third_candidate(
+    tmp_path, tracking_server, server
+):
     env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
     completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, **env)
     assert completed.returncode == 0, completed.stderr
@@ -114,6 +116,36 @@ def test_server_logs_reuses_and_relogs_after_a_new_fetch(tmp_path, tracking_serv
         assert _check_chat_model(server, relogged) != first_models[step]
     assert len(runs_of(server, EXPERIMENT, "evaluate")) == 2
 
+    # An ONNX variant is a third candidate from its log to the registry. The steps it leaves
+    # alone are reused: the variant adds its own log_onnx run, and a new evaluate and register.
+    third = "third-candidate-chat"
+    completed = mlflow_run_main(
+        tmp_path, *STEPS,
+        "overrides=onnx.variants={int8:{precision:int8}} evaluate.limit=8 "
+        f"register.registered_model_name={third}",
+        **env,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    main_run = runs_of(server, EXPERIMENT, "main")[0]
+    assert main_run.data.tags[STEPS_REUSED_TAG] == "fetch_model,log_transformers,log_onnx"
+    record = json.loads(Path(server.download_artifacts(
+        main_run.info.run_id, PIPELINE_STEPS_ARTIFACT)).read_text())  # fmt: skip
+    assert list(record) == ["fetch_model", "log_transformers", "log_onnx", "log_onnx:int8",
+                            "evaluate", "register"]  # fmt: skip
+    variant = server.get_run(record["log_onnx:int8"]["run_id"])
+    assert variant.data.tags[CANDIDATE_TAG] == "onnx-int8"
+    assert variant.data.params["precision"] == "int8"
+    _check_chat_model(server, variant)
+    evaluation = server.get_run(record["evaluate"]["run_id"])
+    assert evaluation.data.params["candidate_run_ids"] == ",".join(
+        record[name]["run_id"] for name in ("log_transformers", "log_onnx", "log_onnx:int8")
+    )
+    for name in ("transformers", "onnx", "onnx-int8"):
+        assert evaluation.data.tags[candidate_key(name, VALIDATION_STATUS_TAG)] == "passed"
+    champion = server.get_model_version_by_alias(third, "champion")
+    assert champion.source == evaluation.data.tags["recommended_model_uri"]
+    assert champion.tags[VERSION_CANDIDATE_TAG] == evaluation.data.tags[RECOMMENDED_CANDIDATE_TAG]
+
 
 def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -135,34 +167,3 @@ def test_embedded_default_writes_mlflow_db_in_the_working_folder(tmp_path, monke
     assert registration.data.tags[REGISTRATION_STATUS_TAG] == "registered"
     champion = client.get_model_version_by_alias("tiny-random-phi3-chat", "champion")
     assert champion.source == evaluation.data.tags["recommended_model_uri"]
-
-
-def test_an_onnx_variant_is_a_third_candidate_from_log_to_registry(tmp_path, tracking_server):
-    experiment = "third-candidate-test"
-    env = {"MLFLOW_TRACKING_URI": tracking_server.uri, "MLFLOW_EXPERIMENT_NAME": experiment}
-    completed = mlflow_run_main(
-        tmp_path, *STEPS,
-        "overrides=onnx.variants={int8:{precision:int8}} evaluate.limit=4 "
-        "register.registered_model_name=third-candidate-chat",
-        **env,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    client = MlflowClient(tracking_uri=tracking_server.uri)
-    logged = {run.data.tags[CANDIDATE_TAG]: run
-              for run in runs_of(client, experiment, "log_onnx")}  # fmt: skip
-    assert set(logged) == {"onnx", "onnx-int8"}
-    assert logged["onnx-int8"].data.params["precision"] == "int8"
-    (main_run,) = runs_of(client, experiment, "main")
-    record = json.loads(Path(client.download_artifacts(
-        main_run.info.run_id, PIPELINE_STEPS_ARTIFACT)).read_text())  # fmt: skip
-    assert list(record) == ["fetch_model", "log_transformers", "log_onnx", "log_onnx:int8",
-                            "evaluate", "register"]  # fmt: skip
-    (evaluation,) = runs_of(client, experiment, "evaluate")
-    assert evaluation.data.params["candidate_run_ids"] == ",".join(
-        record[name]["run_id"] for name in ("log_transformers", "log_onnx", "log_onnx:int8")
-    )
-    for name in ("transformers", "onnx", "onnx-int8"):
-        assert evaluation.data.tags[candidate_key(name, VALIDATION_STATUS_TAG)] == "passed"
-    champion = client.get_model_version_by_alias("third-candidate-chat", "champion")
-    assert champion.source == evaluation.data.tags["recommended_model_uri"]
-    assert champion.tags[VERSION_CANDIDATE_TAG] == evaluation.data.tags[RECOMMENDED_CANDIDATE_TAG]
