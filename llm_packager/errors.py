@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +42,17 @@ def tracking_uri() -> str:
 
 def is_server_unreachable(error: BaseException) -> bool:
     """Whether an exception, or one that caused it, is the tracking server not answering:
-    a refused or dropped connection or a timeout after MLflow's retries. An artifact upload
-    whose connection a server that still answers kept dropping is not (`server_dropped_upload`).
-    """
+    a refused or dropped connection or a timeout after MLflow's retries. An artifact request
+    whose connection a server that still answers kept dropping is not
+    (`server_dropped_artifact_request`)."""
     import requests
 
-    if server_dropped_upload(error):
+    if any(isinstance(seen, TrackingServerUnreachableError) for seen in _chain(error)):
+        return True
+    if server_dropped_artifact_request(error):
         return False
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(
-            seen,
-            TrackingServerUnreachableError
-            | requests.exceptions.ConnectionError
-            | requests.exceptions.Timeout,
-        ):
+    for seen in _chain(error):
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
             return True
         # MLflow wraps the requests error in an MlflowException that keeps only its text. A
         # server that answered 5xx to every retry is reachable: `server_kept_failing` says so.
@@ -67,8 +63,14 @@ def is_server_unreachable(error: BaseException) -> bool:
             and "error responses" not in text
         ):
             return True
-        seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 _FAILING_STATUS = re.compile(r"API request to (\S+) failed .*too many (\d{3}) error responses")
@@ -77,57 +79,62 @@ _FAILING_STATUS = re.compile(r"API request to (\S+) failed .*too many (\d{3}) er
 def server_kept_failing(error: BaseException) -> tuple[str, str] | None:
     """The URL and HTTP status, if the tracking server answered an error status to every retry
     of one request (urllib3 then keeps neither the answer's body nor the server's reason)."""
-    seen: BaseException | None = error
-    while seen is not None:
+    for seen in _chain(error):
         if match := _FAILING_STATUS.search(str(seen)):
             return match.group(1), match.group(2)
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
-# urllib3's last reason when every retry of a request lost its connection mid-request.
-_DROPPED_UPLOAD = re.compile(
-    r"API request to (\S+/mlflow-artifacts/artifacts/\S+) failed with exception .*"
+# urllib3's last reason when every retry of an artifact request lost its connection mid-request
+# (mlflow/utils/rest_utils.py words the failure; urllib3 names the reason).
+_DROPPED_ARTIFACT_REQUEST = re.compile(
+    r"API request to ((\S+?)/api/2\.0/mlflow-artifacts/artifacts/\S+) failed with exception .*"
     r"Max retries exceeded.*Connection aborted"
 )
+_DROPPED_FOUND = "_llm_packager_dropped_artifact_request"
 
 
-def server_dropped_upload(error: BaseException) -> str | None:
-    """The artifact's URL, if every retry of an artifact upload lost its connection while the
-    tracking server still answers its health check.
+def server_dropped_artifact_request(error: BaseException) -> str | None:
+    """The artifact's URL, if every retry of an artifact upload or download lost its connection
+    while the server that holds the artifacts still answers its health check.
 
     A server that cannot write an upload (its artifact store full, say) can give up on the
     connection before it has read the whole body, and the client, still sending, sees it reset
-    instead of an answer: MLflow's server did so with a full tmpfs now and then, where it
-    usually answers 500. The server is up, so this is told as the store's failure, not as the
-    server gone.
+    instead of an answer: MLflow's server did so with a full tmpfs now and then, where it usually
+    answers 500. The server is up, so this is told as the artifact's failure, not as the server
+    gone. Worked out once per exception (the health check is a request), then kept on it.
     """
-    seen: BaseException | None = error
-    while seen is not None:
-        if match := _DROPPED_UPLOAD.search(str(seen)):
-            return match.group(1) if _server_answers() else None
-        seen = seen.__cause__ or seen.__context__
-    return None
+    if hasattr(error, _DROPPED_FOUND):
+        return getattr(error, _DROPPED_FOUND)
+    found = None
+    for seen in _chain(error):
+        if match := _DROPPED_ARTIFACT_REQUEST.search(str(seen)):
+            found = match.group(1) if _server_answers(match.group(2)) else None
+            break
+    setattr(error, _DROPPED_FOUND, found)
+    return found
 
 
-def _server_answers() -> bool:
-    import requests
+def _server_answers(base_url: str) -> bool:
+    """Whether the server at ``base_url`` answers its /health now, asked once, with MLflow's own
+    credentials and TLS settings for it."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
-    uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return False
     try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=5).ok
-    except requests.exceptions.RequestException:
+        answer = http_request(get_default_host_creds(base_url), "/health", "GET", max_retries=0,
+                              timeout=5, raise_on_status=False)  # fmt: skip
+    except Exception:  # any failure to get an answer is no answer
         return False
+    return answer.ok
 
 
-def _artifact_failure(url: str, what: str) -> str:
-    stored = url.split("/mlflow-artifacts/artifacts/", 1)[1]
+def _artifact_failure(url: str, what: str, causes: str) -> str:
+    artifact = url.split("/mlflow-artifacts/artifacts/", 1)[1]
     return (
-        f"The tracking server {tracking_uri()} could not store the artifact {stored}: it {what} "
-        "to every retry. A full or unwritable artifact store is the usual cause, and the "
-        "server's log says which; fix it and rerun (a rerun reuses every step that finished)"
+        f"The tracking server {tracking_uri()} could not store or serve the artifact {artifact}: "
+        f"it {what} to every retry. {causes}, and the server's log says which; fix it and rerun "
+        "(a rerun reuses every step that finished)"
     )
 
 
@@ -151,12 +158,19 @@ def one_line(error: BaseException) -> str | None:
             "retries). Start it again, or check MLFLOW_TRACKING_URI; a rerun reuses every step "
             "that finished"
         )
-    if dropped := server_dropped_upload(error):
-        return _artifact_failure(dropped, "closed the connection mid-upload")
+    if dropped := server_dropped_artifact_request(error):
+        return _artifact_failure(
+            dropped, "closed the connection mid-request",
+            "A full or unwritable artifact store (on an upload), a proxy's size limit or a "
+            "server worker that crashed is the usual cause",
+        )  # fmt: skip
     if failing := server_kept_failing(error):
         url, status = failing
         if "/mlflow-artifacts/artifacts/" in url:
-            return _artifact_failure(url, f"answered HTTP {status}")
+            return _artifact_failure(
+                url, f"answered HTTP {status}",
+                "A full or unwritable artifact store is the usual cause",
+            )  # fmt: skip
         return (
             f"The tracking server {tracking_uri()} answered HTTP {status} to every retry of "
             f"{url}; the server's log says why"

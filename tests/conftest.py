@@ -55,10 +55,13 @@ def _missing_longest_files() -> list[str]:
 
 
 def _file_rank(item: pytest.Item) -> int:
-    relative = Path(item.fspath).relative_to(Path(__file__).parent).as_posix()
-    return LONGEST_FILES_FIRST.index(relative) if relative in LONGEST_FILES_FIRST else len(
-        LONGEST_FILES_FIRST
-    )
+    tests = Path(__file__).parent
+    if not item.path.is_relative_to(tests):  # collected from elsewhere: after the suite's own
+        return len(LONGEST_FILES_FIRST)
+    relative = item.path.relative_to(tests).as_posix()
+    if relative in LONGEST_FILES_FIRST:
+        return LONGEST_FILES_FIRST.index(relative)
+    return len(LONGEST_FILES_FIRST)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -148,7 +151,7 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf, tmp_path_factory, worker_id) -> Path:
+def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (float32), converted once per test run.
 
     Under xdist the workers share it through the run's common temporary folder: the first one
@@ -158,7 +161,7 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory, worker_id) -> Path:
 
     from llm_packager.sources.gguf import convert_gguf
 
-    if worker_id == "master":  # no xdist: this process is the whole run
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # no xdist: this process is the whole run
         return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf",
                             package=SMOLLM2_PACKAGE)  # fmt: skip
     shared = tmp_path_factory.getbasetemp().parent / "smollm2-shared"

@@ -202,14 +202,16 @@ def test_an_upload_a_live_server_keeps_dropping_is_the_store_failing_not_the_ser
         assert "Connection aborted" in str(error), error  # the reset, not the 500, reached us
         assert not is_server_unreachable(error)
         assert one_line(error) == (
-            f"The tracking server {uri} could not store the artifact 1/abc/artifacts/onnx/"
-            "model.onnx.data: it closed the connection mid-upload to every retry. A full or "
-            "unwritable artifact store is the usual cause, and the server's log says which; fix "
-            "it and rerun (a rerun reuses every step that finished)"
+            f"The tracking server {uri} could not store or serve the artifact 1/abc/artifacts/"
+            "onnx/model.onnx.data: it closed the connection mid-request to every retry. A full "
+            "or unwritable artifact store (on an upload), a proxy's size limit or a server "
+            "worker that crashed is the usual cause, and the server's log says which; fix it and "
+            "rerun (a rerun reuses every step that finished)"
         )
     finally:
         server.shutdown()
         server.server_close()
-    # The same failure once the server no longer answers is the server gone.
+    # The same failure met once the server no longer answers is the server gone.
+    error = MlflowException(str(error))
     assert is_server_unreachable(error)
     assert one_line(error).startswith(f"The tracking server {uri} cannot be reached")

@@ -11,6 +11,6 @@ Public names:
 - protocol: ENDPOINT_FIELDS, MAX_COMPLETION_TOKENS, DONE_EVENT, OpenAIError, bad_request,
   unknown_model, error_from_model, ChatRequest, parse_body, chat_request, served_completion,
   served_chunk, usage_chunk, completion_as_chunk, server_sent_event, models_list, model_card
-- app: CHAT_COMPLETIONS_PATH, MODELS_PATH, ChatBackend, build_app
+- app: CHAT_COMPLETIONS_PATH, MODELS_PATH, TIMEOUT_MESSAGE, ChatBackend, build_app
 - __main__: DEFAULT_PORT, DEFAULT_THREADS, DEFAULT_TIMEOUT_S, served_name_of, parser, main
 """

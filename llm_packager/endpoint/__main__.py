@@ -13,7 +13,7 @@ DEFAULT_PORT = 8000
 # rows plus onnx.max_queued_requests waiting) so that the model's own 503 answers an overflow,
 # rather than requests waiting for a thread.
 DEFAULT_THREADS = 128
-# Seconds to the whole answer, or to a stream's first chunk (MLflow's scoring-server timeout).
+# Seconds to the whole answer, streamed or not, from the request's arrival.
 DEFAULT_TIMEOUT_S = 300
 
 
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
         "--timeout",
         type=int,
         default=DEFAULT_TIMEOUT_S,
-        help="seconds to an answer or a stream's first chunk (default %(default)s)",
+        help="seconds to a whole answer, streamed or not (default %(default)s)",
     )
     return parse
 

@@ -151,7 +151,9 @@ def build_app(
                 await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
                 if not waiting.done():
                     # The status line has gone: OpenAI's clients read an error event instead.
-                    # The generator is closed (its row given up) once this chunk is made.
+                    # The generator is closed (its row given up) once this chunk is made; its
+                    # outcome is read then, so that a failure in it is not logged as unread.
+                    waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
                     yield server_sent_event(OpenAIError(504, TIMEOUT_MESSAGE).body())
                     return
                 try:

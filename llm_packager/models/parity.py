@@ -71,8 +71,8 @@ def greedy_transformers(
     pad = pad if pad is not None else min(ends, default=0)
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
+        for start in range(0, len(prompts), max(batch_size, 1)):
+            batch = prompts[start : start + max(batch_size, 1)]
             width = max(len(ids) for ids in batch)
             padded = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])

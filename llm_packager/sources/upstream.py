@@ -20,7 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from llm_packager.errors import is_server_unreachable
+from llm_packager.errors import is_server_unreachable, server_dropped_artifact_request
 from llm_packager.keys import (
     FETCH_RUN_TAG,
     FETCHED_GGUF_DIR,
@@ -75,7 +75,7 @@ def _download(artifact_uri: str, path: str, destination: Path, what: str, run_id
     except (MlflowException, FileNotFoundError) as error:
         # Only a missing artifact is fixed by fetching again; a server that is gone, a full
         # disk or a permission error are told as what they are (llm_packager.errors).
-        if is_server_unreachable(error):
+        if is_server_unreachable(error) or server_dropped_artifact_request(error):
             raise
         # The artifact store lists each failed file on its own lines; the account stays one line.
         reason = " ".join(str(error).split())

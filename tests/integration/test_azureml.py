@@ -414,8 +414,9 @@ def test_the_workspace_job_on_the_azure_ml_lock_adopts_its_run_and_passes_cold_a
                 entry_points = {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT] for run in steps}
                 assert entry_points == {"fetch_model", "log_transformers", "log_onnx",
                                         "evaluate", "register"}  # fmt: skip
-                for logged in (r for r in steps
-                               if r.data.tags[MLFLOW_PROJECT_ENTRY_POINT].startswith("log_")):
+                for logged in (
+                    r for r in steps if r.data.tags[MLFLOW_PROJECT_ENTRY_POINT].startswith("log_")
+                ):
                     assert logged.data.tags[MODEL_URI_TAG] == (
                         f"runs:/{logged.info.run_id}/{MODEL_ARTIFACT_PATH}"
                     )  # fmt: skip

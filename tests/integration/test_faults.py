@@ -370,14 +370,14 @@ def test_a_full_artifact_store_fails_the_step_and_registers_nothing(
         assert failed.info.status == "FAILED"
         reason = failed.data.tags[ERROR_TAG]
         assert reason.startswith(
-            f"The tracking server {server.uri} could not store the artifact "
+            f"The tracking server {server.uri} could not store or serve the artifact "
             f"{failed.info.experiment_id}/{failed.info.run_id}/artifacts/"
         ), reason
         # The server answers 500 to the upload, or now and then resets it before answering.
-        told = r": it (answered HTTP 500|closed the connection mid-upload) to every retry\. A full"
+        told = r": it (answered HTTP 500|closed the connection mid-request) to every retry\. A full"
         assert re.search(told + " or unwritable artifact store", reason), reason
         kept = failed.data.tags[LOCAL_LOG_TAG].split(":", 1)[1]
-        assert "could not store the artifact" in Path(kept).read_text()
+        assert "could not store or serve the artifact" in Path(kept).read_text()
         assert f"Step 'log_onnx' failed (run {failed.info.run_id}): {reason}. Its log: " in text
         assert f"{kept} (the server did not store it)" in text
         assert experiment.runs("evaluate") == experiment.runs("register") == []

@@ -135,6 +135,7 @@ def test_server_logs_reuses_relogs_after_a_new_fetch_and_takes_a_variant_as_thir
     variant = server.get_run(record["log_onnx:int8"]["run_id"])
     assert variant.data.tags[CANDIDATE_TAG] == "onnx-int8"
     assert variant.data.params["precision"] == "int8"
+    assert variant.data.params["fetch_model_run_id"] == new_fetch.info.run_id
     _check_chat_model(server, variant)
     evaluation = server.get_run(record["evaluate"]["run_id"])
     assert evaluation.data.params["candidate_run_ids"] == ",".join(
