@@ -160,18 +160,26 @@ class _StoreFullServer(http.server.BaseHTTPRequestHandler):
     sending (what MLflow's server did, now and then, with a full tmpfs: the upload failed with
     "Connection reset by peer" on every retry, in tests/integration/test_faults.py)."""
 
-    def do_GET(self) -> None:  # /health
+    def do_GET(self) -> None:
+        if self.path.startswith("/api/2.0/mlflow-artifacts/artifacts/"):
+            self._drop()  # a file's download
+            return
+        # /health, or the artifact listing, which names no file: the path is a file, not a folder.
+        body = b"OK" if self.path == "/health" else b'{"files": []}'
         self.send_response(200)
-        self.send_header("Content-Length", "2")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(b"OK")
+        self.wfile.write(body)
+
+    def _drop(self) -> None:
+        # Closed with no answer: a zero linger resets the connection under the client, as an
+        # unread receive buffer does on close.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
 
     def do_PUT(self) -> None:
         self.rfile.read(1 << 16)  # the write fails at the first chunk
-        # Closed with most of the upload unread and no answer: the connection is reset under the
-        # client (forced here with a zero linger, as an unread receive buffer does on close).
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
+        self._drop()  # most of the upload unread
 
     def log_message(self, *arguments) -> None:  # quiet
         pass
@@ -188,15 +196,41 @@ def _upload_error(uri: str, tmp_path) -> MlflowException:
     return raised.value
 
 
-def test_an_upload_a_live_server_keeps_dropping_is_the_store_failing_not_the_server_gone(
-    tmp_path, monkeypatch
-):
+@pytest.fixture
+def dropping_server(monkeypatch) -> Iterator[tuple[str, http.server.ThreadingHTTPServer]]:
+    """`_StoreFullServer` on a free loopback port as the tracking server, with one retry."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StoreFullServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri, server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_download_a_live_server_keeps_dropping_is_not_told_as_missing_files(
+    tmp_path, dropping_server
+):
+    # fetch_model's files are fixed by fetching again only when they are missing; a download
+    # the server keeps dropping is told as what it is.
+    from llm_packager.sources.upstream import _download
+
+    uri, _ = dropping_server
+    artifacts = f"{uri}/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts"
+    with pytest.raises(MlflowException) as raised:
+        _download(artifacts, "model.safetensors", tmp_path, "model files", "abc")
+    assert one_line(raised.value).startswith(
+        f"The tracking server {uri} could not store or serve the artifact 1/abc/artifacts/"
+        "model.safetensors: it closed the connection mid-request to every retry."
+    )
+
+
+def test_an_upload_a_live_server_keeps_dropping_is_the_store_failing_not_the_server_gone(
+    tmp_path, dropping_server
+):
+    uri, server = dropping_server
     try:
         error = _upload_error(uri, tmp_path)
         assert "Connection aborted" in str(error), error  # the reset, not the 500, reached us
