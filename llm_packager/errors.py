@@ -139,13 +139,10 @@ def _artifact_failure(url: str, what: str, causes: str) -> str:
 
 
 def _server_disk_full(error: BaseException) -> bool:
-    seen: BaseException | None = error
-    while seen is not None:
-        text = str(seen)
-        if "No space left on device" in text and not isinstance(seen, OSError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(
+        "No space left on device" in str(seen) and not isinstance(seen, OSError)
+        for seen in _chain(error)
+    )
 
 
 def one_line(error: BaseException) -> str | None:

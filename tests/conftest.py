@@ -29,7 +29,8 @@ from tests.support import (
     tracking_uri_restored,
 )
 
-INTEGRATION_DIR = Path(__file__).parent / "integration"
+TESTS_DIR = Path(__file__).parent
+INTEGRATION_DIR = TESTS_DIR / "integration"
 
 
 # The files that keep a worker busiest, longest first (worker-seconds of a full run, -n 2). With
@@ -51,14 +52,14 @@ LONGEST_FILES_FIRST = (
 
 def _missing_longest_files() -> list[str]:
     # A renamed or removed file would silently lose its early start: say so instead.
-    return [name for name in LONGEST_FILES_FIRST if not (Path(__file__).parent / name).is_file()]
+    return [name for name in LONGEST_FILES_FIRST if not (TESTS_DIR / name).is_file()]
 
 
 def _file_rank(item: pytest.Item) -> int:
-    tests = Path(__file__).parent
-    if not item.path.is_relative_to(tests):  # collected from elsewhere: after the suite's own
-        return len(LONGEST_FILES_FIRST)
-    relative = item.path.relative_to(tests).as_posix()
+    # Items collected from outside tests/ go after the suite's own longest files.
+    relative = (
+        item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR) else ""
+    )
     if relative in LONGEST_FILES_FIRST:
         return LONGEST_FILES_FIRST.index(relative)
     return len(LONGEST_FILES_FIRST)

@@ -69,10 +69,11 @@ def greedy_transformers(
     ends = set(configured if isinstance(configured, list) else [configured]) - {None}
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else min(ends, default=0)
+    rows = max(batch_size, 1)
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(prompts), max(batch_size, 1)):
-            batch = prompts[start : start + max(batch_size, 1)]
+        for start in range(0, len(prompts), rows):
+            batch = prompts[start : start + rows]
             width = max(len(ids) for ids in batch)
             padded = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
