@@ -198,7 +198,9 @@ class LogOnnxParameters(GenerationParameters):
     batch_wait_ms: int = parameter(
         "generators only: how long a request may wait for others to start one batch with it", 20
     )
-    intra_op_num_threads: int = parameter("onnxruntime threads when serving; 0: every core", 0)
+    intra_op_num_threads: int = parameter(
+        "onnxruntime threads when serving; 0: every usable core, at most OMP_NUM_THREADS", 0
+    )
     agreement_tokens: int = parameter(
         "new tokens per prompt for the greedy agreement check with transformers; 0 skips it", 16
     )

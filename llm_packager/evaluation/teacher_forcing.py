@@ -99,12 +99,15 @@ def torch_logits(hf_folder: Path) -> LogitsFunction:
 
 def onnx_logits(onnx_folder: Path, threads: int = 0) -> LogitsFunction:
     """Logits from an onnxruntime-genai build's decoder graph, run by onnxruntime on the CPU with
-    an empty key/value cache: the graph returns the logits of every token it is given."""
+    an empty key/value cache: the graph returns the logits of every token it is given. ``threads``
+    0 takes as many as the served model would (`usable_cores`)."""
     import onnxruntime as ort
+
+    from llm_packager.serving.decode_loop import usable_cores
 
     decoder = json.loads((onnx_folder / "genai_config.json").read_text())["model"]["decoder"]
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or usable_cores()
     session = ort.InferenceSession(str(onnx_folder / decoder["filename"]), options,
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     inputs = {node.name: node.type for node in session.get_inputs()}
