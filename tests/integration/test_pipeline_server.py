@@ -71,9 +71,8 @@ def pipeline(tracking_server: TrackingServer, tmp_path) -> Pipeline:
     return Pipeline(tracking_server, tmp_path)
 
 
-def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
-    pipeline.run_ok(*TINY_FETCH)
-
+def _check_cold_fetch_run(pipeline: Pipeline) -> None:
+    """A cold run's nested fetch_model run: its parameters, figures, manifest, outputs and log."""
     (main_run,) = pipeline.runs("main")
     (fetch_run,) = pipeline.runs("fetch_model")
     client = pipeline.client
@@ -105,63 +104,57 @@ def test_cold_run_logs_nested_fetch_run_with_manifest(pipeline):
     assert "213312 parameters" in step_log
 
 
-def test_identical_rerun_reuses_the_fetch_run(pipeline):
+def test_a_fetch_run_is_reused_until_its_artifact_goes_its_parameter_changes_or_it_is_forced(
+    pipeline,
+):
+    # One experiment, one rerun after another, as a user meets them (each rerun costs a whole
+    # `mlflow run`, so the cases share their runs rather than each starting cold).
     pipeline.run_ok(*TINY_FETCH)
-    (previous,) = pipeline.runs("fetch_model")
-    pipeline.run_ok(*TINY_FETCH)
+    _check_cold_fetch_run(pipeline)
+    (cold,) = pipeline.runs("fetch_model")
 
-    assert [run.info.run_id for run in pipeline.runs("fetch_model")] == [previous.info.run_id]
+    # An announced artifact deleted: the run is not reused, and a new one is made for the same key.
+    info = cold.info
+    artifacts = pipeline.server.artifact_root / info.experiment_id / info.run_id / "artifacts"
+    (artifacts / "manifest.json").unlink()
+    pipeline.run_ok(*TINY_FETCH)
+    remade, older = pipeline.runs("fetch_model")
+    assert older.info.run_id == cold.info.run_id
+    assert remade.data.tags[REUSE_KEY_TAG] == cold.data.tags[REUSE_KEY_TAG]
+
+    # An identical rerun reuses it, and main's record says so.
+    pipeline.run_ok(*TINY_FETCH)
+    assert [run.info.run_id for run in pipeline.runs("fetch_model")] == [
+        remade.info.run_id, cold.info.run_id
+    ]  # fmt: skip
     newest_main = pipeline.runs("main")[0]
     assert newest_main.data.tags[STEPS_REUSED_TAG] == "fetch_model"
     assert pipeline.steps_record(newest_main.info.run_id) == {
-        "fetch_model": {"run_id": previous.info.run_id, "reused": True}
+        "fetch_model": {"run_id": remade.info.run_id, "reused": True}
     }
 
-
-def test_an_int_written_as_03_reuses_the_run_made_with_3(pipeline):
-    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=3")
-    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=03")
-    (fetch_run,) = pipeline.runs("fetch_model")
-    assert fetch_run.data.params["num_hidden_layers"] == "3"
-    assert pipeline.runs("main")[0].data.tags[STEPS_REUSED_TAG] == "fetch_model"
-
-
-def test_deleted_announced_artifact_makes_a_new_run(pipeline):
-    pipeline.run_ok(*TINY_FETCH)
-    (previous,) = pipeline.runs("fetch_model")
-    info = previous.info
-    artifacts = pipeline.server.artifact_root / info.experiment_id / info.run_id / "artifacts"
-    (artifacts / "manifest.json").unlink()
-
-    pipeline.run_ok(*TINY_FETCH)
-
-    newest, older = pipeline.runs("fetch_model")
-    assert older.info.run_id == previous.info.run_id
-    assert newest.data.tags[REUSE_KEY_TAG] == previous.data.tags[REUSE_KEY_TAG]
-
-
-def test_changed_step_parameter_makes_a_new_run(pipeline):
-    pipeline.run_ok(*TINY_FETCH)
-    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=3")
-
-    newest, older = pipeline.runs("fetch_model")
-    assert (newest.data.params["num_hidden_layers"], older.data.params["num_hidden_layers"]) == (
-        "3", "2"
-    )  # fmt: skip
-
-
-def test_force_reruns_and_the_newest_match_wins(pipeline):
-    pipeline.run_ok(*TINY_FETCH)
+    # force reruns it, and the newest of the matching runs is the one reused after.
     pipeline.run_ok(*TINY_FETCH, "force=fetch_model")
-    forced, _ = pipeline.runs("fetch_model")
+    forced = pipeline.runs("fetch_model")[0]
+    assert forced.info.run_id != remade.info.run_id
     assert pipeline.runs("main")[0].data.tags[STEPS_RAN_TAG] == "fetch_model"
-
     pipeline.run_ok(*TINY_FETCH)
     newest_main = pipeline.runs("main")[0]
     assert pipeline.steps_record(newest_main.info.run_id)["fetch_model"] == {
         "run_id": forced.info.run_id,
         "reused": True,
     }
+
+    # A changed parameter makes a new run; the same int written as 03 reuses the run made with 3.
+    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=3")
+    three = pipeline.runs("fetch_model")[0]
+    assert three.info.run_id != forced.info.run_id
+    assert (three.data.params["num_hidden_layers"], forced.data.params["num_hidden_layers"]) == (
+        "3", "2"
+    )  # fmt: skip
+    pipeline.run_ok(*TINY_FETCH, "overrides=model.num_hidden_layers=03")
+    assert pipeline.runs("fetch_model")[0].info.run_id == three.info.run_id
+    assert pipeline.runs("main")[0].data.tags[STEPS_REUSED_TAG] == "fetch_model"
 
 
 def test_bad_override_fails_in_one_line_before_any_step_run(pipeline):
