@@ -9,18 +9,6 @@ import shutil
 # model cards or licences. Tests of the Hub path point HF_ENDPOINT at a closed local port instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Each xdist worker runs its own pipelines, and torch and onnxruntime in every process they start
-# would take every core: two workers' spinning thread pools on 2 cores then decode several times
-# slower than one thread each (SmolLM2, two processes at once: torch 1.8 tokens/s each with 2
-# threads against 10 with 1; onnxruntime int4 25 against 42). So each worker takes its share of
-# the cores, through the variable torch reads and `usable_cores` passes on to onnxruntime, and
-# every process it starts inherits it (set before torch loads its OpenMP runtime, which reads it
-# once). A value set by the caller is kept.
-os.environ.setdefault(
-    "OMP_NUM_THREADS",
-    str(max(1, len(os.sched_getaffinity(0)) // int(os.getenv("PYTEST_XDIST_WORKER_COUNT", "1")))),
-)
-
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +27,13 @@ from tests.support import (
     tiny_fetch_parameters,
     tracking_uri,
     tracking_uri_restored,
+    worker_thread_budget,
 )
+
+# Each xdist worker's share of the cores, set on import: before any test module loads torch,
+# whose OpenMP runtime reads it once, and before the worker starts any process.
+if (_budget := worker_thread_budget(os.environ)) is not None:
+    os.environ["OMP_NUM_THREADS"] = _budget
 
 TESTS_DIR = Path(__file__).parent
 INTEGRATION_DIR = TESTS_DIR / "integration"

@@ -8,7 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,23 @@ TINY_SPEC = SyntheticPhi3Spec(
     max_position_embeddings=512,
     seed=0,
 )
+
+
+def worker_thread_budget(environ: Mapping[str, str]) -> str | None:
+    """The OMP_NUM_THREADS an xdist worker sets for itself and every process it starts: its
+    share of the cores it may run on (at least 1). None outside a worker (the controller's
+    environment is what its workers inherit, so it must not set one) and where the caller set
+    one.
+
+    Each worker runs its own pipelines, and torch and onnxruntime in every process they start
+    would take every core: two workers' spinning thread pools on 2 cores decode several times
+    slower than one thread each (SmolLM2, two processes at once: torch 1.8 tokens/s each with 2
+    threads against 10 with 1; onnxruntime int4 25 against 42). torch reads the variable, and
+    `usable_cores` passes it on to onnxruntime."""
+    if "PYTEST_XDIST_WORKER" not in environ or "OMP_NUM_THREADS" in environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return str(max(1, (cores or 1) // int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def tiny_fetch_parameters() -> FetchModelParameters:

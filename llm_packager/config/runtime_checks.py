@@ -68,7 +68,7 @@ def _validate_onnx(onnx: DictConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.batch_wait_ms must be 0 or more; got {onnx.batch_wait_ms}")
     if onnx.intra_op_num_threads < 0:
         raise ConfigError(
-            f"{prefix}.intra_op_num_threads must be 0 (all cores) or more; "
+            f"{prefix}.intra_op_num_threads must be 0 (every usable core) or more; "
             f"got {onnx.intra_op_num_threads}"
         )
     if onnx.agreement_tokens < 0:

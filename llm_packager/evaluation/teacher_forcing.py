@@ -100,7 +100,7 @@ def torch_logits(hf_folder: Path) -> LogitsFunction:
 def onnx_logits(onnx_folder: Path, threads: int = 0) -> LogitsFunction:
     """Logits from an onnxruntime-genai build's decoder graph, run by onnxruntime on the CPU with
     an empty key/value cache: the graph returns the logits of every token it is given. ``threads``
-    0 takes as many as the served model would (`usable_cores`)."""
+    0 takes the served model's default (`usable_cores`)."""
     import onnxruntime as ort
 
     from llm_packager.serving.decode_loop import usable_cores

@@ -6,6 +6,7 @@ any difference in the generated ids comes from the models, not from tokenisation
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
@@ -97,7 +98,14 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int) ->
     """Greedy continuations from onnxruntime-genai, up to ``new_tokens`` each."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(onnx_folder))
+    from llm_packager.serving.decode_loop import usable_cores
+
+    config = og.Config(str(onnx_folder))
+    # The served model's thread count, not onnxruntime's default pool (every physical core).
+    config.overlay(json.dumps(
+        {"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}
+    ))  # fmt: skip
+    model = og.Model(config)
     outputs = []
     for ids in prompts:
         params = og.GeneratorParams(model)

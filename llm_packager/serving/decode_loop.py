@@ -37,22 +37,24 @@ def usable_cores() -> int:
     """The decoders' thread count unless the config sets one: the cores this process may run on,
     or fewer where ``OMP_NUM_THREADS`` says so.
 
-    torch reads that variable too, so one setting bounds both runtimes. It is how a container
-    with a CPU quota (whose affinity still lists every core of the host) or several model
-    processes sharing a machine avoid oversubscribing the cores: with 2 processes of 2 threads
-    each on 2 cores, onnxruntime's spinning thread pools decoded 25 tokens/s per process
-    against 42 with 1 thread each (SmolLM2 int4, measured on the development machine).
+    torch reads that variable too (``MKL_NUM_THREADS``, where set, wins there), so one setting
+    bounds both runtimes. It is how a container with a CPU quota (whose affinity still lists
+    every core of the host) or several model processes sharing a machine avoid oversubscribing
+    the cores: with 2 processes of 2 threads each on 2 cores, onnxruntime's spinning thread
+    pools decoded 25 tokens/s per process against 42 with 1 thread each (SmolLM2 int4, measured
+    on the development machine). Spark sets it in its Python workers to ``spark.task.cpus``.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    budget = os.environ.get("OMP_NUM_THREADS", "").strip()
-    # OpenMP also accepts a list ("4,2", per nesting level); its first entry is the outer count.
-    first = budget.split(",")[0].strip()
-    if first.isdigit() and int(first) > 0:
-        return min(cores, int(first))
-    return cores
+    # OpenMP also takes a list ("4,2", one count per nesting level); the first is the outer one.
+    budget = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    try:
+        wanted = int(budget)
+    except ValueError:  # unset, empty or not a number: no cap
+        return cores
+    return min(cores, wanted) if wanted > 0 else cores
 
 
 class DecodeLoop:
