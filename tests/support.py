@@ -21,6 +21,7 @@ from benchmarks.common import LoopbackProcess
 from llm_packager.choices import ModelSource
 from llm_packager.config.specs import FetchModelParameters
 from llm_packager.project import PROJECT_DIR
+from llm_packager.serving.decode_loop import usable_cores
 from llm_packager.sources.synthetic import SyntheticPhi3Spec
 
 # The reference sample's request, unchanged: a prompt already in Phi-3's chat format (the tiny
@@ -66,8 +67,9 @@ def worker_thread_budget(environ: Mapping[str, str]) -> str | None:
     `usable_cores` passes it on to onnxruntime."""
     if "PYTEST_XDIST_WORKER" not in environ or "OMP_NUM_THREADS" in environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return str(max(1, (cores or 1) // int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    # No OMP_NUM_THREADS is set here, so the decoders' count is every core this process may use.
+    cores = usable_cores()
+    return str(max(1, cores // int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def tiny_fetch_parameters() -> FetchModelParameters:
