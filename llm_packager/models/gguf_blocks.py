@@ -185,11 +185,10 @@ def gguf_weights(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dic
         UnsupportedBlocksError: another architecture, a missing tensor, or a block format
             that cannot be carried over exactly.
     """
-    from gguf import GGUFReader
+    from llm_packager.sources.gguf import gguf_metadata, open_gguf
 
-    reader = GGUFReader(gguf_path)
-    field_ = reader.fields.get("general.architecture")
-    architecture = bytes(field_.parts[field_.data[0]]).decode() if field_ else "(none)"
+    reader = open_gguf(gguf_path)
+    architecture = gguf_metadata(reader)["architecture"] or "(none)"
     if architecture != "llama":
         raise UnsupportedBlocksError(
             f"{gguf_path.name} is a '{architecture}' model; blocks are carried over for llama "

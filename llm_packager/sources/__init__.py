@@ -8,8 +8,8 @@ model read back through MLflow (`upstream`).
 Public names:
 - hub: OFFLINE_FIX, HubUnreachableError, UnpinnedRevisionError, Snapshot, is_commit,
   require_pinned_revision, hub_endpoint, probe_hub, download_pinned_snapshot
-- gguf: GgufError, read_gguf_metadata, supported_gguf_architectures, causal_lm_architecture,
-  check_gguf_architecture, packaged_gguf, convert_gguf
+- gguf: GgufError, open_gguf, gguf_metadata, read_gguf_metadata, supported_gguf_architectures,
+  causal_lm_architecture, check_gguf_architecture, packaged_gguf, convert_gguf
 - synthetic: SyntheticPhi3Spec, STORED_DTYPES, PHI3_CHAT_TEMPLATE, build_tokenizer,
   build_synthetic_phi3
 - manifest: ModelFilesError, ManifestEntry, sha256_of_file, model_files,

@@ -14,8 +14,10 @@ import pytest
 from llm_packager.config.compose import ConfigError, compose_config
 from llm_packager.sources.gguf import (
     GgufError,
+    _faster_transformers_gguf_loading,
     check_gguf_architecture,
     convert_gguf,
+    open_gguf,
     packaged_gguf,
     read_gguf_metadata,
 )
@@ -49,6 +51,36 @@ def test_the_packaged_smollm2_file_is_a_llama_chat_model(smollm2_gguf):
 
 
 @pytest.mark.slow
+def test_the_faster_reader_gives_the_fields_and_tensors_of_ggufs_own_reader(smollm2_gguf):
+    from gguf import GGUFReader
+
+    own, faster = GGUFReader(smollm2_gguf), open_gguf(smollm2_gguf)
+    assert list(faster.fields) == list(own.fields)
+    assert "tokenizer.ggml.merges" in faster.fields
+    for key, field in own.fields.items():
+        other = faster.fields[key]
+        assert (other.types, other.data, other.offset) == (field.types, field.data, field.offset)
+        assert len(other.parts) == len(field.parts), key
+        assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts, strict=True))
+    assert len(faster.tensors) == len(own.tensors) == 272
+    for tensor, other in zip(own.tensors, faster.tensors, strict=True):
+        assert (other.name, other.tensor_type, other.data_offset) == (
+            tensor.name, tensor.tensor_type, tensor.data_offset
+        )  # fmt: skip
+        assert np.array_equal(other.data, tensor.data), tensor.name
+
+
+def test_gguf_s_own_names_come_back_after_a_conversion_fails_midway():
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError, match="midway"), _faster_transformers_gguf_loading():
+        assert gguf.GGUFReader is not reader and gguf.get_tensor_name_map is not name_map
+        raise RuntimeError("midway")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+
+
+@pytest.mark.slow
 def test_a_gguf_file_becomes_a_float32_hugging_face_folder_with_its_chat_template(smollm2_hf):
     config = json.loads((smollm2_hf / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
@@ -68,7 +100,7 @@ def test_a_gguf_file_becomes_a_float32_hugging_face_folder_with_its_chat_templat
 def test_a_truncated_gguf_file_is_refused(tmp_path):
     # A download cut short inside the tensors: the header reads, the tensors run past the end.
     # A small llama file shows it as well as SmolLM2's, whose header (49 152 tokenizer strings)
-    # takes the reader 6-10 s to parse on 2 cores, and this test parses it twice.
+    # takes the reader seconds to parse on 2 cores, and this test parses it twice.
     whole = _gguf_of_architecture(tmp_path / "whole.gguf", "llama").read_bytes()
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(whole[:-64])
