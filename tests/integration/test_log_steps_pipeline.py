@@ -107,17 +107,23 @@ def test_server_logs_reuses_relogs_after_a_new_fetch_and_takes_a_variant_as_thir
     assert len(server.search_model_versions("name = 'tiny-random-phi3-chat'")) == 2
 
     # A gate no model passes is test_register's: it keeps the aliases and registers nothing.
-    completed = mlflow_run_main(tmp_path, *STEPS, SHORT_EVALUATION, "force=fetch_model", **env)
+    # A new fetch relogs both models. This run stops there; the next one's evaluate shows the
+    # new fetch reaching the evaluation (its candidates are the relogged runs).
+    completed = mlflow_run_main(tmp_path, "model=tiny-random-phi3", "force=fetch_model",
+                                "steps=fetch_model,log_transformers,log_onnx", **env)  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     new_fetch, _ = runs_of(server, EXPERIMENT, "fetch_model")
+    relogged_runs = {}
     for step in LOG_STEPS:
         relogged, _ = runs_of(server, EXPERIMENT, step)
         assert relogged.data.params["fetch_model_run_id"] == new_fetch.info.run_id
         assert _check_chat_model(server, relogged) != first_models[step]
-    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 2
+        relogged_runs[step] = relogged.info.run_id
+    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 1
 
     # An ONNX variant is a third candidate from its log to the registry. The steps it leaves
-    # alone are reused: the variant adds its own log_onnx run, and a new evaluate and register.
+    # alone are reused (the relogged ones): the variant adds its own log_onnx run, and a new
+    # evaluate of the relogged models and the variant, and a new register.
     third = "third-candidate-chat"
     completed = mlflow_run_main(
         tmp_path, *STEPS,
@@ -137,10 +143,12 @@ def test_server_logs_reuses_relogs_after_a_new_fetch_and_takes_a_variant_as_thir
     assert variant.data.params["precision"] == "int8"
     assert variant.data.params["fetch_model_run_id"] == new_fetch.info.run_id
     _check_chat_model(server, variant)
+    assert {step: record[step]["run_id"] for step in LOG_STEPS} == relogged_runs
     evaluation = server.get_run(record["evaluate"]["run_id"])
     assert evaluation.data.params["candidate_run_ids"] == ",".join(
         record[name]["run_id"] for name in ("log_transformers", "log_onnx", "log_onnx:int8")
     )
+    assert len(runs_of(server, EXPERIMENT, "evaluate")) == 2
     for name in ("transformers", "onnx", "onnx-int8"):
         assert evaluation.data.tags[candidate_key(name, VALIDATION_STATUS_TAG)] == "passed"
     champion = server.get_model_version_by_alias(third, "champion")
