@@ -54,12 +54,19 @@ def _candidate_run(runs, name: str, model_uri: str) -> str:
     return run.info.run_id
 
 
-def test_both_candidates_are_compared_with_every_output(logged_models_tracking, tmp_path):
+def test_every_candidate_is_compared_with_every_output_and_a_third_with_the_reference(
+    logged_models_tracking, tmp_path
+):
+    # Both logged models, and the ONNX one again as a third candidate of another name: one
+    # evaluation (a worker process per candidate) serves the two-model outputs and the third's.
     client, runs = logged_models_tracking
-    run_id, result = _evaluate(runs)
+    onnx_uri = client.get_run(runs["log_onnx"]).data.tags[MODEL_URI_TAG]
+    third = _candidate_run(runs, "onnx-again", onnx_uri)
+    run_id, result = _evaluate(runs, (runs["log_transformers"], runs["log_onnx"], third))
     run = client.get_run(run_id)
+    names = ["transformers", "onnx", "onnx-again"]
 
-    assert result.names() == ["transformers", "onnx"]
+    assert result.names() == names
     assert Evaluation.load(run_id) == result
     for candidate in result.candidates:
         assert set(candidate.metrics) == set(MODEL_METRICS)
@@ -74,6 +81,13 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
         assert model_tags["evaluation_run_id"] == run_id
     assert result.reference == "transformers"
     assert result.candidate("transformers").metrics["identical_rate"] == 1.0
+    # The same greedy model answers the same: the third candidate agrees with the reference
+    # exactly as much as the second does.
+    for metric in ("identical_rate", "token_agreement", "exact_match", "token_f1"):
+        assert (
+            result.candidate("onnx-again").metrics[metric]
+            == result.candidate("onnx").metrics[metric]
+        )
     # fastest_passed: the passed candidate with the highest measured decode speed (which one that
     # is on six tiny prompts depends on machine load, so the policy is checked, not the winner).
     metrics = {c.name: c.metrics for c in result.candidates}
@@ -86,44 +100,20 @@ def test_both_candidates_are_compared_with_every_output(logged_models_tracking, 
     folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/", dst_path=str(tmp_path)))
     table = json.loads((folder / "eval_table.json").read_text())
     assert len(table["data"]) == LIMIT
-    assert {"prompt", "reference", "transformers_answer", "onnx_answer", "onnx_latency_s"} <= set(
-        table["columns"]
-    )
+    assert {"prompt", "reference", "transformers_answer", "onnx_answer", "onnx_latency_s",
+            "onnx-again_answer"} <= set(table["columns"])  # fmt: skip
     assert "decode_tokens_per_s" in (folder / "comparison.csv").read_text()
-    assert set(json.loads((folder / "comparison.json").read_text())) == {"transformers", "onnx"}
+    assert set(json.loads((folder / "comparison.json").read_text())) == set(names)
     for chart in ("quality", "latency", "speed", "memory"):
         height, width, _ = matplotlib.image.imread(folder / "charts" / f"{chart}.png").shape
         assert height > 300 and width > 500
     report = (folder / REPORT_ARTIFACT).read_text()
-    assert "<h1>Model comparison: transformers, onnx</h1>" in report
+    assert "<h1>Model comparison: transformers, onnx, onnx-again</h1>" in report
     assert "<h2>Against the reference</h2>" in report
+    assert "<td>onnx-again</td><td>onnx</td><td>passed</td>" in report
     assert RANDOM_WEIGHTS_WARNING in report
     assert report.count("data:image/png;base64,") == 5  # four charts and the KL histogram
     assert f"Recommended model: <b>{fastest}</b>" in report
-
-
-def test_a_third_candidate_is_evaluated_reported_and_compared_with_the_reference(
-    logged_models_tracking, tmp_path
-):
-    client, runs = logged_models_tracking
-    onnx_uri = client.get_run(runs["log_onnx"]).data.tags[MODEL_URI_TAG]
-    third = _candidate_run(runs, "onnx-again", onnx_uri)
-    run_id, result = _evaluate(runs, (runs["log_transformers"], runs["log_onnx"], third))
-
-    assert result.names() == ["transformers", "onnx", "onnx-again"]
-    # The same greedy model answers the same: the third candidate agrees with the reference
-    # exactly as much as the second does.
-    for metric in ("identical_rate", "token_agreement", "exact_match", "token_f1"):
-        assert (
-            result.candidate("onnx-again").metrics[metric]
-            == result.candidate("onnx").metrics[metric]
-        )
-    assert "onnx-again.decode_tokens_per_s" in client.get_run(run_id).data.metrics
-    report_uri = f"runs:/{run_id}/report.html"
-    report = Path(mlflow.artifacts.download_artifacts(report_uri, dst_path=str(tmp_path)))
-    report = report.read_text()
-    assert "<h1>Model comparison: transformers, onnx, onnx-again</h1>" in report
-    assert "<td>onnx-again</td><td>onnx</td><td>passed</td>" in report
 
 
 def test_a_gate_no_candidate_can_meet_rejects_all_with_reasons_and_exits_0(logged_models_tracking):
@@ -171,7 +161,7 @@ def test_upstream_model_that_cannot_be_loaded_is_named(logged_models_tracking):
         match=rf"^The broken model models:/m-0123456789abcdef0123456789abcdef \(run {broken}\) "
         "could not be loaded or did not answer: ",
     ):
-        _evaluate(runs, (runs["log_onnx"], broken))
+        _evaluate(runs, (broken,))
 
 
 def test_candidates_must_be_named_and_named_once(logged_models_tracking):
@@ -208,4 +198,4 @@ def test_a_model_that_never_answers_is_stopped_and_named(logged_models_tracking)
         match=rf"^The stuck model {hanging.model_uri} \(run {stuck}\) did not answer the "
         r"evaluation set within 20 s \(evaluate\.worker_timeout_s\); it was stopped\.",
     ):
-        _evaluate(runs, (runs["log_onnx"], stuck), worker_timeout_s=20)
+        _evaluate(runs, (stuck,), worker_timeout_s=20)
