@@ -13,10 +13,7 @@ import mlflow
 import pytest
 
 from benchmarks.common import local_server
-from llm_packager.config.specs import EvaluateParameters, RegisterParameters
-from llm_packager.evaluation.metrics import parse_gate
-from steps.evaluate import evaluate
-from steps.register import register
+from llm_packager.keys import MODEL_URI_TAG
 from tests.support import REFERENCE_PROMPT_REQUEST, project_environment, tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -26,18 +23,22 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of Spain?"
 _START_SECONDS = 120
 
 
+ALIASES = {"python_function": "champion", "transformers": "challenger"}
+
+
 @pytest.fixture(scope="module")
 def registered(logged_models) -> str:
+    """Both logged models registered under aliases, as the register step leaves a champion and a
+    challenger (which wins is the evaluation's business, tested with the register step)."""
     uri, runs = logged_models
-    with tracking_uri(uri):
-        with mlflow.start_run(experiment_id=runs["experiment_id"]) as evaluation:
-            evaluate(EvaluateParameters(
-                candidate_run_ids=(runs["log_transformers"], runs["log_onnx"]),
-                limit=2, max_tokens=4, ttft_requests=1, gate=parse_gate("exact_match>=0")),
-                evaluation.info.run_id)  # fmt: skip
-        with mlflow.start_run(experiment_id=runs["experiment_id"]) as run:
-            register(RegisterParameters(evaluate_run_id=evaluation.info.run_id,
-                                        registered_model_name=NAME), run.info.run_id)  # fmt: skip
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(NAME)
+    for step, alias in (("log_onnx", ALIASES["python_function"]),
+                        ("log_transformers", ALIASES["transformers"])):  # fmt: skip
+        model_uri = client.get_run(runs[step]).data.tags[MODEL_URI_TAG]
+        with tracking_uri(uri):
+            version = mlflow.register_model(model_uri, NAME).version
+        client.set_registered_model_alias(NAME, alias, version)
     return uri
 
 
@@ -54,25 +55,16 @@ def _serve(uri: str, alias: str, tmp_path) -> Iterator[str]:
         yield base
 
 
-def _alias_of(uri: str, flavor: str) -> str:
-    # Either model may have won the (noisy, tiny-model) speed ranking; serve each by its alias.
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    for alias in ("champion", "challenger"):
-        if client.get_model_version_by_alias(NAME, alias).tags["flavor"].startswith(flavor):
-            return alias
-    raise AssertionError(f"no alias holds the {flavor} model")
-
-
 @pytest.fixture(scope="module")
 def onnx_server(registered, tmp_path_factory) -> Iterator[str]:
-    alias = _alias_of(registered, "python_function")
-    yield from _serve(registered, alias, tmp_path_factory.mktemp("serve-onnx"))
+    yield from _serve(registered, ALIASES["python_function"], tmp_path_factory.mktemp("serve-onnx"))
 
 
 @pytest.fixture(scope="module")
 def transformers_server(registered, tmp_path_factory) -> Iterator[str]:
-    alias = _alias_of(registered, "transformers")
-    yield from _serve(registered, alias, tmp_path_factory.mktemp("serve-transformers"))
+    yield from _serve(
+        registered, ALIASES["transformers"], tmp_path_factory.mktemp("serve-transformers")
+    )
 
 
 def _post(
