@@ -191,14 +191,9 @@ def _agreement(
     if request.agreement_tokens == 0 or request.execution_provider != ExecutionProvider.cpu:
         return None
     prompts = chat_token_ids(fetched.folder)
-    # Each side decodes its few prompts in one batch: a CPU decode step reads every weight
-    # whatever the rows (SmolLM2: transformers 8.3 -> 3.8 s, onnxruntime-genai 4.3 -> 1.4 s, the
-    # same tokens).
-    rows, tokens = len(prompts), request.agreement_tokens
-    reference = greedy_transformers(fetched.folder, prompts, tokens,
-                                    request.agreement_dtype.value, batch_size=rows)  # fmt: skip
-    answered = greedy_onnx(onnx_folder, prompts, tokens, batch_size=rows)
-    return prefix_agreement(reference, answered)
+    reference = greedy_transformers(fetched.folder, prompts, request.agreement_tokens,
+                                    request.agreement_dtype.value)  # fmt: skip
+    return prefix_agreement(reference, greedy_onnx(onnx_folder, prompts, request.agreement_tokens))
 
 
 def log_onnx(request: LogOnnxParameters, run_id: str) -> LogOnnxResult:
