@@ -163,7 +163,7 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
 
     Under xdist the workers share it through the run's common temporary folder: the first one
     converts it behind a file lock, and a worker that needs it later reads the same folder
-    instead of spending another ~50 s of the 2 cores converting it again. Tests only read it."""
+    instead of spending another ~20 s of the 2 cores converting it again. Tests only read it."""
     from filelock import FileLock
 
     from llm_packager.sources.gguf import convert_gguf

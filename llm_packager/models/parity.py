@@ -94,16 +94,20 @@ def _through_first_end(tokens: list[int], ends: set[int]) -> list[int]:
     return tokens
 
 
+# onnxruntime-genai 0.x refuses a Generator of more rows ("batch_size (48) must be in [1, 32]").
+GENERATOR_MAX_ROWS = 32
+
+
 def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
                 batch_size: int = 1) -> list[list[int]]:  # fmt: skip
     """Greedy continuations from onnxruntime-genai, up to ``new_tokens`` each.
 
-    ``batch_size`` prompts decode in one Generator, padded on the right with the pad token as the
-    served model's Generators batch them (onnxruntime-genai masks pad positions). As in
-    `greedy_transformers`, a float32 model on CPU reads every weight once a step whatever the
-    rows, so a batch decodes several times faster (SmolLM2, 48 prompts: 9.6 s in batches of 24
-    against 29.5 s one by one); each row ends at its first end-of-sequence token, or after
-    ``new_tokens``, as it does alone. onnxruntime-genai refuses a Generator of more than 32 rows.
+    ``batch_size`` prompts (at most `GENERATOR_MAX_ROWS`) decode in one Generator, padded on the
+    right with the model's own pad token, which onnxruntime-genai masks (as the served model's
+    Generators decoder batches them). As in `greedy_transformers`, a float32 model on CPU reads
+    every weight once a step whatever the rows, so a batch decodes several times faster (SmolLM2,
+    48 prompts: 9.6 s in batches of 24 against 29.5 s one by one, the same answers). Every row
+    gets ``new_tokens`` steps and ends at its first end-of-sequence token, as it does alone.
     """
     import numpy as np
     import onnxruntime_genai as og
@@ -116,11 +120,10 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
         {"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}
     ))  # fmt: skip
     model = og.Model(config)
-    search = json.loads((onnx_folder / "genai_config.json").read_text())["model"]
-    ends = search["eos_token_id"]
-    ends = set(ends if isinstance(ends, list) else [ends])
-    pad = search.get("pad_token_id", min(ends))
-    rows = max(batch_size, 1)
+    tokenizer = og.Tokenizer(model)
+    end_tokens = {int(token) for token in tokenizer.eos_token_ids}
+    pad_token = int(tokenizer.pad_token_id)
+    rows = min(max(batch_size, 1), GENERATOR_MAX_ROWS)
     outputs = []
     for start in range(0, len(prompts), rows):
         batch = prompts[start : start + rows]
@@ -129,19 +132,16 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
         params.set_search_options(max_length=width + new_tokens, do_sample=False,
                                   batch_size=len(batch))  # fmt: skip
         generator = og.Generator(model, params)
-        padded = np.full((len(batch), width), pad, dtype=np.int32)
+        padded = np.full((len(batch), width), pad_token, dtype=np.int32)
         for row, ids in enumerate(batch):
             padded[row, : len(ids)] = ids
         generator.append_tokens(padded)
-        generated: list[list[int]] = [[] for _ in batch]
-        while not generator.is_done() and not all(
-            len(tokens) == new_tokens or (tokens and tokens[-1] in ends) for tokens in generated
-        ):
+        steps = []
+        while not generator.is_done():
             generator.generate_next_token()
-            for tokens, token in zip(generated, generator.get_next_tokens(), strict=True):
-                if len(tokens) < new_tokens and not (tokens and tokens[-1] in ends):
-                    tokens.append(int(token))
-        outputs.extend(generated)
+            steps.append(generator.get_next_tokens().tolist())
+        answers = [list(row) for row in zip(*steps, strict=True)] if steps else [[] for _ in batch]
+        outputs.extend(_through_first_end(answer, end_tokens) for answer in answers)
     return outputs
 
 

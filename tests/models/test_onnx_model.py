@@ -92,7 +92,8 @@ def test_fp32_greedy_tokens_match_transformers_exactly(tiny_model_dir, fp32_onnx
     expected = greedy_transformers(tiny_model_dir, prompts, PARITY_TOKENS)
     assert greedy_onnx(fp32_onnx, prompts, PARITY_TOKENS) == expected
     assert all(len(tokens) > 0 for tokens in expected)
-    # Padded on the right into one Generator, as the served model batches: the same tokens.
+    # Padded on the right into one Generator (as the served model's Generators decoder does for
+    # CUDA builds and batching: generators): the same tokens.
     assert len({len(ids) for ids in prompts}) > 1
     assert greedy_onnx(fp32_onnx, prompts, PARITY_TOKENS, batch_size=3) == expected
 

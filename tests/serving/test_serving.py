@@ -23,7 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of Spain?"
 _START_SECONDS = 120
 
 
-ALIASES = {"python_function": "champion", "transformers": "challenger"}
+ALIAS_OF_STEP = {"log_onnx": "champion", "log_transformers": "challenger"}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,7 @@ def registered(logged_models) -> str:
     uri, runs = logged_models
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model(NAME)
-    for step, alias in (("log_onnx", ALIASES["python_function"]),
-                        ("log_transformers", ALIASES["transformers"])):  # fmt: skip
+    for step, alias in ALIAS_OF_STEP.items():
         model_uri = client.get_run(runs[step]).data.tags[MODEL_URI_TAG]
         with tracking_uri(uri):
             version = mlflow.register_model(model_uri, NAME).version
@@ -57,13 +56,13 @@ def _serve(uri: str, alias: str, tmp_path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def onnx_server(registered, tmp_path_factory) -> Iterator[str]:
-    yield from _serve(registered, ALIASES["python_function"], tmp_path_factory.mktemp("serve-onnx"))
+    yield from _serve(registered, ALIAS_OF_STEP["log_onnx"], tmp_path_factory.mktemp("serve-onnx"))
 
 
 @pytest.fixture(scope="module")
 def transformers_server(registered, tmp_path_factory) -> Iterator[str]:
     yield from _serve(
-        registered, ALIASES["transformers"], tmp_path_factory.mktemp("serve-transformers")
+        registered, ALIAS_OF_STEP["log_transformers"], tmp_path_factory.mktemp("serve-transformers")
     )
 
 
