@@ -251,7 +251,7 @@ class EvaluateParameters:
         EvaluationEngine.local,
     )
     spark_master: str = parameter(
-        "engine=spark: the Spark master (empty: the active session's, as on Databricks, else "
+        "engine=spark: the Spark master (empty: the step process's active session, if any, else "
         "local[*])",
         "",
     )

@@ -82,8 +82,9 @@ class SparkUnavailableError(UserError, RuntimeError):
 
 
 def spark_session(master: str = ""):
-    """The active Spark session, or a new one (``master``: e.g. ``local[2]``; empty: the cluster's,
-    as on Databricks, else ``local[*]``).
+    """The active Spark session, or a new one (``master``: e.g. ``local[2]``; empty: this
+    process's active session, if any, else ``local[*]``; a step's process on Databricks has none
+    and cannot make one there, docs/spark.md).
 
     Raises:
         SparkUnavailableError: pyspark is not installed, or no Java runtime is found for it.
@@ -92,8 +93,9 @@ def spark_session(master: str = ""):
         from pyspark.sql import SparkSession
     except ImportError as error:
         raise SparkUnavailableError(
-            "evaluate.engine=spark needs pyspark: run it on Spark (Databricks) or install "
-            "pyspark==4.3.0 (requirements-dev.txt)"
+            "evaluate.engine=spark needs pyspark, which this environment lacks: install "
+            "pyspark==4.3.0 (requirements-dev.txt), or use evaluate.engine=local (the Databricks "
+            "bundle's job has no pyspark, docs/spark.md)"
         ) from error
     active = SparkSession.getActiveSession()
     if active is not None and not master:

@@ -4,6 +4,7 @@ Spark itself)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -23,6 +24,16 @@ def test_without_java_the_session_is_refused_naming_java(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SparkUnavailableError, match="Java runtime"):
         spark_session("local[1]")
+
+
+def test_without_pyspark_the_session_is_refused_naming_the_fix(monkeypatch):
+    # An environment made from requirements.txt (the Databricks bundle's job) has no pyspark: the
+    # error names the package to install and the engine that needs none.
+    monkeypatch.setitem(sys.modules, "pyspark.sql", None)  # `import` then raises ImportError
+    with pytest.raises(SparkUnavailableError) as refused:
+        spark_session("local[1]")
+    message = str(refused.value)
+    assert "pyspark==4.3.0" in message and "evaluate.engine=local" in message
 
 
 def test_only_the_local_only_figures_become_unmeasured():
