@@ -94,10 +94,6 @@ def _through_first_end(tokens: list[int], ends: set[int]) -> list[int]:
     return tokens
 
 
-# onnxruntime-genai 0.x refuses a Generator of more rows ("batch_size (48) must be in [1, 32]").
-GENERATOR_MAX_ROWS = 32
-
-
 def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
                 batch_size: int = 1) -> list[list[int]]:  # fmt: skip
     """Greedy continuations from onnxruntime-genai, up to ``new_tokens`` each.
@@ -109,10 +105,10 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
     48 prompts: 9.6 s in batches of 24 against 29.5 s one by one, the same answers). Every row
     gets ``new_tokens`` steps and ends at its first end-of-sequence token, as it does alone.
     """
-    import numpy as np
     import onnxruntime_genai as og
 
     from llm_packager.serving.decode_loop import usable_cores
+    from llm_packager.serving.generators import GENERATOR_MAX_ROWS, right_padded
 
     config = og.Config(str(onnx_folder))
     # The served model's thread count, not onnxruntime's default pool (every physical core).
@@ -127,14 +123,11 @@ def greedy_onnx(onnx_folder: Path, prompts: list[list[int]], new_tokens: int,
     outputs = []
     for start in range(0, len(prompts), rows):
         batch = prompts[start : start + rows]
-        width = max(len(ids) for ids in batch)
+        padded = right_padded(batch, pad_token)
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=width + new_tokens, do_sample=False,
+        params.set_search_options(max_length=padded.shape[1] + new_tokens, do_sample=False,
                                   batch_size=len(batch))  # fmt: skip
         generator = og.Generator(model, params)
-        padded = np.full((len(batch), width), pad_token, dtype=np.int32)
-        for row, ids in enumerate(batch):
-            padded[row, : len(ids)] = ids
         generator.append_tokens(padded)
         steps = []
         while not generator.is_done():

@@ -18,7 +18,7 @@ Public names:
 - requests: ROLES, MAX_CHOICES, MIN_TEMPERATURE, MAX_TEMPERATURE, MAX_SEED, BadRequestError,
   RowFailedError, BusyError, present, number, request_rows, chat_messages, stop_strings, held_back
 - sequence: Sequence, ReleasingStream
-- generators: GeneratorBatch
+- generators: GENERATOR_MAX_ROWS, GeneratorBatch, right_padded
 - shared_rows: CACHE_DTYPES, PROMPT_CHUNK_TOKENS, SharedRows, unsupported_search, row_failed
 - scoring_server: REQUEST_TIMEOUT_VARIABLE, SPARE_THREADS, server_timeout, grow_server_threads
 - decode_loop: DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_BATCH_WAIT_MS,

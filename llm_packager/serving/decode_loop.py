@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .generators import GeneratorBatch
+from .generators import GENERATOR_MAX_ROWS, GeneratorBatch
 from .requests import BusyError
 from .sequence import Sequence
 from .shared_rows import SharedRows
@@ -169,9 +169,11 @@ class DecodeLoop:
         for sequence in admitted:
             groups.setdefault(sequence.search_key(), []).append(sequence)
         batches = []
+        # A Generator holds at most GENERATOR_MAX_ROWS rows, whatever max_batch_size allows.
+        rows = min(self._max_batch_size, GENERATOR_MAX_ROWS)
         for sequences in groups.values():
-            for start in range(0, len(sequences), self._max_batch_size):
-                chunk = sequences[start : start + self._max_batch_size]
+            for start in range(0, len(sequences), rows):
+                chunk = sequences[start : start + rows]
                 longest = max(len(sequence.ids) for sequence in chunk)
                 if longest + max(s.options["max_tokens"] for s in chunk) > self._context_length:
                     # Padding to the longest prompt would pass the context length; one at a time,

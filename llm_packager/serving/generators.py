@@ -11,6 +11,20 @@ import onnxruntime_genai as og
 from .requests import RowFailedError
 from .sequence import Sequence
 
+# onnxruntime-genai refuses a Generator of more rows, on every device: "batch_size (48) must be in
+# [1, 32]" (kMaxBatchSize in its src/generators.cpp). More sequences than this are more Generators.
+GENERATOR_MAX_ROWS = 32
+
+
+def right_padded(prompts: list[list[int]], pad_token: int) -> np.ndarray:
+    """Prompts as one Generator's rows: padded on the right with the pad token, as
+    Tokenizer.encode_batch does; onnxruntime-genai masks pad positions, so each answer equals the
+    one its prompt gets alone."""
+    rows = np.full((len(prompts), max(len(ids) for ids in prompts)), pad_token, dtype=np.int32)
+    for row, ids in enumerate(prompts):
+        rows[row, : len(ids)] = ids
+    return rows
+
 
 class GeneratorBatch:
     """Sequences decoded together by one onnxruntime-genai Generator."""
@@ -35,13 +49,9 @@ class GeneratorBatch:
         generator_params = og.GeneratorParams(model)
         generator_params.set_search_options(**search)
         self.generator = og.Generator(model, generator_params)
-        # Padded on the right with the pad token, as Tokenizer.encode_batch does; onnxruntime-genai
-        # masks pad positions, so each answer equals the one the prompt gets alone.
-        prompts = np.full((len(sequences), longest), pad_token, dtype=np.int32)
-        for row, sequence in enumerate(sequences):
-            prompts[row, : len(sequence.ids)] = sequence.ids
+        for sequence in sequences:
             sequence.stream = tokenizer.create_stream()
-        self.generator.append_tokens(prompts)
+        self.generator.append_tokens(right_padded([s.ids for s in sequences], pad_token))
 
     def live(self) -> bool:
         return any(sequence.finished is None and not sequence.cancelled

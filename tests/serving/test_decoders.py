@@ -118,3 +118,12 @@ def test_a_long_prompt_read_in_chunks_between_steps_gives_the_same_answers(serve
     assert long_answer == alone[0]
     assert streamed_text([*started, *running])[0] == alone[1][0]["message"]["content"]
     assert len(reads) > 3 and all(count == 1 for count in reads)  # chunks, between steps
+
+
+def test_more_sequences_than_a_generator_holds_decode_in_several_each_as_alone(served_fp32):
+    """onnxruntime-genai refuses a Generator of more than 32 rows; a max_batch_size above that
+    starts more Generators instead of failing every request of the batch."""
+    model = load(served_fp32, batching="generators", max_batch_size=40)
+    requests = [chat(f"Say the number {number}.", max_tokens=3) for number in range(40)]
+    together = model.predict(None, requests)
+    assert [(a["choices"], a["usage"]) for a in together] == _answers(model, requests)
