@@ -125,6 +125,19 @@ def workspace_credentials(environment: dict[str, str]) -> dict[str, str]:
     return {"DATABRICKS_HOST": config.host, "DATABRICKS_TOKEN": token}
 
 
+def activated(environment: dict[str, str], python: Path) -> dict[str, str]:
+    """``environment`` as the environment's ``bin/activate`` leaves it: its ``bin`` first on PATH.
+
+    ``main`` starts every step through MLflow's local backend, as the shell command ``python -m
+    steps.<step>`` of MLproject: without this, that ``python`` would be the runtime's (first on a
+    Databricks node's PATH), which has none of the lock's packages.
+    """
+    folder = python.parent
+    path = environment.get("PATH", "")
+    return {**environment, "PATH": f"{folder}{os.pathsep}{path}" if path else str(folder),
+            "VIRTUAL_ENV": str(folder.parent)}  # fmt: skip
+
+
 def main() -> None:
     options, rest = _arguments(sys.argv[1:])
     if options.lock:
@@ -136,7 +149,8 @@ def main() -> None:
             sys.exit(f"run_step.py: making the task's environment failed: {error}")
         os.environ.update(workspace_credentials(dict(os.environ)))
         # The same script, now in the environment, without the options that made it.
-        os.execv(python, [str(python), str(Path(__file__).resolve()), *rest])
+        os.execve(python, [str(python), str(Path(__file__).resolve()), *rest],
+                  activated(dict(os.environ), python))  # fmt: skip
     entry_point = rest[0]
     sys.argv = [f"steps/{entry_point}.py", *rest[1:]]
     runpy.run_module(f"steps.{entry_point}", run_name="__main__", alter_sys=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -466,3 +467,34 @@ def test_mlflow_in_the_tasks_environment_gets_the_runtimes_workspace_credentials
     monkeypatch.setattr(databricks.sdk.core, "Config", NoCredentials)
     assert workspace_credentials({}) == {}
     assert "runtime-token" not in capsys.readouterr().err
+
+
+def test_the_steps_main_starts_run_the_task_environments_python(tmp_path, monkeypatch):
+    """main starts each step as MLproject's shell command `python -m steps.<step>`: the `python`
+    found first on PATH must be the task environment's, not the runtime's."""
+    module = _run_step_module()
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    runtime_bin = tmp_path / "runtime" / "bin"
+    runtime_bin.mkdir(parents=True)
+    (runtime_bin / "python").write_text("#!/bin/sh\n")
+    (runtime_bin / "python").chmod(0o755)
+    monkeypatch.setattr(module, "ensure_environment", lambda *arguments: python)
+    monkeypatch.setattr(module, "workspace_credentials", lambda environment: {})
+    started = {}
+
+    def execve(path, arguments, environment):
+        started.update(path=path, environment=environment)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(module.os, "execve", execve)
+    monkeypatch.setattr(module.os, "execv", lambda *arguments: pytest.fail("PATH left as it was"))
+    monkeypatch.setenv("PATH", str(runtime_bin))
+    monkeypatch.setattr(module.sys, "argv", ["run_step.py", "--lock", "requirements.txt", "main"])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert started["path"] == python
+    assert shutil.which("python", path=started["environment"]["PATH"]) == str(python)
+    assert started["environment"]["VIRTUAL_ENV"] == str(python.parent.parent)
