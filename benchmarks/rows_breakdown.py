@@ -13,30 +13,35 @@ asking for ``--max-tokens`` new tokens. Then ``--prompt-tokens`` tokens are read
 alone, as 1 row and as 8 rows of an eighth each: the cost of reading a prompt token with no
 decoding around it. Figures are medians (min-max) of ``--repeats`` runs.
 
+Each row's first token is chosen when its prompt is read, so the decode steps' own tokens/s
+counts the others only. A prompt longer than ``PROMPT_CHUNK_TOKENS`` would be read a chunk per
+step, outside ``_decode``, and land in "outside the rows"; the proxy's prompts are 14 to 24
+tokens.
+
 Usage: ``python -m benchmarks.rows_breakdown [--rows 1 --rows 8] [--max-tokens 32]
-[--repeats 5] [--prompt-tokens 240]``
+[--repeats 5] [--prompt-tokens 240] [--json FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from benchmarks.common import cell, summarise
 from benchmarks.model_speed import BATCH_PROMPTS, DEFAULT_WORKDIR, prepare_proxy
 
-PARTS = ("predict", "prompts", "graph", "python", "outside")
-
 
 class _Timers:
     """Wraps the served copy's SharedRows so that every predict's time is split by part."""
 
-    def __init__(self, shared_rows_class) -> None:
+    def __init__(self, shared_rows_class: type) -> None:
         self.seconds: collections.Counter = collections.Counter()
         self.prompt_tokens = 0
         self._in_decode = False
@@ -44,7 +49,7 @@ class _Timers:
         add, decode, execute = (shared_rows_class.add, shared_rows_class._decode,
                                 shared_rows_class._execute)  # fmt: skip
 
-        def timed_add(rows, sequences, end_tokens):
+        def timed_add(rows: Any, sequences: list, end_tokens: set[int]) -> None:
             timers.prompt_tokens += sum(len(sequence.ids) for sequence in sequences)
             started = time.perf_counter()
             try:
@@ -52,7 +57,7 @@ class _Timers:
             finally:
                 timers.seconds["prompts"] += time.perf_counter() - started
 
-        def timed_decode(rows, end_tokens):
+        def timed_decode(rows: Any, end_tokens: set[int]) -> None:
             started, timers._in_decode = time.perf_counter(), True
             try:
                 return decode(rows, end_tokens)
@@ -60,7 +65,7 @@ class _Timers:
                 timers._in_decode = False
                 timers.seconds["decode"] += time.perf_counter() - started
 
-        def timed_execute(rows, binding, ids, mask):
+        def timed_execute(rows: Any, binding: Any, ids: np.ndarray, mask: np.ndarray) -> Any:
             started = time.perf_counter()
             try:
                 return execute(rows, binding, ids, mask)
@@ -87,17 +92,23 @@ def _requests(rows: int, max_tokens: int) -> list[dict]:
 
 def measure_predicts(pyfunc_dir: Path, rows_levels: list[int], max_tokens: int,
                      repeats: int) -> dict[str, dict]:  # fmt: skip
+    """Each part's milliseconds per ``predict`` of ``rows`` requests, for each of
+    ``rows_levels``."""
     import mlflow
 
     from llm_packager.models.served_code import SERVED_PACKAGE
 
     model = mlflow.pyfunc.load_model(str(pyfunc_dir))
-    model.predict(_requests(1, 2))  # loads the served package and opens the rows
+    if model.unwrap_python_model()._loop._rows is None:
+        raise SystemExit(f"{pyfunc_dir}: this model decodes with Generators, not the shared rows")
+    model.predict(_requests(1, 2))  # warm-up
     timers = _Timers(sys.modules[f"{SERVED_PACKAGE}.shared_rows"].SharedRows)
     figures: dict[str, dict] = {}
     for rows in rows_levels:
         requests = _requests(rows, max_tokens)
-        model.predict(requests)  # warm-up at this size (the cache grows once)
+        # Warm-up at this size. The rows free their cache whenever they go idle, so every
+        # predict below allocates it again, inside "reading prompts", as a served request does.
+        model.predict(requests)
         runs: dict[str, list[float]] = collections.defaultdict(list)
         for _ in range(repeats):
             timers.reset()
@@ -112,7 +123,8 @@ def measure_predicts(pyfunc_dir: Path, rows_levels: list[int], max_tokens: int,
             runs["python"].append((parts["decode"] - parts["graph"]) * 1000)
             runs["outside"].append((wall - parts["prompts"] - parts["decode"]) * 1000)
             runs["tokens_per_s"].append(produced / wall)
-            runs["steps_only_tokens_per_s"].append(produced / parts["decode"])
+            # Each row's first token came with its prompt; the steps made the rest.
+            runs["steps_only_tokens_per_s"].append((produced - rows) / parts["decode"])
             runs["prompt_tokens"].append(timers.prompt_tokens)
         figures[str(rows)] = {name: summarise(values) for name, values in runs.items()}
     return figures
@@ -121,11 +133,10 @@ def measure_predicts(pyfunc_dir: Path, rows_levels: list[int], max_tokens: int,
 def measure_prompt_reading(onnx_dir: Path, tokens: int, repeats: int) -> dict[str, dict]:
     """Milliseconds per prompt token read by the graph alone: ``tokens`` as 1 row, and as 8 rows
     of ``tokens // 8``."""
-    import json
-
     import onnxruntime as ort
 
     from llm_packager.serving.decode_loop import usable_cores
+    from llm_packager.serving.shared_rows import CACHE_DTYPES
 
     decoder = json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"]
     options = ort.SessionOptions()
@@ -134,7 +145,9 @@ def measure_prompt_reading(onnx_dir: Path, tokens: int, repeats: int) -> dict[st
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     types = {node.name: node.type for node in session.get_inputs()}
     ids_type = np.int32 if types["input_ids"] == "tensor(int32)" else np.int64
-    cache_type = np.float16 if "float16" in types["past_key_values.0.key"] else np.float32
+    cache_type = CACHE_DTYPES.get(types["past_key_values.0.key"])
+    if cache_type is None:
+        raise SystemExit(f"{onnx_dir}: a {types['past_key_values.0.key']} cache is not measured")
     heads, head_size = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
     figures = {}
     for rows in (1, 8):
@@ -155,6 +168,7 @@ def measure_prompt_reading(onnx_dir: Path, tokens: int, repeats: int) -> dict[st
 
 
 def markdown(predicts: dict[str, dict], reading: dict[str, dict], max_tokens: int) -> str:
+    """Both tables, as docs/performance.md shows them."""
     lines = [
         f"One `predict` of N requests, {max_tokens} new tokens each, in process; milliseconds per "
         "predict:",
@@ -183,12 +197,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=240)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="built models")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     arguments = parser.parse_args()
     _, onnx_dir, pyfunc_dir = prepare_proxy(arguments.workdir)
     predicts = measure_predicts(pyfunc_dir, arguments.rows or [1, 8], arguments.max_tokens,
                                 arguments.repeats)  # fmt: skip
     reading = measure_prompt_reading(onnx_dir, arguments.prompt_tokens, arguments.repeats)
     print(markdown(predicts, reading, arguments.max_tokens))
+    if arguments.json:
+        figures = {"max_tokens": arguments.max_tokens, "predicts": predicts, "reading": reading}
+        arguments.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ class DecodeLoop:
             return None
         if self._rows is not None:
             return 0  # a request joins the running batch at the next step: nothing to gather
-        if sum(len(sequences) for _, sequences in self._waiting) >= self._max_batch_size:
+        full = min(self._max_batch_size, GENERATOR_MAX_ROWS)  # rows of one Generator
+        if sum(len(sequences) for _, sequences in self._waiting) >= full:
             return 0
         if time.monotonic() - self._last_concurrent > LONE_CLIENT_SECONDS:
             return 0
