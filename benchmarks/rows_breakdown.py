@@ -4,7 +4,7 @@ decode steps' graph runs, the per-row Python work between steps, and everything 
 
 This is the profile behind the serving benchmark's share of the ceiling: ``benchmarks.batch_steps``
 times decode steps with no prompts, while every request a client sends has its prompt read
-first. Reading a prompt is compute-bound, so it does not get cheaper per token when more rows
+first. Reading a prompt is compute-bound, so it gets little cheaper per token when more rows
 arrive together, while a decode step of 8 rows costs far less than 8 steps of one.
 
 The model is the benchmark proxy's int4 build saved as our pyfunc (``benchmarks.model_speed``),

@@ -132,10 +132,9 @@ def activated(environment: dict[str, str], python: Path) -> dict[str, str]:
     steps.<step>`` of MLproject: without this, that ``python`` would be the runtime's (first on a
     Databricks node's PATH), which has none of the lock's packages.
     """
-    folder = python.parent
-    path = environment.get("PATH", "")
-    return {**environment, "PATH": f"{folder}{os.pathsep}{path}" if path else str(folder),
-            "VIRTUAL_ENV": str(folder.parent)}  # fmt: skip
+    folder = python.parent.absolute()  # the steps run in the project folder, not in ours
+    path = environment.get("PATH") or os.defpath  # unset: the shell's default search path
+    return {**environment, "PATH": f"{folder}{os.pathsep}{path}", "VIRTUAL_ENV": str(folder.parent)}
 
 
 def main() -> None:
