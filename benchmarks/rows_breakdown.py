@@ -45,7 +45,7 @@ class _Timers:
         self.seconds: collections.Counter = collections.Counter()
         self.prompt_tokens = 0
         self._in_decode = False
-        timers = self
+        timers = self  # the wrappers below take the rows' own ``self``
         add, decode, execute = (shared_rows_class.add, shared_rows_class._decode,
                                 shared_rows_class._execute)  # fmt: skip
 

@@ -32,9 +32,9 @@ class GeneratorBatch:
     def __init__(self, model, tokenizer, pad_token: int, sequences: list[Sequence]) -> None:
         self.sequences = sequences
         options = sequences[0].options
-        longest = max(len(sequence.ids) for sequence in sequences)
+        prompts = right_padded([sequence.ids for sequence in sequences], pad_token)
         search: dict[str, Any] = {
-            "max_length": longest + max(sequence.options["max_tokens"] for sequence in sequences),
+            "max_length": prompts.shape[1] + max(s.options["max_tokens"] for s in sequences),
             "do_sample": options["sampling"],
             "batch_size": len(sequences),
         }
@@ -51,7 +51,7 @@ class GeneratorBatch:
         self.generator = og.Generator(model, generator_params)
         for sequence in sequences:
             sequence.stream = tokenizer.create_stream()
-        self.generator.append_tokens(right_padded([s.ids for s in sequences], pad_token))
+        self.generator.append_tokens(prompts)
 
     def live(self) -> bool:
         return any(sequence.finished is None and not sequence.cancelled
